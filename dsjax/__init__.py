@@ -1,0 +1,17 @@
+"""dsjax: DeepSeek-V2/V3/R1 in JAX/Flax.
+
+Dimension legend, used in every einsum and shape comment:
+  B batch, T query length, S key length, D model dim (hidden_size), H heads,
+  K nope head dim (qk_nope_head_dim), R rope head dim (qk_rope_head_dim),
+  V value head dim, C kv_lora_rank, Q q_lora_rank, E routed experts,
+  F expert hidden (moe_intermediate_size), G expert groups, L layers, N tokens (B*T).
+"""
+
+from dsjax.config import ConfigError, ModelConfig, RopeScaling, load_model_config, preset_names
+from dsjax.hf import from_pretrained, save_pretrained
+from dsjax.model import ModelOutput, Transformer, unbox
+
+__all__ = [
+    "ConfigError", "ModelConfig", "RopeScaling", "load_model_config", "preset_names",
+    "from_pretrained", "save_pretrained", "ModelOutput", "Transformer", "unbox",
+]

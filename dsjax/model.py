@@ -1,0 +1,151 @@
+"""The DeepSeek-V2/V3 decoder: embedding, scanned MLA + (dense | MoE) blocks, head, MTP.
+
+Layers are stacked on a leading `layers` axis and run under `nn.scan`: one scan for the
+first `first_k_dense_replace` dense layers, one for the MoE layers (DeepSeek-V3 §2,
+Figure 2). `Transformer.__call__` is pure: it returns a `ModelOutput` with the logits,
+the MTP logits (§2.2), the tokens routed to each expert per MoE layer and the
+sequence-wise balance-loss term per MoE layer, so training needs no mutable collections.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from dsjax.config import ModelConfig
+from dsjax.block import Block
+from dsjax.layers import RMSNorm, dtype_of, param
+from dsjax.mtp import MTP
+from dsjax.rope import rope_tables
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """What one forward pass returns.
+
+    Attributes:
+      logits: float32 [B, T, vocab]; position t predicts token t+1.
+      mtp_logits: float32 [num_nextn_predict_layers, B, T, vocab] or None; module k
+        (0-based) at position t predicts token t+2+k.
+      expert_loads: float32 [L_moe, E], tokens routed to each expert in each MoE layer.
+      balance_loss: float32 [L_moe], V3's sequence-wise balance loss per MoE layer.
+      mtp_expert_loads / mtp_balance_loss: the same for the MTP modules' MoE blocks
+        ([num_nextn_predict_layers, E] / [num_nextn_predict_layers]) or None.
+      hidden: float32 [B, T, D], the final normalized hidden state (MTP's input).
+    """
+
+    logits: jnp.ndarray
+    mtp_logits: Any = None
+    expert_loads: Any = None
+    balance_loss: Any = None
+    mtp_expert_loads: Any = None
+    mtp_balance_loss: Any = None
+    hidden: Any = None
+
+
+def scanned_blocks(cfg: ModelConfig, moe: bool, length: int, name: str) -> nn.Module:
+    """`length` Blocks stacked on a leading `layers` axis, run with nn.scan (+ remat)."""
+    block = Block
+    if cfg.remat_policy != "none":
+        block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    scanned = nn.scan(block, variable_axes={"params": 0, "moe_bias": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=length,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(cfg, moe=moe, name=name)
+
+
+def attention_mask(batch: int, length: int, segment_ids=None) -> jnp.ndarray:
+    """Causal mask, restricted to equal segments when given. Returns bool [B, T, T]."""
+    B, T = batch, length
+    idx = jnp.arange(T)
+    mask = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (B, T, T))
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask
+
+
+class Transformer(nn.Module):
+    """DeepSeek-V2/V3 causal LM.
+
+    Call: tokens int32 [B, T], optional positions int32 [B, T] (default 0..T-1) and
+    segment_ids int32 [B, T] (packed documents attend only within their segment).
+    Returns a `ModelOutput`.
+    """
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed = param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        if cfg.num_dense_layers:
+            self.dense_layers = scanned_blocks(cfg, False, cfg.num_dense_layers, "dense_layers")
+        if cfg.num_moe_layers:
+            self.moe_layers = scanned_blocks(cfg, True, cfg.num_moe_layers, "moe_layers")
+        self.norm = RMSNorm(cfg, cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.head = param(self, "head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+        self.mtp = [MTP(cfg, moe=cfg.n_routed_experts > 0, name=f"mtp_{k}")
+                    for k in range(cfg.num_nextn_predict_layers)]
+
+    def embed_tokens(self, tokens: jnp.ndarray) -> jnp.ndarray:
+        """tokens [B, T] -> [B, T, D] in the compute dtype."""
+        x = jnp.take(self.embed, tokens, axis=0).astype(dtype_of(self.cfg.dtype))
+        return nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+
+    def logits_from_hidden(self, h: jnp.ndarray) -> jnp.ndarray:
+        """Normalized hidden [B, T, D] -> float32 logits [B, T, vocab] (shared by MTP)."""
+        dt = dtype_of(self.cfg.dtype)
+        w = self.embed.T if self.cfg.tie_word_embeddings else self.head
+        logits = jnp.einsum("btd,dv->btv", h.astype(dt), w.astype(dt))
+        return nn.with_logical_constraint(logits, ("batch", "seq", "vocab")).astype(jnp.float32)
+
+    def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,
+                 segment_ids: jnp.ndarray | None = None, mtp: bool = True) -> ModelOutput:
+        cfg = self.cfg
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        cos, sin = rope_tables(cfg, positions)
+        mask = attention_mask(B, T, segment_ids)
+        x = self.embed_tokens(tokens)
+        loads = balance = None
+        if cfg.num_dense_layers:
+            x, _ = self.dense_layers(x, cos, sin, mask)
+        if cfg.num_moe_layers:
+            x, (loads, balance) = self.moe_layers(x, cos, sin, mask)
+        h = self.norm(x)
+        out = ModelOutput(logits=self.logits_from_hidden(h), expert_loads=loads, balance_loss=balance,
+                          hidden=h.astype(jnp.float32))
+        if mtp and self.mtp:
+            out = self.run_mtp(out, tokens, cos, sin, mask)
+        return out
+
+    def run_mtp(self, out: ModelOutput, tokens, cos, sin, mask) -> ModelOutput:
+        """Sequential MTP modules: module k sees h^{k-1}_t and Emb(token_{t+k+1})."""
+        h = out.hidden
+        logits, loads, balance = [], [], []
+        for k, module in enumerate(self.mtp):
+            shifted = jnp.pad(tokens[:, k + 1:], ((0, 0), (0, k + 1)))  # token t+k+1 at t
+            h, mtp_out, aux = module(h, self.embed_tokens(shifted), cos, sin, mask)
+            logits.append(self.logits_from_hidden(mtp_out))
+            if aux:
+                loads.append(aux[0])
+                balance.append(aux[1])
+        return out.replace(mtp_logits=jnp.stack(logits),
+                           mtp_expert_loads=jnp.stack(loads) if loads else None,
+                           mtp_balance_loss=jnp.stack(balance) if balance else None)
+
+
+def unbox(variables):
+    """Strips flax's logical-partitioning boxes: a tree of plain arrays."""
+    return nn.meta.unbox(variables)

@@ -1,0 +1,151 @@
+"""DeepSeekMoE (DeepSeek-V2 §2.2, DeepSeek-V3 §2.1.2).
+
+y = x + Σ shared_i(x) + Σ_{i in topk} g_i FFN_i(x), with fine-grained routed experts and
+always-on shared experts (fused into one MLP of width n_shared * F).
+
+Gate (`Gate`): affinities s = softmax(x W) (V2) or sigmoid(x W) (V3). Selection uses
+s + b, where b is DeepSeek-V3's aux-loss-free `e_score_correction_bias` (collection
+`moe_bias`, never trained by the optimizer); the weights use s itself (V3 eq. 15-16).
+Group-limited routing keeps the `topk_group` best of `n_group` expert groups first
+(group score = max for V2's `group_limited_greedy`, sum of top-2 for V3's `noaux_tc`).
+Weights are renormalized when `norm_topk_prob` and scaled by `routed_scaling_factor`.
+
+Dispatch, chosen by `moe_impl`:
+- `dense`: every expert on every token, weighted by a sparse combine matrix (reference);
+- `ragged`: dropless; token copies sorted by expert and run through grouped GEMMs
+  (`jax.lax.ragged_dot`), then scattered back.
+
+Each call also returns the tokens routed to each expert (for the bias update and
+MaxVio) and V3's sequence-wise balance loss Σ_i f_i P_i (eq. 17-20, without alpha).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsjax.config import ModelConfig
+from dsjax.layers import MLP, dtype_of, param
+
+
+def route(cfg: ModelConfig, logits: jnp.ndarray, bias: jnp.ndarray):
+    """Top-k routing from router logits.
+
+    Args:
+      logits: float32 [N, E]; bias: float32 [E] (used for selection only under noaux_tc).
+    Returns:
+      weights float32 [N, k], indices int32 [N, k], affinities s float32 [N, E].
+    """
+    E, G, k = cfg.n_routed_experts, cfg.n_group, cfg.num_experts_per_tok
+    scores = jax.nn.softmax(logits, axis=-1) if cfg.scoring_func == "softmax" else jax.nn.sigmoid(logits)
+    choice = scores + bias if cfg.topk_method == "noaux_tc" else scores
+    if cfg.topk_method != "greedy" and G > 1:
+        grouped = choice.reshape(-1, G, E // G)
+        if cfg.topk_method == "noaux_tc":
+            group_scores = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [N, G]
+        else:
+            group_scores = grouped.max(-1)
+        _, top_groups = jax.lax.top_k(group_scores, cfg.topk_group)  # [N, topk_group]
+        keep = jnp.zeros_like(group_scores, dtype=bool).at[
+            jnp.arange(group_scores.shape[0])[:, None], top_groups].set(True)
+        choice = jnp.where(jnp.repeat(keep, E // G, axis=-1), choice, -jnp.inf)
+    _, indices = jax.lax.top_k(choice, k)
+    weights = jnp.take_along_axis(scores, indices, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, indices.astype(jnp.int32), scores
+
+
+def expert_loads(cfg: ModelConfig, indices: jnp.ndarray) -> jnp.ndarray:
+    """Tokens routed to each expert. indices: [N, k] -> float32 [E]."""
+    return jnp.zeros((cfg.n_routed_experts,), jnp.float32).at[indices.reshape(-1)].add(1.0)
+
+
+def sequence_balance_loss(cfg: ModelConfig, indices: jnp.ndarray, scores: jnp.ndarray,
+                          batch: int) -> jnp.ndarray:
+    """V3's sequence-wise balance loss Σ_i f_i P_i, averaged over sequences.
+
+    f_i = E / (k T) * #{t: i in topk_t}; P_i = mean_t s_{i,t} / Σ_j s_{j,t}.
+    Args: indices [B*T, k]; scores [B*T, E]. Returns: float32 scalar.
+    """
+    E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    counts = jax.nn.one_hot(indices, E, dtype=jnp.float32).sum(1).reshape(batch, -1, E)  # [B, T, E]
+    T = counts.shape[1]
+    f = jax.lax.stop_gradient(counts.sum(1) * (E / (k * T)))  # [B, E]
+    p = (scores / scores.sum(-1, keepdims=True)).reshape(batch, T, E).mean(1)  # [B, E]
+    return (f * p).sum(-1).mean()
+
+
+def experts_dense(x, weights, indices, w1, w3, w2):
+    """Reference dispatch: all experts on all tokens.
+
+    x: [N, D]; weights/indices: [N, k]; w1, w3: [E, D, F]; w2: [E, F, D] -> [N, D].
+    """
+    N, E = x.shape[0], w1.shape[0]
+    combine = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], indices].add(weights)
+    h = nn.silu(jnp.einsum("nd,edf->nef", x, w1)) * jnp.einsum("nd,edf->nef", x, w3)
+    y = jnp.einsum("nef,efd->ned", h, w2)
+    return jnp.einsum("ne,ned->nd", combine.astype(y.dtype), y)
+
+
+def experts_ragged(x, weights, indices, w1, w3, w2):
+    """Dropless grouped-GEMM dispatch: sort token copies by expert, ragged_dot, scatter back.
+
+    Same shapes as `experts_dense`.
+    """
+    N, k = indices.shape
+    E = w1.shape[0]
+    flat = indices.reshape(-1)  # [N*k]
+    order = jnp.argsort(flat, stable=True)
+    token = order // k
+    group_sizes = jnp.zeros((E,), jnp.int32).at[flat].add(1)
+    xs = x[token]  # [N*k, D] sorted by expert
+    h = nn.silu(jax.lax.ragged_dot(xs, w1, group_sizes)) * jax.lax.ragged_dot(xs, w3, group_sizes)
+    ys = jax.lax.ragged_dot(h, w2, group_sizes)  # [N*k, D]
+    ys = ys * weights.reshape(-1)[order][:, None].astype(ys.dtype)
+    return jnp.zeros_like(x).at[token].add(ys)
+
+
+class Gate(nn.Module):
+    """Router: float32 logits x W [N, E] plus the `moe_bias` correction bias [E]."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray):
+        cfg = self.cfg
+        w = param(self, "weight", (cfg.hidden_size, cfg.n_routed_experts), ("embed", "experts"),
+                  dtype=jnp.float32)
+        bias = self.variable("moe_bias", "bias",
+                             nn.with_logical_partitioning(lambda: jnp.zeros((cfg.n_routed_experts,), jnp.float32),
+                                                          ("experts",)))
+        logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32), w)
+        return route(cfg, logits, bias.value)
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE FFN. x: [B, T, D] -> (y [B, T, D], loads [E], balance loss scalar)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray):
+        cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
+        B, T, D = x.shape
+        E, F = cfg.n_routed_experts, cfg.moe_intermediate_size
+        flat = x.reshape(B * T, D).astype(dt)
+        with jax.named_scope("gate"):
+            weights, indices, scores = Gate(cfg, name="gate")(flat)
+        w1 = param(self, "w1", (E, D, F), ("experts", "embed", "expert_mlp")).astype(dt)
+        w3 = param(self, "w3", (E, D, F), ("experts", "embed", "expert_mlp")).astype(dt)
+        w2 = param(self, "w2", (E, F, D), ("experts", "expert_mlp", "embed")).astype(dt)
+        with jax.named_scope("routed_experts"):
+            dispatch = experts_ragged if cfg.moe_impl == "ragged" else experts_dense
+            y = dispatch(flat, weights, indices, w1, w3, w2).reshape(B, T, D)
+        if cfg.n_shared_experts:
+            with jax.named_scope("shared_experts"):
+                y = y + MLP(cfg, cfg.shared_intermediate_size, name="shared_experts")(x)
+        loads = expert_loads(cfg, indices)
+        balance = sequence_balance_loss(cfg, indices, scores, B)
+        return y.astype(x.dtype), loads, balance

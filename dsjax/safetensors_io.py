@@ -1,0 +1,120 @@
+"""Reading and writing safetensors files one tensor at a time.
+
+Reading parses the header and memory-maps the file, so a tensor is only read when it is
+sliced (a 671B checkpoint never needs twice its size in host memory). numpy has no
+float8 or bfloat16 dtypes of its own; ml_dtypes provides them. Writing goes through the
+`safetensors` package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class SafetensorsReader:
+    """All tensors of one or many .safetensors files in a directory, read lazily.
+
+    `names()` lists them; `shape(name)`, `dtype(name)`; `get(name)` returns a read-only
+    memory-mapped numpy array.
+    """
+
+    def __init__(self, directory: str):
+        index_path = os.path.join(directory, "model.safetensors.index.json")
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {directory}")
+        self._entries: dict[str, tuple[str, dict, int]] = {}
+        self._maps: dict[str, np.memmap] = {}
+        for fname in files:
+            path = os.path.join(directory, fname)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path} is named in model.safetensors.index.json but missing")
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if info["dtype"] not in _DTYPES:
+                    raise ValueError(f"tensor {name} in {fname} has unsupported dtype {info['dtype']}")
+                self._entries[name] = (path, info, 8 + n)
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name][1]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(_DTYPES[self._entries[name][1]["dtype"]])
+
+    def get(self, name: str) -> np.ndarray:
+        path, info, offset = self._entries[name]
+        if path not in self._maps:
+            self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r")
+        start, end = info["data_offsets"]
+        raw = self._maps[path][offset + start:offset + end]
+        return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def write_sharded(tensors, directory: str, max_shard_bytes: int = 5 * 2**30, metadata=None) -> list[str]:
+    """Writes (name, numpy array) pairs from an iterator into shards of at most
+    `max_shard_bytes`, plus `model.safetensors.index.json` when there is more than one.
+
+    Only one shard is held in memory at a time. Returns the file names written.
+    """
+    os.makedirs(directory, exist_ok=True)
+    current: dict[str, np.ndarray] = {}
+    size = 0
+    tmp_names: list[str] = []
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def flush():
+        nonlocal current, size
+        if current:
+            tmp = f"shard-{len(tmp_names):05d}.tmp"
+            save_file(current, os.path.join(directory, tmp), metadata=metadata or {"format": "pt"})
+            tmp_names.append(tmp)
+            for k in current:
+                weight_map[k] = tmp
+            current, size = {}, 0
+
+    for name, arr in tensors:
+        arr = np.ascontiguousarray(arr)
+        if size and size + arr.nbytes > max_shard_bytes:
+            flush()
+        current[name] = arr
+        size += arr.nbytes
+        total += arr.nbytes
+    flush()
+    n = len(tmp_names)
+    final = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    rename = dict(zip(tmp_names, final))
+    for tmp, fin in rename.items():
+        os.replace(os.path.join(directory, tmp), os.path.join(directory, fin))
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {k: rename[v] for k, v in weight_map.items()}}
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+    return final
