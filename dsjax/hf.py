@@ -265,7 +265,8 @@ def from_pretrained(path: str, dtype=jnp.float32, *, mtp: str = "auto", sharding
         if dup in reader:
             used.add(dup)
     used.update(n[: -len("weight")] + "weight_scale_inv" for n in list(used) if n.endswith("weight"))
-    extra = sorted(n for n in reader.names() if n not in used and not n.endswith("rotary_emb.inv_freq"))
+    extra = sorted(n for n in reader.names() if n not in used and not n.endswith("rotary_emb.inv_freq")
+                   and 0 not in reader.shape(n))  # transformers writes empty shared experts for n=0
     if extra:
         raise ValueError(f"checkpoint has {len(extra)} unexpected tensor(s) for this config, e.g. {extra[0]}")
     if init_mtp:

@@ -108,7 +108,7 @@ def experts_ragged(x, weights, indices, w1, w3, w2):
 
 
 class Gate(nn.Module):
-    """Router: float32 logits x W [N, E] plus the `moe_bias` correction bias [E]."""
+    """Router: float32 logits x W [N, E]; under noaux_tc, plus the `moe_bias` bias [E]."""
 
     cfg: ModelConfig
 
@@ -117,11 +117,12 @@ class Gate(nn.Module):
         cfg = self.cfg
         w = param(self, "weight", (cfg.hidden_size, cfg.n_routed_experts), ("embed", "experts"),
                   dtype=jnp.float32)
-        bias = self.variable("moe_bias", "bias",
-                             nn.with_logical_partitioning(lambda: jnp.zeros((cfg.n_routed_experts,), jnp.float32),
-                                                          ("experts",)))
+        bias = jnp.zeros((cfg.n_routed_experts,), jnp.float32)
+        if cfg.topk_method == "noaux_tc":  # only noaux_tc selects with the bias
+            bias = self.variable("moe_bias", "bias", nn.with_logical_partitioning(
+                lambda: jnp.zeros((cfg.n_routed_experts,), jnp.float32), ("experts",))).value
         logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32), w)
-        return route(cfg, logits, bias.value)
+        return route(cfg, logits, bias)
 
 
 class MoE(nn.Module):

@@ -1,0 +1,152 @@
+"""Logit parity with Hugging Face transformers DeepseekV3/V2ForCausalLM, checkpoint I/O."""
+
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+import dsjax
+from tests.hf_models import CONFIGS, build_hf
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*has no MTP weights")
+
+SEQ = 40  # longer than the YaRN configs' original context of 16
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """name -> (hf model, saved directory, tokens, reference logits)."""
+    out = {}
+    for i, name in enumerate(CONFIGS):
+        model = build_hf(name, seed=i)
+        path = str(tmp_path_factory.mktemp(name))
+        model.save_pretrained(path)
+        tokens = torch.randint(0, model.config.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            logits = model(tokens).logits.numpy()
+        out[name] = (model, path, tokens.numpy().astype(np.int32), logits)
+    return out
+
+
+def _logits(model, variables, tokens):
+    return np.asarray(jax.jit(model.apply)(variables, jnp.asarray(tokens)).logits)
+
+
+@pytest.mark.parametrize("moe_impl", ["dense", "ragged"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(hf_dirs, name, moe_impl):
+    _, path, tokens, ref = hf_dirs[name]
+    model, variables = dsjax.from_pretrained(path, moe_impl=moe_impl)
+    got = _logits(model, variables, tokens)
+    assert np.abs(got - ref).max() <= 1e-4, np.abs(got - ref).max()
+
+
+def test_absorbed_attention_matches_transformers(hf_dirs):
+    _, path, tokens, ref = hf_dirs["v3_yarn_groups"]
+    model, variables = dsjax.from_pretrained(path, attn_impl="absorb")
+    assert np.abs(_logits(model, variables, tokens) - ref).max() <= 1e-4
+
+
+def test_config_maps_from_hf(hf_dirs):
+    hf_model, path, _, _ = hf_dirs["v2_lite_like"]
+    cfg = dsjax.ModelConfig.from_hf(json.load(open(os.path.join(path, "config.json"))))
+    assert cfg.q_lora_rank is None and cfg.scoring_func == "softmax"
+    assert cfg.topk_method == "group_limited_greedy" and cfg.n_shared_experts == 2
+    assert cfg.num_dense_layers == 0 and cfg.num_moe_layers == hf_model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("name", ["v3_yarn_groups", "v2_lite_like"])
+def test_round_trip_through_save_pretrained(hf_dirs, tmp_path, name):
+    hf_cls = type(hf_dirs[name][0])
+    _, path, tokens, ref = hf_dirs[name]
+    model, variables = dsjax.from_pretrained(path)
+    dsjax.save_pretrained(model, variables, str(tmp_path), max_shard_size=20_000)  # forces several shards
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    reloaded = hf_cls.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        again = reloaded(torch.from_numpy(tokens).long()).logits.numpy()
+    assert np.abs(again - ref).max() <= 1e-5
+    model2, variables2 = dsjax.from_pretrained(str(tmp_path))
+    chex.assert_trees_all_close(variables2, variables, atol=0, rtol=0)
+
+
+def test_loaded_tree_matches_init(hf_dirs):
+    _, path, tokens, _ = hf_dirs["v3_yarn_groups"]
+    model, variables = dsjax.from_pretrained(path)
+    init = dsjax.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(tokens)))
+    chex.assert_trees_all_equal_shapes_and_dtypes(variables, init)
+
+
+def _quantize_blockwise(w, block=128):
+    """Reference FP8 E4M3 quantization with one scale per 128x128 block (as DeepSeek ships)."""
+    import ml_dtypes
+    out_dim, in_dim = w.shape
+    nb0, nb1 = -(-out_dim // block), -(-in_dim // block)
+    scale = np.zeros((nb0, nb1), np.float32)
+    q = np.zeros(w.shape, ml_dtypes.float8_e4m3fn)
+    for i in range(nb0):
+        for j in range(nb1):
+            blk = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
+            s = max(np.abs(blk).max(), 1e-12) / 448.0
+            scale[i, j] = s
+            q[i * block:(i + 1) * block, j * block:(j + 1) * block] = (blk / s).astype(ml_dtypes.float8_e4m3fn)
+    return q, scale
+
+
+def test_fp8_checkpoint_loads_dequantized(hf_dirs, tmp_path):
+    _, path, tokens, _ = hf_dirs["v3_yarn_groups"]
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    fp8, deq = {}, {}
+    for name, w in tensors.items():
+        quantize = name.endswith("proj.weight") or name.endswith("proj_with_mqa.weight")
+        if quantize and w.ndim == 2:
+            q, s = _quantize_blockwise(w)
+            fp8[name], fp8[name[:-len("weight")] + "weight_scale_inv"] = q, s
+            deq[name] = q.astype(np.float32) * np.repeat(np.repeat(s, 128, 0), 128, 1)[:w.shape[0], :w.shape[1]]
+        else:
+            fp8[name] = deq[name] = w
+    fp8_dir, ref_dir = tmp_path / "fp8", tmp_path / "ref"
+    for d, t in ((fp8_dir, fp8), (ref_dir, deq)):
+        os.makedirs(d)
+        save_file(t, str(d / "model.safetensors"))
+        cfg = json.load(open(os.path.join(path, "config.json")))
+        if d == fp8_dir:
+            cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+        json.dump(cfg, open(d / "config.json", "w"))
+    assert any(str(v.dtype) == "float8_e4m3fn" for v in fp8.values())
+    m1, v1 = dsjax.from_pretrained(str(fp8_dir))
+    m2, v2 = dsjax.from_pretrained(str(ref_dir))
+    chex.assert_trees_all_close(v1, v2, atol=0, rtol=0)
+    np.testing.assert_allclose(_logits(m1, v1, tokens), _logits(m2, v2, tokens), atol=1e-6)
+
+
+def _rewrite(path, dst, edit):
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    edit(tensors)
+    os.makedirs(dst, exist_ok=True)
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = f.read()
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        f.write(cfg)
+    return dst
+
+
+def test_missing_extra_and_misshaped_tensors_are_named(hf_dirs, tmp_path):
+    _, path, _, _ = hf_dirs["v3_yarn_groups"]
+    name = "model.layers.1.self_attn.kv_b_proj.weight"
+    d = _rewrite(path, str(tmp_path / "missing"), lambda t: t.pop(name))
+    with pytest.raises(KeyError, match=r"kv_b_proj.weight \(expected shape \(80, 16\)\)"):
+        dsjax.from_pretrained(d)
+    d = _rewrite(path, str(tmp_path / "shape"), lambda t: t.update({name: np.zeros((80, 17), np.float32)}))
+    with pytest.raises(ValueError, match=r"kv_b_proj.weight has shape \(80, 17\), expected \(80, 16\)"):
+        dsjax.from_pretrained(d)
+    d = _rewrite(path, str(tmp_path / "extra"), lambda t: t.update({"model.layers.0.bogus.weight": np.zeros(3)}))
+    with pytest.raises(ValueError, match=r"unexpected tensor.*model.layers.0.bogus.weight"):
+        dsjax.from_pretrained(d)
