@@ -330,3 +330,28 @@ def config_from_dict(d: dict[str, Any], **overrides: Any) -> ModelConfig:
             raise ConfigError(f"unknown model config key {k!r}")
     merged = {**d, **overrides}
     return ModelConfig(**merged)
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts from the architecture alone (no arrays), main model and MTP apart.
+
+    `activated` counts what one token's forward pass multiplies with: everything but the
+    embedding table (a row lookup) and the routed experts it is not sent to.
+    """
+    D, H, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
+    K, R, Vh, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    if cfg.q_lora_rank is None:
+        attn = D * H * (K + R)
+    else:
+        attn = D * cfg.q_lora_rank + cfg.q_lora_rank + cfg.q_lora_rank * H * (K + R)
+    attn += D * (C + R) + C + C * H * (K + Vh) + H * Vh * D + 2 * D
+    E, F = cfg.n_routed_experts, cfg.moe_intermediate_size
+    dense = attn + 3 * D * cfg.intermediate_size
+    routed = 3 * E * D * F
+    moe = attn + D * E + routed + 3 * D * cfg.shared_intermediate_size
+    head = 0 if cfg.tie_word_embeddings else D * V
+    total = V * D + head + D + cfg.num_dense_layers * dense + cfg.num_moe_layers * moe
+    inactive = cfg.num_moe_layers * routed * (E - cfg.num_experts_per_tok) // max(E, 1)
+    mtp_block = moe if cfg.n_routed_experts else dense
+    mtp = cfg.num_nextn_predict_layers * (3 * D + 2 * D * D + mtp_block)
+    return {"total": total, "activated": total - V * D - inactive, "mtp": mtp}

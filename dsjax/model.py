@@ -135,7 +135,7 @@ class Transformer(nn.Module):
         h = out.hidden
         logits, loads, balance = [], [], []
         for k, module in enumerate(self.mtp):
-            shifted = jnp.pad(tokens[:, k + 1:], ((0, 0), (0, k + 1)))  # token t+k+1 at t
+            shifted = jnp.pad(tokens[:, k + 1:], ((0, 0), (0, min(k + 1, tokens.shape[1]))))  # t+k+1 at t
             h, mtp_out, aux = module(h, self.embed_tokens(shifted), cos, sin, mask)
             logits.append(self.logits_from_hidden(mtp_out))
             if aux:

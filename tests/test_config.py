@@ -1,0 +1,97 @@
+"""ModelConfig: HF key mapping, validation messages, presets, full-size parameter counts."""
+
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+
+import dsjax
+from dsjax.config import ConfigError, config_from_dict, param_counts
+from dsjax.hf import abstract_variables
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_model_preset_loads():
+    names = dsjax.preset_names()
+    assert {"deepseek-v3-671b", "deepseek-v2-236b", "deepseek-v2-lite", "tiny", "small"} <= set(names)
+    for name in names:
+        assert isinstance(dsjax.load_model_config(name), dsjax.ModelConfig)
+
+
+def test_every_yaml_under_configs_parses():
+    files = glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
+    assert files
+    for f in files:
+        assert isinstance(yaml.safe_load(open(f)), dict), f
+
+
+def test_hf_round_trip_of_config():
+    for name in dsjax.preset_names():
+        cfg = dsjax.load_model_config(name)
+        again = dsjax.ModelConfig.from_hf(cfg.to_hf(), dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        assert again == cfg, name
+        hash(cfg)  # usable as a static jit argument
+
+
+def test_transformers_rope_parameters_form():
+    hf = dsjax.load_model_config("deepseek-v2-lite").to_hf()
+    scaling = hf.pop("rope_scaling")
+    theta = hf.pop("rope_theta")
+    hf["rope_parameters"] = dict(scaling, rope_type="yarn", rope_theta=theta)
+    cfg = dsjax.ModelConfig.from_hf(hf)
+    assert cfg.rope_scaling.factor == 40 and cfg.rope_scaling.mscale_all_dim == 0.707 and cfg.rope_theta == theta
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(num_experts_per_tok=9), r"num_experts_per_tok=9 must be in \[1, n_routed_experts=8\]"),
+    (dict(n_group=3), r"n_routed_experts=8 is not divisible by n_group=3"),
+    (dict(topk_group=5), r"topk_group=5 must be in \[1, n_group=4\]"),
+    (dict(num_experts_per_tok=5, topk_group=2), r"num_experts_per_tok=5 exceeds the 4 experts"),
+    (dict(first_k_dense_replace=7), r"first_k_dense_replace=7 exceeds num_hidden_layers=4"),
+    (dict(qk_rope_head_dim=7), r"qk_rope_head_dim must be even"),
+    (dict(moe_impl="sparse"), r"moe_impl='sparse' is not one of \['dense', 'ragged'\]"),
+    (dict(hidden_size=0), r"hidden_size must be positive"),
+])
+def test_impossible_values_are_named(change, message):
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                num_hidden_layers=4, num_attention_heads=4, kv_lora_rank=16, qk_rope_head_dim=8,
+                v_head_dim=8, qk_nope_head_dim=8, n_routed_experts=8, num_experts_per_tok=2,
+                n_group=4, topk_group=2, first_k_dense_replace=1)
+    with pytest.raises(ConfigError, match=message):
+        dsjax.ModelConfig(**{**base, **change})
+
+
+def test_unknown_preset_key_is_named():
+    with pytest.raises(ConfigError, match="unknown model config key 'hiden_size'"):
+        config_from_dict({"hiden_size": 3})
+
+
+def test_unsupported_hf_options_are_refused():
+    with pytest.raises(ConfigError, match="attention_bias"):
+        dsjax.ModelConfig.from_hf({"attention_bias": True})
+
+
+# Published (rounded) figures. Totals are checked to 1%. DeepSeek rounds activated counts
+# to the figure shown (V2-Lite's 2.45B prints as 2.4B), so those are checked to 2.5%.
+PUBLISHED = {"deepseek-v3-671b": (671e9, 37e9), "deepseek-v2-236b": (236e9, 21e9),
+             "deepseek-v2-lite": (15.7e9, 2.4e9)}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_full_size_parameter_counts(name):
+    cfg = dsjax.load_model_config(name)
+    abstract = abstract_variables(dsjax.Transformer(cfg))["params"]
+    size = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
+    mtp = sum(size(v) for k, v in abstract.items() if k.startswith("mtp_"))
+    counts = param_counts(cfg)
+    assert size(abstract) - mtp == counts["total"]  # eval_shape agrees with the formula
+    assert mtp == counts["mtp"]
+    total, activated = PUBLISHED[name]
+    assert abs(counts["total"] / total - 1) < 0.01, counts
+    assert abs(counts["activated"] / activated - 1) < 0.025, counts
+    assert all(x.dtype == jnp.bfloat16 or x.dtype == jnp.float32 for x in jax.tree.leaves(abstract))
