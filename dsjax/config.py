@@ -337,6 +337,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 
     `activated` counts what one token's forward pass multiplies with: everything but the
     embedding table (a row lookup) and the routed experts it is not sent to.
+    `mtp_activated` does the same for the MTP modules, with their use of the shared head.
     """
     D, H, V = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size
     K, R, Vh, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
@@ -354,4 +355,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     inactive = cfg.num_moe_layers * routed * (E - cfg.num_experts_per_tok) // max(E, 1)
     mtp_block = moe if cfg.n_routed_experts else dense
     mtp = cfg.num_nextn_predict_layers * (3 * D + 2 * D * D + mtp_block)
-    return {"total": total, "activated": total - V * D - inactive, "mtp": mtp}
+    mtp_inactive = cfg.num_nextn_predict_layers * (routed * (E - cfg.num_experts_per_tok) // max(E, 1)
+                                                   if cfg.n_routed_experts else 0)
+    return {"total": total, "activated": total - V * D - inactive, "mtp": mtp,
+            "mtp_activated": mtp - mtp_inactive + cfg.num_nextn_predict_layers * D * V}

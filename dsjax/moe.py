@@ -78,15 +78,19 @@ def sequence_balance_loss(cfg: ModelConfig, indices: jnp.ndarray, scores: jnp.nd
 
 
 def experts_dense(x, weights, indices, w1, w3, w2):
-    """Reference dispatch: all experts on all tokens.
+    """Reference dispatch: all experts on all tokens, weighted by a sparse combine matrix.
 
     x: [N, D]; weights/indices: [N, k]; w1, w3: [E, D, F]; w2: [E, F, D] -> [N, D].
+    The experts are laid side by side as one [D, E*F] matmul; the combine weights scale
+    the hidden units, so the sum over experts happens inside the second matmul.
     """
     N, E = x.shape[0], w1.shape[0]
+    D, F = w1.shape[1], w1.shape[2]
     combine = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], indices].add(weights)
-    h = nn.silu(jnp.einsum("nd,edf->nef", x, w1)) * jnp.einsum("nd,edf->nef", x, w3)
-    y = jnp.einsum("nef,efd->ned", h, w2)
-    return jnp.einsum("ne,ned->nd", combine.astype(y.dtype), y)
+    side_by_side = lambda w: w.transpose(1, 0, 2).reshape(D, E * F)
+    h = nn.silu(x @ side_by_side(w1)) * (x @ side_by_side(w3))  # [N, E*F]
+    h = (h.reshape(N, E, F) * combine[:, :, None].astype(h.dtype)).reshape(N, E * F)
+    return h @ w2.reshape(E * F, D)
 
 
 def experts_ragged(x, weights, indices, w1, w3, w2):

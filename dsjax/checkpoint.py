@@ -1,0 +1,56 @@
+"""Checkpoints of training state with orbax: async saves, keep the last N, exact resume.
+
+Each checkpoint holds the state pytree (params, optimizer state, `moe_bias`, step) and a
+small JSON item (the data iterator position and anything else a run needs to resume).
+Lives in dsjax so that train and eval both reach it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Orbax CheckpointManager over `directory`.
+
+    Args:
+      directory: where step folders go (created if needed).
+      keep: how many most recent checkpoints to keep.
+      async_save: write in the background while training continues.
+    """
+
+    def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                               create=True)
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._mngr.all_steps())
+
+    def save(self, step: int, state: Any, extra: dict) -> None:
+        """Starts saving `state` and the JSON-able `extra` as checkpoint `step`."""
+        self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      extra=ocp.args.JsonSave(extra)), force=True)
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """Restores checkpoint `step` into the shapes, dtypes and shardings of `abstract_state`."""
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                              abstract_state)
+        out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                               extra=ocp.args.JsonRestore()))
+        return out["state"], out["extra"]
+
+    def wait(self) -> None:
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()

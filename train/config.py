@@ -1,0 +1,230 @@
+"""Run configuration: typed frozen dataclasses hold every default; YAML files in configs/
+and `--set section.key=value` override them. Unknown keys and bad values raise
+ConfigError naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from dsjax.config import _CONFIG_DIR, ConfigError, ModelConfig, load_model_config
+from sharding.mesh import MeshConfig
+from train.data import DataConfig
+
+SCHEDULES = ("cosine", "constant", "step")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Attributes:
+      steps: optimizer steps.
+      batch_size: global batch (sequences per step, all hosts together).
+      seq_len: tokens per sequence.
+      lr / warmup_steps / schedule / min_lr_ratio: peak learning rate, linear warmup, then
+        'cosine' (to lr * min_lr_ratio), 'constant' or 'step' (x step_decay_factor every
+        step_decay_every steps).
+      weight_decay / b1 / b2 / eps / grad_clip: AdamW and global-norm clipping.
+      seed: parameter init, data order and sampling.
+      log_every / eval_every / eval_batches: metrics cadence; validation batches per eval.
+      checkpoint_every / keep_checkpoints: save interval (and at the end); how many to keep.
+      mtp_lambda / mtp_lambda_final / mtp_lambda_switch: MTP loss weight, switching to the
+        final value after this fraction of the steps (DeepSeek-V3: 0.3 then 0.1).
+      balance_alpha: weight of the sequence-wise balance loss (V3: 1e-4).
+      bias_update_speed / bias_update_stop: aux-loss-free bias step gamma, set to 0 after
+        this fraction of the steps (V3: 0.001, 0 for the last tokens).
+      sample_tokens / sample_prompt: text generated at the end (0: none).
+      peak_tflops: peak device TFLOP/s for MFU (0: from the device kind).
+    """
+
+    steps: int = 500
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    step_decay_every: int = 1000
+    step_decay_factor: float = 0.316
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 3
+    mtp_lambda: float = 0.3
+    mtp_lambda_final: float = 0.1
+    mtp_lambda_switch: float = 0.7
+    balance_alpha: float = 1e-4
+    bias_update_speed: float = 1e-3
+    bias_update_stop: float = 0.95
+    sample_tokens: int = 200
+    sample_prompt: str = "def "
+    peak_tflops: float = 0.0
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every",
+                     "keep_checkpoints", "step_decay_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_batches", "sample_tokens", "weight_decay", "grad_clip",
+                     "mtp_lambda", "mtp_lambda_final", "balance_alpha", "bias_update_speed", "peak_tflops"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"train.schedule={self.schedule!r} is not one of {list(SCHEDULES)}")
+        for name in ("mtp_lambda_switch", "bias_update_stop", "min_lr_ratio", "b1", "b2"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything `python -m train` does: model, training, data, mesh."""
+
+    model: ModelConfig = dataclasses.field(default_factory=lambda: load_model_config("tiny"))
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return out
+
+
+_SECTIONS = {"train": TrainConfig, "data": DataConfig, "mesh": MeshConfig, "model": ModelConfig}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Checks `value` against the field's type hint; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r} is not a valid {hint}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif dataclasses.is_dataclass(hint):
+        if isinstance(value, dict):
+            return hint(**value)
+        if value is None:
+            return None
+    else:
+        return value
+    raise ConfigError(f"{key}={value!r} is not a valid {getattr(hint, '__name__', hint)}")
+
+
+def _apply(section: str, base: Any, updates: dict[str, Any]) -> Any:
+    cls = type(base)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kw = {}
+    for k, v in updates.items():
+        if k not in fields:
+            raise ConfigError(f"unknown config key {section}.{k}")
+        kw[k] = _coerce(f"{section}.{k}", v, hints[k])
+    try:
+        return dataclasses.replace(base, **kw)
+    except ConfigError as e:
+        raise ConfigError(f"{section}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{section}: {e}") from None
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: YAML scalars (1, 0.5, true, null, strings)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def resolve_config_path(name_or_path: str) -> str:
+    if os.path.exists(name_or_path):
+        return name_or_path
+    path = os.path.join(_CONFIG_DIR, f"{name_or_path}.yaml")
+    if not os.path.exists(path):
+        runs = sorted(f[:-5] for f in os.listdir(_CONFIG_DIR) if f.endswith(".yaml"))
+        raise ConfigError(f"unknown run config {name_or_path!r}; configs: {runs}")
+    return path
+
+
+def build_config(config: str | None, overrides: list[str]) -> RunConfig:
+    """RunConfig from a YAML file (or none) and `section.key=value` overrides.
+
+    The model section may name a `preset` (configs/models/) that its other keys modify.
+    """
+    raw: dict[str, Any] = {}
+    if config:
+        with open(resolve_config_path(config)) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{config}: a run config must be a mapping of sections")
+    sections: dict[str, dict[str, Any]] = {}
+    for section, values in raw.items():
+        if section not in _SECTIONS:
+            raise ConfigError(f"unknown config section {section!r}; sections: {sorted(_SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping")
+        sections[section] = dict(values)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        key, text = item.split("=", 1)
+        if "." not in key:
+            raise ConfigError(f"--set {key}: expected section.key (sections: {sorted(_SECTIONS)})")
+        section, field = key.split(".", 1)
+        if section not in _SECTIONS:
+            raise ConfigError(f"unknown config section {section!r} in --set {key}")
+        sections.setdefault(section, {})[field] = parse_value(text)
+    model_values = dict(sections.pop("model", {}))
+    preset = model_values.pop("preset", "tiny")
+    model = load_model_config(str(preset))
+    model = _apply("model", model, model_values)
+    cfg = RunConfig(model=model)
+    for section, values in sections.items():
+        cfg = dataclasses.replace(cfg, **{section: _apply(section, getattr(cfg, section), values)})
+    cfg.train.validate()
+    return cfg
+
+
+def describe_options() -> str:
+    """Every key with its default, for --help."""
+    lines = []
+    defaults = RunConfig()
+    for section in ("train", "data", "mesh", "model"):
+        obj = getattr(defaults, section)
+        for f in dataclasses.fields(obj):
+            lines.append(f"  {section}.{f.name} = {getattr(obj, f.name)!r}")
+        if section == "model":
+            lines.append("  model.preset = 'tiny'   (one of configs/models/)")
+    return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""Training data with grain: documents -> tokens -> packed windows -> shuffled batches.
+
+Sources: the running Python's standard library (`source: stdlib`, every machine has it,
+no download), text files or folders, and JSONL files with a text field. Documents are
+tokenized, joined with EOS and packed into windows of seq_len + 1 tokens (inputs and
+shifted targets). Files are split into train and validation by a hash of their path, so
+validation text is held out. Each host reads its own slice of the windows; the order is
+a deterministic shuffle by seed, and the iterator position goes into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+
+import grain
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Attributes:
+      source: 'stdlib', or comma-separated files / folders / globs (.txt, .py, .md, .jsonl ...).
+      text_field: the field holding the text in JSONL records.
+      tokenizer: 'bytes' (byte-level) or a path to a Hugging Face tokenizer.json.
+      val_fraction: share of files held out for validation.
+      max_bytes: stop reading documents after this many bytes (0: no limit).
+      file_pattern: which files to take from folders.
+    """
+
+    source: str = "stdlib"
+    text_field: str = "text"
+    tokenizer: str = "bytes"
+    val_fraction: float = 0.05
+    max_bytes: int = 6_000_000
+    file_pattern: str = "*.py"
+
+
+def _stdlib_files() -> list[str]:
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
+    return files
+
+
+def _source_files(cfg: DataConfig) -> list[str]:
+    if cfg.source == "stdlib":
+        return _stdlib_files()
+    files = []
+    for part in cfg.source.split(","):
+        part = part.strip()
+        if os.path.isdir(part):
+            files += sorted(glob.glob(os.path.join(part, "**", cfg.file_pattern), recursive=True))
+        elif os.path.isfile(part):
+            files.append(part)
+        else:
+            matched = sorted(glob.glob(part, recursive=True))
+            if not matched:
+                raise FileNotFoundError(f"data.source: {part!r} is no file, folder or matching glob")
+            files += matched
+    if not files:
+        raise FileNotFoundError(f"data.source={cfg.source!r} holds no files matching {cfg.file_pattern!r}")
+    return files
+
+
+def _documents(path: str, cfg: DataConfig):
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                if cfg.text_field not in record:
+                    raise KeyError(f"{path}:{n}: record has no field {cfg.text_field!r} (data.text_field)")
+                yield str(record[cfg.text_field])
+    else:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            yield f.read()
+
+
+def _is_val(path: str, fraction: float) -> bool:
+    h = int(hashlib.sha1(path.encode()).hexdigest()[:8], 16)
+    return (h % 10_000) < fraction * 10_000
+
+
+@dataclasses.dataclass
+class Corpus:
+    """Token streams for training and validation, and the tokenizer that made them."""
+
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: object
+    num_files: int
+
+    def unigram_baseline(self) -> float:
+        """Validation cross-entropy (nats/token) of the training token frequencies."""
+        vocab = max(int(self.train.max()), int(self.val.max())) + 1
+        counts = np.bincount(self.train, minlength=vocab).astype(np.float64) + 1.0
+        logp = np.log(counts / counts.sum())
+        return float(-logp[self.val].mean())
+
+
+def load_corpus(cfg: DataConfig, tokenizer) -> Corpus:
+    """Reads and tokenizes the source; files beyond `max_bytes` are skipped."""
+    files = _source_files(cfg)
+    order = np.random.default_rng(1234).permutation(len(files))  # a spread of files, fixed
+    train, val, used, size = [], [], 0, 0
+    eos = np.asarray([tokenizer.eos_id], np.int32)
+    for i in order:
+        path = files[i]
+        for doc in _documents(path, cfg):
+            if not doc.strip():
+                continue
+            (val if _is_val(path, cfg.val_fraction) else train).extend([tokenizer.encode(doc), eos])
+            size += len(doc)
+        used += 1
+        if cfg.max_bytes and size >= cfg.max_bytes:
+            break
+    if not train or not val:
+        raise ValueError(f"data.source={cfg.source!r}: need documents for both training and validation "
+                         f"(got {len(train) // 2} and {len(val) // 2}); adjust data.val_fraction")
+    return Corpus(np.concatenate(train), np.concatenate(val), tokenizer, used)
+
+
+class Windows:
+    """Random access to packed windows of `length + 1` tokens of one stream."""
+
+    def __init__(self, tokens: np.ndarray, length: int):
+        self.tokens, self.length = tokens, length
+        self.count = (len(tokens) - 1) // length
+        if self.count < 1:
+            raise ValueError(f"{len(tokens)} tokens are too few for one window of seq_len={length}")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.tokens[i * self.length:i * self.length + self.length + 1]
+
+
+def _split(batch: np.ndarray) -> dict[str, np.ndarray]:
+    return {"inputs": batch[:, :-1].astype(np.int32), "targets": batch[:, 1:].astype(np.int32)}
+
+
+def train_iterator(tokens: np.ndarray, seq_len: int, local_batch: int, seed: int,
+                   process_index: int = 0, process_count: int = 1):
+    """Endless shuffled batches {'inputs', 'targets'}: int32 [local_batch, seq_len].
+
+    The returned grain iterator has get_state()/set_state() for checkpoints.
+    """
+    windows = Windows(tokens, seq_len)
+    ds = grain.MapDataset.source(windows)[process_index::process_count]
+    if len(ds) < local_batch:
+        raise ValueError(f"{len(ds)} training windows per host are fewer than the batch of {local_batch}")
+    ds = ds.seed(seed).shuffle().repeat(None).batch(local_batch, drop_remainder=True).map(_split)
+    return iter(ds.to_iter_dataset())
+
+
+def eval_batches(tokens: np.ndarray, seq_len: int, local_batch: int, num_batches: int,
+                 process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """The first `num_batches` validation batches of this host, in order (the same every eval)."""
+    windows = Windows(tokens, seq_len)
+    ds = grain.MapDataset.source(windows)[process_index::process_count]
+    n = min(num_batches, len(ds) // local_batch)
+    if n < 1:
+        raise ValueError(f"validation split has {len(ds)} windows per host, fewer than one batch of {local_batch}")
+    ds = ds.batch(local_batch, drop_remainder=True).map(_split)
+    return [ds[i] for i in range(n)]

@@ -1,0 +1,77 @@
+"""Run outputs: metrics.jsonl (one JSON object per logged step) and plots/ (loss curves)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+
+class MetricsLog:
+    """Appends records to `workdir/metrics.jsonl`; on resume, drops records past the
+    restored step so the file reads as one uninterrupted run."""
+
+    def __init__(self, workdir: str, resume_step: int | None):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        if os.path.exists(self.path):
+            kept = []
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut short by a kill
+                    if resume_step is not None and rec.get("step", 0) <= resume_step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(workdir: str, baseline: float | None = None) -> str:
+    """Writes plots/loss.png: train and validation loss (with the unigram baseline) and
+    expert-load imbalance (MaxVio). Returns the file path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(workdir)
+    train = [(r["step"], r["ce"]) for r in records if "ce" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    vio = [(r["step"], r["max_vio"]) for r in records if "max_vio" in r]
+    fig, axes = plt.subplots(1, 2 if vio else 1, figsize=(11 if vio else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    if train:
+        ax.plot(*zip(*train), label="train cross-entropy")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation cross-entropy")
+    if baseline is not None and math.isfinite(baseline):
+        ax.axhline(baseline, color="gray", linestyle="--", label=f"unigram baseline {baseline:.2f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats / token")
+    ax.set_title("loss")
+    ax.legend()
+    if vio:
+        ax = axes[0][1]
+        ax.plot(*zip(*vio), color="tab:red")
+        ax.set_xlabel("step")
+        ax.set_ylabel("MaxVio")
+        ax.set_title("expert load imbalance (max/mean - 1)")
+    fig.tight_layout()
+    os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+    path = os.path.join(workdir, "plots", "loss.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

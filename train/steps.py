@@ -1,0 +1,147 @@
+"""The pretraining step: loss, gradients, AdamW update and the aux-loss-free bias update.
+
+Objective (DeepSeek-V3 §2.2, §2.1.2): next-token cross-entropy + lambda * mean MTP
+cross-entropy + alpha * Σ_layers sequence-wise balance loss. After the update, each
+routed-expert bias moves by gamma * sign(mean load - load) with loads counted over the
+global batch (the batch is one sharded array, so the counts are global). `moe_bias` has
+no gradient and no optimizer state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from dsjax.model import ModelOutput, Transformer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jnp.ndarray
+    params: Any
+    opt_state: Any
+    moe_bias: Any
+
+
+def cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
+    """Mean token cross-entropy in nats. logits: [B, T, V] float32; targets: int [B, T]."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.mean(logz - picked)
+
+
+def mtp_cross_entropy(mtp_logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
+    """Mean over MTP depths k of the CE of module k at t against token t+2+k.
+
+    mtp_logits: [K, B, T, V]; targets: [B, T] (targets[t] = token t+1).
+    """
+    T = targets.shape[1]
+    losses = [cross_entropy(mtp_logits[k, :, :T - 1 - k], targets[:, k + 1:]) for k in range(mtp_logits.shape[0])]
+    return jnp.mean(jnp.stack(losses))
+
+
+def max_violation(loads: jnp.ndarray) -> jnp.ndarray:
+    """DeepSeek-V3's MaxVio per layer, max load / mean load - 1, averaged. loads: [L, E]."""
+    return jnp.mean(loads.max(-1) / jnp.maximum(loads.mean(-1), 1e-9) - 1.0)
+
+
+def _bias_step(bias: jnp.ndarray, loads: jnp.ndarray, gamma) -> jnp.ndarray:
+    """b_i += gamma * sign(mean load - load_i), per layer. bias, loads: [..., E]."""
+    return bias + gamma * jnp.sign(loads.mean(-1, keepdims=True) - loads)
+
+
+def update_moe_bias(moe_bias: dict, out: ModelOutput, gamma) -> dict:
+    """The aux-loss-free update of every `moe_bias` leaf from this step's expert loads."""
+    new = dict(moe_bias)
+    if "moe_layers" in new:
+        b = new["moe_layers"]["ffn"]["gate"]["bias"]
+        new["moe_layers"] = {"ffn": {"gate": {"bias": _bias_step(b, out.expert_loads, gamma)}}}
+    for k in range(0 if out.mtp_expert_loads is None else out.mtp_expert_loads.shape[0]):
+        key = f"mtp_{k}"
+        if key in new:
+            b = new[key]["block"]["ffn"]["gate"]["bias"]
+            new[key] = {"block": {"ffn": {"gate": {"bias": _bias_step(b, out.mtp_expert_loads[k], gamma)}}}}
+    return new
+
+
+def schedules(tcfg):
+    """(mtp lambda, bias gamma) as functions of the step, for use inside jit."""
+    switch = int(tcfg.mtp_lambda_switch * tcfg.steps)
+    stop = int(tcfg.bias_update_stop * tcfg.steps)
+
+    def mtp_lambda(step):
+        return jnp.where(step < switch, tcfg.mtp_lambda, tcfg.mtp_lambda_final)
+
+    def gamma(step):
+        return jnp.where(step < stop, tcfg.bias_update_speed, 0.0)
+
+    return mtp_lambda, gamma
+
+
+def make_train_step(model: Transformer, tx: optax.GradientTransformation, tcfg,
+                    lr_schedule: Callable, rules=()) -> Callable:
+    """Returns train_step(state, batch) -> (state, metrics), to be jitted by the caller."""
+    cfg = model.cfg
+    mtp_lambda, gamma = schedules(tcfg)
+
+    def loss_fn(params, moe_bias, batch, step):
+        variables = {"params": params}
+        if moe_bias:
+            variables["moe_bias"] = moe_bias
+        with nn.logical_axis_rules(rules):
+            out = model.apply(variables, batch["inputs"])
+        ce = cross_entropy(out.logits, batch["targets"])
+        mtp = mtp_cross_entropy(out.mtp_logits, batch["targets"]) if out.mtp_logits is not None else 0.0
+        balance = 0.0
+        if out.balance_loss is not None:
+            balance = balance + out.balance_loss.sum()
+        if out.mtp_balance_loss is not None:
+            balance = balance + out.mtp_balance_loss.sum()
+        loss = ce + mtp_lambda(step) * mtp + tcfg.balance_alpha * balance
+        return loss, (out, ce, mtp, balance)
+
+    def train_step(state: TrainState, batch):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (out, ce, mtp, balance)), grads = grad_fn(state.params, state.moe_bias, batch, state.step)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        moe_bias = update_moe_bias(state.moe_bias, out, gamma(state.step)) if state.moe_bias else state.moe_bias
+        metrics = {"loss": loss, "ce": ce, "mtp_loss": jnp.asarray(mtp, jnp.float32),
+                   "balance_loss": jnp.asarray(balance, jnp.float32), "grad_norm": optax.global_norm(grads),
+                   "lr": lr_schedule(state.step)}
+        if cfg.num_moe_layers:
+            metrics["max_vio"] = max_violation(out.expert_loads)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, moe_bias=moe_bias)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: Transformer, rules=()) -> Callable:
+    """Returns eval_step(params, moe_bias, batch) -> mean next-token CE."""
+
+    def eval_step(params, moe_bias, batch):
+        variables = {"params": params}
+        if moe_bias:
+            variables["moe_bias"] = moe_bias
+        with nn.logical_axis_rules(rules):
+            out = model.apply(variables, batch["inputs"], mtp=False)
+        return cross_entropy(out.logits, batch["targets"])
+
+    return eval_step
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x activated parameters (MTP included) + causal attention
+    (3 passes x 2 FLOPs x H x (K + R + V) x T/2 per layer)."""
+    from dsjax.config import param_counts
+
+    counts = param_counts(cfg)
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    attention = 3 * layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len
+    return 6 * (counts["activated"] + counts["mtp_activated"]) + attention
