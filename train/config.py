@@ -161,7 +161,12 @@ def _apply(section: str, base: Any, updates: dict[str, Any]) -> Any:
 
 
 def parse_value(text: str) -> Any:
-    """A --set value: YAML scalars (1, 0.5, true, null, strings)."""
+    """A --set value: numbers (1, 0.5, 1e-3), then YAML scalars (true, null), else a string."""
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

@@ -3,8 +3,8 @@
 Sources: the running Python's standard library (`source: stdlib`, every machine has it,
 no download), text files or folders, and JSONL files with a text field. Documents are
 tokenized, joined with EOS and packed into windows of seq_len + 1 tokens (inputs and
-shifted targets). Files are split into train and validation by a hash of their path, so
-validation text is held out. Each host reads its own slice of the windows; the order is
+shifted targets). Documents (files, or JSONL records) are split into train and validation
+by a hash of their path (and line), so validation text is held out. Each host reads its own slice of the windows; the order is
 a deterministic shuffle by seed, and the iterator position goes into every checkpoint.
 """
 
@@ -78,10 +78,10 @@ def _documents(path: str, cfg: DataConfig):
                 record = json.loads(line)
                 if cfg.text_field not in record:
                     raise KeyError(f"{path}:{n}: record has no field {cfg.text_field!r} (data.text_field)")
-                yield str(record[cfg.text_field])
+                yield f"{path}:{n}", str(record[cfg.text_field])
     else:
         with open(path, encoding="utf-8", errors="replace") as f:
-            yield f.read()
+            yield path, f.read()
 
 
 def _is_val(path: str, fraction: float) -> bool:
@@ -107,21 +107,26 @@ class Corpus:
 
 
 def load_corpus(cfg: DataConfig, tokenizer) -> Corpus:
-    """Reads and tokenizes the source; files beyond `max_bytes` are skipped."""
+    """Reads and tokenizes the source until each split holds its share of `max_bytes`."""
     files = _source_files(cfg)
     order = np.random.default_rng(1234).permutation(len(files))  # a spread of files, fixed
-    train, val, used, size = [], [], 0, 0
+    splits = {"train": [], "val": []}
+    sizes = {"train": 0, "val": 0}
+    quota = {"train": (1 - cfg.val_fraction) * cfg.max_bytes, "val": cfg.val_fraction * cfg.max_bytes}
     eos = np.asarray([tokenizer.eos_id], np.int32)
+    used = 0
     for i in order:
         path = files[i]
-        for doc in _documents(path, cfg):
-            if not doc.strip():
+        for key, doc in _documents(path, cfg):
+            split = "val" if _is_val(key, cfg.val_fraction) else "train"
+            if not doc.strip() or (cfg.max_bytes and sizes[split] >= quota[split]):
                 continue
-            (val if _is_val(path, cfg.val_fraction) else train).extend([tokenizer.encode(doc), eos])
-            size += len(doc)
+            splits[split].extend([tokenizer.encode(doc), eos])
+            sizes[split] += len(doc)
         used += 1
-        if cfg.max_bytes and size >= cfg.max_bytes:
+        if cfg.max_bytes and all(sizes[k] >= quota[k] for k in sizes):
             break
+    train, val = splits["train"], splits["val"]
     if not train or not val:
         raise ValueError(f"data.source={cfg.source!r}: need documents for both training and validation "
                          f"(got {len(train) // 2} and {len(val) // 2}); adjust data.val_fraction")

@@ -73,7 +73,10 @@ def run_pretraining(cfg, args) -> int:
         with open(os.path.join(workdir, "config.yaml"), "w") as f:
             yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    try:
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data.tokenizer: {e}") from None
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens")
@@ -83,7 +86,10 @@ def run_pretraining(cfg, args) -> int:
         raise ConfigError(f"train.batch_size={tcfg.batch_size} does not divide over {n_proc} processes")
     local_batch = tcfg.batch_size // n_proc
     t0 = time.time()
-    corpus = data_lib.load_corpus(cfg.data, tokenizer)
+    try:
+        corpus = data_lib.load_corpus(cfg.data, tokenizer)
+    except (ValueError, KeyError, FileNotFoundError, UnicodeDecodeError) as e:
+        raise ConfigError(e.args[0] if e.args else str(e)) from None
     baseline = corpus.unigram_baseline()
     if lead:
         print(f"data: {cfg.data.source} -> {len(corpus.train):,} train / {len(corpus.val):,} validation tokens "
