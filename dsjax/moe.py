@@ -14,6 +14,8 @@ Dispatch, chosen by `moe_impl`:
 - `dense`: every expert on every token, weighted by a sparse combine matrix (reference);
 - `ragged`: dropless; token copies sorted by expert and run through grouped GEMMs
   (`jax.lax.ragged_dot`), then scattered back.
+When the active mesh and logical-axis rules split `experts` over several devices, the
+routed experts run expert-parallel under shard_map instead (`experts_expert_parallel`).
 
 Each call also returns the tokens routed to each expert (for the bias update and
 MaxVio) and V3's sequence-wise balance loss Σ_i f_i P_i (eq. 17-20, without alpha).
@@ -111,6 +113,73 @@ def experts_ragged(x, weights, indices, w1, w3, w2):
     return jnp.zeros_like(x).at[token].add(ys)
 
 
+def _local_experts(x, weights, indices, w1, w3, w2, first_expert):
+    """Grouped GEMMs over the experts held here (ids first_expert ...); other rows give 0.
+
+    x: [M, D]; weights/indices: [M, k]; w1, w3: [E_loc, D, F]; w2: [E_loc, F, D] -> [M, D].
+    """
+    M, k = indices.shape
+    E_loc = w1.shape[0]
+    local = indices.reshape(-1) - first_expert
+    mine = (local >= 0) & (local < E_loc)
+    flat = jnp.where(mine, local, E_loc)  # rows for other devices' experts sort last
+    order = jnp.argsort(flat, stable=True)
+    token = order // k
+    group_sizes = jnp.zeros((E_loc + 1,), jnp.int32).at[flat].add(1)[:E_loc]
+    xs = x[token]
+    h = nn.silu(jax.lax.ragged_dot(xs, w1, group_sizes)) * jax.lax.ragged_dot(xs, w3, group_sizes)
+    ys = jax.lax.ragged_dot(h, w2, group_sizes)  # rows past sum(group_sizes) are zero
+    scale = jnp.where(mine, weights.reshape(-1), 0.0)[order][:, None]
+    return jnp.zeros_like(x).at[token].add(ys * scale.astype(ys.dtype))
+
+
+def experts_expert_parallel(x, weights, indices, w1, w3, w2, expert_axis: str, token_axes, tensor_axis):
+    """Dropless expert parallelism under shard_map (needs a mesh set with jax.set_mesh).
+
+    Each device holds E / ep routed experts. The tokens of the `expert_axis` group are
+    all-gathered, each device runs the grouped GEMMs of its own experts on the copies
+    routed to them, and a reduce-scatter returns every token's combined output to the
+    device it came from. The expert hidden axis may be split over `tensor_axis` (partial
+    sums are added with psum). Same shapes as `experts_dense`; x and the routing are
+    sharded over `token_axes`, the expert weights over `expert_axis`.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    tokens_split = expert_axis in token_axes
+    row = P(token_axes if token_axes else None, None)
+    w_in, w_out = P(expert_axis, None, tensor_axis), P(expert_axis, tensor_axis, None)
+
+    def local(x, weights, indices, w1, w3, w2):
+        first = jax.lax.axis_index(expert_axis) * w1.shape[0]
+        if tokens_split:
+            gather = lambda a: jax.lax.all_gather(a, expert_axis, tiled=True)
+            x, weights, indices = gather(x), gather(weights), gather(indices)
+        out = _local_experts(x, weights, indices, w1, w3, w2, first)
+        if tensor_axis:
+            out = jax.lax.psum(out, tensor_axis)
+        if tokens_split:
+            return jax.lax.psum_scatter(out, expert_axis, scatter_dimension=0, tiled=True)
+        return jax.lax.psum(out, expert_axis)
+
+    return jax.shard_map(local, in_specs=(row, row, row, w_in, w_in, w_out), out_specs=row,
+                         check_vma=False)(x, weights, indices, w1, w3, w2)
+
+
+def expert_parallel_axes():
+    """(expert axis, token axes, tensor axis) when the active mesh and logical-axis rules
+    split the experts over more than one device, else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    spec = nn.logical_to_mesh_axes(("batch", "experts", "expert_mlp"))
+    flat = lambda a: () if a is None else ((a,) if isinstance(a, str) else tuple(a))
+    batch, experts, hidden = (flat(a) for a in spec)
+    if len(experts) != 1 or mesh.shape[experts[0]] == 1:
+        return None
+    tensor = hidden[0] if len(hidden) == 1 and mesh.shape[hidden[0]] > 1 else None
+    return experts[0], tuple(a for a in batch if mesh.shape[a] > 1), tensor
+
+
 class Gate(nn.Module):
     """Router: float32 logits x W [N, E]; under noaux_tc, plus the `moe_bias` bias [E]."""
 
@@ -146,8 +215,13 @@ class MoE(nn.Module):
         w3 = param(self, "w3", (E, D, F), ("experts", "embed", "expert_mlp")).astype(dt)
         w2 = param(self, "w2", (E, F, D), ("experts", "expert_mlp", "embed")).astype(dt)
         with jax.named_scope("routed_experts"):
-            dispatch = experts_ragged if cfg.moe_impl == "ragged" else experts_dense
-            y = dispatch(flat, weights, indices, w1, w3, w2).reshape(B, T, D)
+            ep = expert_parallel_axes()
+            if ep is not None:
+                y = experts_expert_parallel(flat, weights, indices, w1, w3, w2, *ep)
+            else:
+                dispatch = experts_ragged if cfg.moe_impl == "ragged" else experts_dense
+                y = dispatch(flat, weights, indices, w1, w3, w2)
+            y = y.reshape(B, T, D)
         if cfg.n_shared_experts:
             with jax.named_scope("shared_experts"):
                 y = y + MLP(cfg, cfg.shared_intermediate_size, name="shared_experts")(x)

@@ -21,16 +21,22 @@ class ShardingError(ValueError):
 
 _BATCH = ("data", "fsdp", "expert")
 PRESETS: dict[str, dict[str, Rules]] = {
+    # Pure data parallelism: parameters replicated, batch split over every axis.
     "dp": {"params": (), "activations": (("batch", _BATCH),)},
+    # ZeRO-3: parameters and optimizer state split on their model dimension over fsdp;
+    # routed experts over expert.
     "fsdp": {"params": (("embed", ("fsdp",)), ("experts", ("expert",))),
-             "activations": (("batch", _BATCH),)},
+             "activations": (("batch", _BATCH), ("experts", ("expert",)))},
+    # fsdp + tensor parallelism over heads, MLP and expert hidden units, and the vocabulary.
     "fsdp_tp": {"params": (("embed", ("fsdp",)), ("heads", ("tensor",)), ("mlp", ("tensor",)),
                            ("expert_mlp", ("tensor",)), ("vocab", ("tensor",)), ("experts", ("expert",))),
                 "activations": (("batch", _BATCH), ("heads", ("tensor",)), ("mlp", ("tensor",)),
-                                ("vocab", ("tensor",)))},
+                                ("expert_mlp", ("tensor",)), ("vocab", ("tensor",)), ("experts", ("expert",)))},
+    # fsdp + expert parallelism, tensor parallelism inside attention and the MLPs.
     "fsdp_ep": {"params": (("embed", ("fsdp",)), ("experts", ("expert",)), ("heads", ("tensor",)),
                            ("mlp", ("tensor",)), ("expert_mlp", ("tensor",))),
-                "activations": (("batch", _BATCH), ("heads", ("tensor",)), ("mlp", ("tensor",)))},
+                "activations": (("batch", _BATCH), ("heads", ("tensor",)), ("mlp", ("tensor",)),
+                                ("expert_mlp", ("tensor",)), ("experts", ("expert",)))},
 }
 
 

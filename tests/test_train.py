@@ -257,3 +257,16 @@ def test_run_outputs_and_exact_resume_after_sigkill(tmp_path):
     again = subprocess.run(_train_cmd(killed, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0 and "already trained to step 150" in again.stdout
+
+
+@pytest.mark.parametrize("dtype, remat", [("bfloat16", "dots"), ("float32", "full")])
+def test_bf16_compute_and_remat_policies_train(step_setup, dtype, remat):
+    cfg, model, boxed, state, _, batch = step_setup
+    variant = dsjax.Transformer(cfg.model.replace(dtype=dtype, remat_policy=remat))
+    tx, schedule = make_optimizer(cfg.train, boxed["params"])
+    step = jax.jit(make_train_step(variant, tx, cfg.train, schedule))
+    new, metrics = step(state, batch)
+    _, ref = jax.jit(make_train_step(model, tx, cfg.train, schedule))(state, batch)
+    assert jax.tree.leaves(new.params)[0].dtype == jnp.float32  # float32 master weights
+    tol = 0.02 if dtype == "bfloat16" else 1e-5
+    np.testing.assert_allclose(metrics["ce"], ref["ce"], rtol=tol)

@@ -9,7 +9,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import yaml
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
@@ -20,11 +19,11 @@ from dsjax.generate import generate_reference
 from dsjax.model import Transformer, unbox
 from dsjax.tokenizer import load_tokenizer
 from sharding.mesh import make_mesh
-from sharding.rules import activation_rules, tree_shardings
+from sharding.rules import activation_rules
 from train import data as data_lib
 from train.optim import make_optimizer
 from train.report import MetricsLog, plot_curves
-from train.steps import TrainState, flops_per_token, make_eval_step, make_train_step
+from train.steps import TrainState, flops_per_token, make_eval_step, make_train_step, state_shardings
 
 
 _PEAK_TFLOPS = (("v6", 918.0), ("v5p", 459.0), ("v5 lite", 197.0), ("v5e", 197.0), ("v4", 275.0),
@@ -45,22 +44,6 @@ def _initialize_distributed(args) -> None:
         if not (args.coordinator and args.num_processes is not None and args.process_id is not None):
             raise ConfigError("--coordinator, --num-processes and --process-id go together")
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-
-
-def _state_shardings(model, tx, mesh, preset, seq_len):
-    """Abstract boxed variables, and shardings of the TrainState built from them."""
-    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)
-    var_shardings = tree_shardings(boxed, mesh, preset)
-    abstract = unbox(boxed)
-    param_sh = var_shardings["params"]
-    opt_abstract = jax.eval_shape(tx.init, abstract["params"])
-    replicated = NamedSharding(mesh, P())
-    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_abstract, param_sh,
-                                   transform_non_params=lambda _: replicated)
-    state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
-                          moe_bias=var_shardings.get("moe_bias", {}))
-    return boxed, state_sh
 
 
 def run_pretraining(cfg, args) -> int:
@@ -95,13 +78,18 @@ def run_pretraining(cfg, args) -> int:
         print(f"data: {cfg.data.source} -> {len(corpus.train):,} train / {len(corpus.val):,} validation tokens "
               f"from {corpus.num_files} files ({time.time() - t0:.1f}s); unigram baseline {baseline:.3f} nats/token")
 
+    if cfg.model.param_dtype != "float32":
+        if lead:
+            print(f"training keeps float32 master weights (model.param_dtype={cfg.model.param_dtype} "
+                  "is used for checkpoints exported to Hugging Face)")
+        cfg = dataclasses.replace(cfg, model=cfg.model.replace(param_dtype="float32"))
     model = Transformer(cfg.model)
     preset = cfg.mesh.rules
     rules = activation_rules(preset)
     boxed_params_abstract = jax.eval_shape(model.init, jax.random.key(0),
                                            jax.ShapeDtypeStruct((1, tcfg.seq_len), jnp.int32))["params"]
     tx, lr_schedule = make_optimizer(tcfg, boxed_params_abstract)
-    boxed, state_sh = _state_shardings(model, tx, mesh, preset, tcfg.seq_len)
+    boxed, state_sh = state_shardings(model, tx, mesh, preset, tcfg.seq_len)
     batch_sh = NamedSharding(mesh, P(("data", "fsdp", "expert")))
 
     def init_state(rng):
@@ -112,7 +100,7 @@ def run_pretraining(cfg, args) -> int:
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
     train_it = data_lib.train_iterator(corpus.train, tcfg.seq_len, local_batch, tcfg.seed, proc, n_proc)
     start = ckpt.latest_step()
-    with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
+    with jax.set_mesh(mesh):
         abstract_state = jax.eval_shape(init_state, jax.random.key(tcfg.seed))
         abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       abstract_state, state_sh)

@@ -16,8 +16,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsjax.model import ModelOutput, Transformer
+from dsjax.model import ModelOutput, Transformer, unbox
+from sharding.rules import tree_shardings
 
 
 @flax.struct.dataclass
@@ -112,7 +114,7 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation, tcfg,
         params = optax.apply_updates(state.params, updates)
         moe_bias = update_moe_bias(state.moe_bias, out, gamma(state.step)) if state.moe_bias else state.moe_bias
         metrics = {"loss": loss, "ce": ce, "mtp_loss": jnp.asarray(mtp, jnp.float32),
-                   "balance_loss": jnp.asarray(balance, jnp.float32), "grad_norm": optax.global_norm(grads),
+                   "balance_loss": jnp.asarray(balance, jnp.float32), "grad_norm": optax.tree_utils.tree_norm(grads),
                    "lr": lr_schedule(state.step)}
         if cfg.num_moe_layers:
             metrics["max_vio"] = max_violation(out.expert_loads)
@@ -145,3 +147,20 @@ def flops_per_token(cfg, seq_len: int) -> float:
     layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
     attention = 3 * layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len
     return 6 * (counts["activated"] + counts["mtp_activated"]) + attention
+
+
+def state_shardings(model, tx, mesh, preset, seq_len):
+    """Abstract boxed variables, and the shardings of a TrainState, from the model's
+    logical annotations and the rules `preset` (optimizer moments follow their parameter)."""
+    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    var_shardings = tree_shardings(boxed, mesh, preset)
+    abstract = unbox(boxed)
+    param_sh = var_shardings["params"]
+    opt_abstract = jax.eval_shape(tx.init, abstract["params"])
+    replicated = NamedSharding(mesh, P())
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_abstract, param_sh,
+                                   transform_non_params=lambda _: replicated)
+    state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
+                          moe_bias=var_shardings.get("moe_bias", {}))
+    return boxed, state_sh
