@@ -4,8 +4,9 @@ Sources: the running Python's standard library (`source: stdlib`, every machine 
 no download), text files or folders, and JSONL files with a text field. Documents are
 tokenized, joined with EOS and packed into windows of seq_len + 1 tokens (inputs and
 shifted targets). Documents (files, or JSONL records) are split into train and validation
-by a hash of their path (and line), so validation text is held out. Each host reads its own slice of the windows; the order is
-a deterministic shuffle by seed, and the iterator position goes into every checkpoint.
+by a hash of their path (and line), so validation text is held out. The order is a deterministic shuffle by seed; each host reads
+its own rows of every global batch, so a global batch holds the same windows whatever
+the number of hosts, and the iterator position (the step) goes into every checkpoint.
 """
 
 from __future__ import annotations
@@ -160,10 +161,13 @@ def train_iterator(tokens: np.ndarray, seq_len: int, local_batch: int, seed: int
     The returned grain iterator has get_state()/set_state() for checkpoints.
     """
     windows = Windows(tokens, seq_len)
-    ds = grain.MapDataset.source(windows)[process_index::process_count]
-    if len(ds) < local_batch:
-        raise ValueError(f"{len(ds)} training windows per host are fewer than the batch of {local_batch}")
-    ds = ds.seed(seed).shuffle().repeat(None).batch(local_batch, drop_remainder=True).map(_split)
+    if len(windows) < local_batch * process_count:
+        raise ValueError(f"{len(windows)} training windows are fewer than one global batch of "
+                         f"{local_batch * process_count}")
+    # Shuffle the global order first, then stride by process: global batch j is always
+    # elements [j*B, (j+1)*B) of the shuffled stream, however many processes read it.
+    ds = grain.MapDataset.source(windows).seed(seed).shuffle().repeat(None)[process_index::process_count]
+    ds = ds.batch(local_batch, drop_remainder=True).map(_split)
     return iter(ds.to_iter_dataset())
 
 
@@ -172,8 +176,9 @@ def eval_batches(tokens: np.ndarray, seq_len: int, local_batch: int, num_batches
     """The first `num_batches` validation batches of this host, in order (the same every eval)."""
     windows = Windows(tokens, seq_len)
     ds = grain.MapDataset.source(windows)[process_index::process_count]
-    n = min(num_batches, len(ds) // local_batch)
+    n = min(num_batches, len(windows) // (local_batch * process_count))
     if n < 1:
-        raise ValueError(f"validation split has {len(ds)} windows per host, fewer than one batch of {local_batch}")
+        raise ValueError(f"validation split has {len(windows)} windows, fewer than one global batch of "
+                         f"{local_batch * process_count}")
     ds = ds.batch(local_batch, drop_remainder=True).map(_split)
     return [ds[i] for i in range(n)]

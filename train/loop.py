@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
@@ -39,15 +40,26 @@ def peak_tflops(device) -> float:
     return 0.1
 
 
-def _initialize_distributed(args) -> None:
-    if args.coordinator or args.num_processes:
-        if not (args.coordinator and args.num_processes is not None and args.process_id is not None):
+def initialize_distributed(coordinator=None, num_processes=None, process_id=None) -> None:
+    """jax.distributed start-up: from explicit flags, or from the cluster's environment
+    (TPU pods, SLURM, Open MPI) where jax finds it. CPU processes talk over gloo."""
+    explicit = (coordinator, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
             raise ConfigError("--coordinator, --num-processes and --process-id go together")
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+        return
+    env = os.environ
+    sizes = [int(env.get(k) or 1) for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")]
+    if (env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS")
+            or "," in env.get("TPU_WORKER_HOSTNAMES", "") or max(sizes) > 1):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize()
 
 
 def run_pretraining(cfg, args) -> int:
-    _initialize_distributed(args)
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     tcfg = cfg.train
     workdir = os.path.abspath(args.workdir)
     lead = jax.process_index() == 0
@@ -173,20 +185,25 @@ def run_pretraining(cfg, args) -> int:
             if val_loss is not None:
                 summary += f"; validation loss {val_loss:.4f} vs unigram baseline {baseline:.4f} nats/token"
             print(summary)
-        if tcfg.sample_tokens and lead:
-            _print_sample(model, state, tokenizer, tcfg)
+        if tcfg.sample_tokens:
+            _print_sample(model, state, tokenizer, tcfg, lead)
     return 0
 
 
-def _print_sample(model, state, tokenizer, tcfg) -> None:
+def _print_sample(model, state, tokenizer, tcfg, lead: bool) -> None:
+    """Generates from the trained model (every process joins the gather; process 0 prints)."""
     prompt = tokenizer.encode(tcfg.sample_prompt)
     if len(prompt) == 0:
         return
     variables = {"params": state.params}
     if state.moe_bias:
         variables["moe_bias"] = state.moe_bias
+    if jax.process_count() > 1:
+        variables = multihost_utils.process_allgather(variables, tiled=True)
     variables = jax.device_get(variables)
     tokens, _ = generate_reference(model, variables, jnp.asarray(prompt)[None], jnp.asarray([len(prompt)]),
                                    tcfg.sample_tokens, temperature=0.8, rng=jax.random.key(tcfg.seed), top_k=40)
+    if not lead:
+        return
     text = tokenizer.decode(np.asarray(tokens[0]))
     print("sample:\n" + tcfg.sample_prompt + text)

@@ -1,0 +1,78 @@
+"""Two `python -m train` processes (gloo CPU collectives, fsdp across them) give the loss
+curve of one process with the same global batch; checkpoints move between 2 and 1 process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.test_train import ROOT, SMALL
+
+# Schedules that do not depend on train.steps, so a run can stop at 4 and resume to 8.
+COMMON = SMALL + ["train.schedule=constant", "train.mtp_lambda_switch=1.0", "train.bias_update_stop=1.0",
+                  "train.checkpoint_every=4", "train.sample_tokens=0", "train.eval_every=4"]
+
+
+def _cmd(workdir, steps):
+    cmd = [sys.executable, "-m", "train", "--workdir", str(workdir)]
+    for o in COMMON + [f"train.steps={steps}"]:
+        cmd += ["--set", o]
+    return cmd
+
+
+def _env(devices):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two(workdir, steps):
+    port = _free_port()
+    procs = [subprocess.Popen(_cmd(workdir, steps) + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                                      "--process-id", str(i)],
+                              cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    return outs[0]
+
+
+def run_one(workdir, steps):
+    done = subprocess.run(_cmd(workdir, steps), cwd=ROOT, env=_env(2), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _curve(workdir):
+    recs = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return np.array([r["loss"] for r in recs if "loss" in r]), [r["val_loss"] for r in recs if "val_loss" in r]
+
+
+def test_two_processes_match_one_and_checkpoints_cross_over(tmp_path):
+    run_two(tmp_path / "two", 8)
+    run_one(tmp_path / "one", 8)
+    two, two_val = _curve(tmp_path / "two")
+    one, one_val = _curve(tmp_path / "one")
+    assert len(two) == len(one) == 8
+    np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(two_val, one_val, rtol=1e-5)
+
+    run_two(tmp_path / "two_then_one", 4)  # saved by 2 processes ...
+    out = run_one(tmp_path / "two_then_one", 8)  # ... restored by 1
+    assert "resumed from" in out and "at step 4" in out
+    np.testing.assert_allclose(_curve(tmp_path / "two_then_one")[0], one, rtol=1e-5, atol=1e-5)
+
+    run_one(tmp_path / "one_then_two", 4)
+    out = run_two(tmp_path / "one_then_two", 8)
+    assert "resumed from" in out and "at step 4" in out
+    np.testing.assert_allclose(_curve(tmp_path / "one_then_two")[0], two, rtol=1e-5, atol=1e-5)
