@@ -1,9 +1,10 @@
-"""Device meshes with the axes `data`, `fsdp`, `expert`, `tensor`."""
+"""Device meshes with the axes `data`, `fsdp`, `expert`, `tensor`, and multi-host start-up."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import jax
 import numpy as np
@@ -60,3 +61,21 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
     except (ValueError, NotImplementedError, AssertionError):
         grid = np.array(devices).reshape(shape)
     return Mesh(grid, AXES)
+
+
+def initialize_distributed(coordinator=None, num_processes=None, process_id=None) -> None:
+    """jax.distributed start-up: from explicit flags, or from the cluster's environment
+    (TPU pods, SLURM, Open MPI) where jax finds it. CPU processes talk over gloo."""
+    explicit = (coordinator, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise ValueError("--coordinator, --num-processes and --process-id go together")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+        return
+    env = os.environ
+    sizes = [int(env.get(k) or 1) for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")]
+    if (env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS")
+            or "," in env.get("TPU_WORKER_HOSTNAMES", "") or max(sizes) > 1):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize()

@@ -2,8 +2,8 @@
 
 Modules annotate parameters and activations with words (`batch`, `embed`, `heads`, ...);
 the rules here place them on the mesh. Parameter rules are kept apart from activation
-rules. `logical_to_sharding` refuses a placement where two logical axes of one array land
-on the same mesh axis, or where a dimension does not divide its mesh axes.
+rules. No two logical axes of one array land on the same mesh axis (`logical_to_spec`),
+and a dimension that does not divide its mesh axes is an error naming the array.
 """
 
 from __future__ import annotations
@@ -20,23 +20,22 @@ class ShardingError(ValueError):
 
 
 _BATCH = ("data", "fsdp", "expert")
+# FSDP shards every large parameter on one axis: its model dimension (`embed`) where it
+# has one, else its compressed input (`q_lora`, `kv_lora` of the up-projections).
+_FSDP = (("embed", ("fsdp",)), ("q_lora", ("fsdp",)), ("kv_lora", ("fsdp",)), ("mtp_concat", ("fsdp",)))
+_TP = (("heads", ("tensor",)), ("mlp", ("tensor",)), ("expert_mlp", ("tensor",)))
 PRESETS: dict[str, dict[str, Rules]] = {
     # Pure data parallelism: parameters replicated, batch split over every axis.
     "dp": {"params": (), "activations": (("batch", _BATCH),)},
-    # ZeRO-3: parameters and optimizer state split on their model dimension over fsdp;
-    # routed experts over expert.
-    "fsdp": {"params": (("embed", ("fsdp",)), ("experts", ("expert",))),
+    # ZeRO-3: parameters and optimizer state split over fsdp; routed experts over expert.
+    "fsdp": {"params": _FSDP + (("experts", ("expert",)),),
              "activations": (("batch", _BATCH), ("experts", ("expert",)))},
     # fsdp + tensor parallelism over heads, MLP and expert hidden units, and the vocabulary.
-    "fsdp_tp": {"params": (("embed", ("fsdp",)), ("heads", ("tensor",)), ("mlp", ("tensor",)),
-                           ("expert_mlp", ("tensor",)), ("vocab", ("tensor",)), ("experts", ("expert",))),
-                "activations": (("batch", _BATCH), ("heads", ("tensor",)), ("mlp", ("tensor",)),
-                                ("expert_mlp", ("tensor",)), ("vocab", ("tensor",)), ("experts", ("expert",)))},
+    "fsdp_tp": {"params": _TP + (("vocab", ("tensor",)),) + _FSDP + (("experts", ("expert",)),),
+                "activations": (("batch", _BATCH),) + _TP + (("vocab", ("tensor",)), ("experts", ("expert",)))},
     # fsdp + expert parallelism, tensor parallelism inside attention and the MLPs.
-    "fsdp_ep": {"params": (("embed", ("fsdp",)), ("experts", ("expert",)), ("heads", ("tensor",)),
-                           ("mlp", ("tensor",)), ("expert_mlp", ("tensor",))),
-                "activations": (("batch", _BATCH), ("heads", ("tensor",)), ("mlp", ("tensor",)),
-                                ("expert_mlp", ("tensor",)), ("experts", ("expert",)))},
+    "fsdp_ep": {"params": _TP + _FSDP + (("experts", ("expert",)),),
+                "activations": (("batch", _BATCH),) + _TP + (("experts", ("expert",)),)},
 }
 
 
@@ -51,25 +50,65 @@ def activation_rules(preset: str) -> Rules:
     return _preset(preset)["activations"]
 
 
-def logical_to_sharding(names, shape, mesh: Mesh, rules: Rules, what: str = "array") -> NamedSharding:
-    """NamedSharding for one array with logical axis `names` and `shape`."""
+def logical_to_spec(names, shape, mesh_shape: dict[str, int], rules: Rules, what: str = "array",
+                    strict: bool = True) -> P:
+    """PartitionSpec for one array with logical axis `names`; mesh axes of size 1 are skipped.
+
+    Two logical axes of one array never land on the same mesh axis: with `strict` that is
+    an error naming both; otherwise (parameters) the first axis, left to right, keeps the
+    mesh axis and the later one stays whole, so `(embed, q_lora)` shards `embed` while
+    `(q_lora, heads, head_dim)` shards `q_lora`. A dimension that does not divide its
+    mesh axes is an error.
+    """
     table = dict(rules)
     used: dict[str, str] = {}
     spec = []
     for dim, name in zip(shape, names):
-        axes = tuple(a for a in table.get(name, ()) if mesh.shape[a] > 1)
+        axes = tuple(a for a in table.get(name, ()) if mesh_shape[a] > 1)
+        taken = [a for a in axes if a in used]
+        if taken and strict:
+            raise ShardingError(f"{what}: logical axes {used[taken[0]]!r} and {name!r} both map to mesh "
+                                f"axis {taken[0]!r}")
+        if taken:
+            axes = ()
         for a in axes:
-            if a in used:
-                raise ShardingError(f"{what}: logical axes {used[a]!r} and {name!r} both map to mesh axis {a!r}")
             used[a] = name
         size = 1
         for a in axes:
-            size *= mesh.shape[a]
+            size *= mesh_shape[a]
         if dim % size:
             raise ShardingError(f"{what}: axis {name!r} of size {dim} does not divide mesh axes {axes} "
                                 f"of total size {size}")
         spec.append(axes[0] if len(axes) == 1 else (axes or None))
-    return NamedSharding(mesh, P(*spec))
+    return P(*spec)
+
+
+def logical_to_sharding(names, shape, mesh: Mesh, rules: Rules, what: str = "array") -> NamedSharding:
+    """NamedSharding for one array with logical axis `names` and `shape`."""
+    return NamedSharding(mesh, logical_to_spec(names, shape, dict(mesh.shape), rules, what))
+
+
+def per_device_bytes(abstract_boxed, mesh_shape: dict[str, int], preset: str, dtype=None) -> int:
+    """Bytes one device holds of a tree of boxed abstract arrays under the parameter rules
+    of `preset`, for a mesh of `mesh_shape` (no devices needed). `dtype` overrides the
+    leaves' own dtype (e.g. float32 optimizer moments of bfloat16 parameters)."""
+    import numpy as np
+
+    rules = _preset(preset)["params"]
+    total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(
+            abstract_boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]:
+        value = leaf.value if isinstance(leaf, nn.LogicallyPartitioned) else leaf
+        names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else (None,) * len(value.shape)
+        spec = logical_to_spec(names, value.shape, mesh_shape, rules, jax.tree_util.keystr(path), strict=False)
+        count = 1
+        for dim, axes in zip(value.shape, tuple(spec) + (None,) * len(value.shape)):
+            split = 1
+            for a in (() if axes is None else (axes,) if isinstance(axes, str) else axes):
+                split *= mesh_shape[a]
+            count *= dim // split
+        total += count * np.dtype(dtype or value.dtype).itemsize
+    return total
 
 
 def tree_shardings(abstract_boxed, mesh: Mesh, preset: str):
@@ -82,7 +121,8 @@ def tree_shardings(abstract_boxed, mesh: Mesh, preset: str):
     def one(path, leaf):
         what = jax.tree_util.keystr(path)
         if isinstance(leaf, nn.LogicallyPartitioned):
-            return logical_to_sharding(leaf.names, leaf.value.shape, mesh, rules, what)
+            return NamedSharding(mesh, logical_to_spec(leaf.names, leaf.value.shape, dict(mesh.shape), rules,
+                                                       what, strict=False))
         return NamedSharding(mesh, P())
 
     return jax.tree_util.tree_map_with_path(one, abstract_boxed,

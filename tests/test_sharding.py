@@ -98,3 +98,46 @@ def test_undividable_axes_and_collisions_are_named():
         logical_to_sharding(("embed", "mlp"), (8, 8), mesh, (("embed", ("fsdp",)), ("mlp", ("fsdp",))))
     with pytest.raises(ShardingError, match="unknown sharding rules preset 'zero'"):
         tree_shardings(boxed, mesh, "zero")
+
+
+def test_fsdp_shards_every_large_parameter():
+    cfg = dsjax.load_model_config("deepseek-v3-671b")
+    boxed = jax.eval_shape(dsjax.Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    from sharding.rules import per_device_bytes
+    sizes = {"data": 1, "fsdp": 32, "expert": 8, "tensor": 1}
+    whole = per_device_bytes(boxed["params"], {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}, "fsdp")
+    split = per_device_bytes(boxed["params"], sizes, "fsdp")
+    assert whole / split > 200  # close to 256-way; attention weights repeat over the 8 expert groups
+    # The up-projections shard on their compressed input; wq_a on its model dimension.
+    from sharding.rules import logical_to_spec, PRESETS
+    rules = PRESETS["fsdp"]["params"]
+    assert logical_to_spec(("layers", "q_lora", "heads", "head_dim"), (58, 1536, 128, 192), sizes, rules,
+                           strict=False) == jax.sharding.PartitionSpec(None, "fsdp", None, None)
+    assert logical_to_spec(("layers", "embed", "q_lora"), (58, 7168, 1536), sizes, rules,
+                           strict=False) == jax.sharding.PartitionSpec(None, "fsdp", None)
+
+
+def _dry_run(*args):
+    import subprocess
+    import sys
+    from tests.test_train import ROOT
+    cmd = [sys.executable, "-m", "train", "--dry-run", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_dry_run_memory_plan():
+    ok = _dry_run("--devices", "256", "--set", "model.preset=deepseek-v3-671b", "--set", "mesh.fsdp=32",
+                  "--set", "mesh.expert=8", "--set", "model.remat_policy=full", "--set", "train.batch_size=256",
+                  "--set", "train.seq_len=4096")
+    assert ok.returncode == 0, ok.stderr
+    for row in ("parameters (fp32)", "gradients (fp32)", "AdamW moments (fp32)", "activations (full)", "fits"):
+        assert row in ok.stdout
+    params = float(ok.stdout.split("parameters (fp32)")[1].split()[0])
+    assert 10.0 < params < 13.0  # 682.6B fp32 parameters over 256 devices, attention repeated 8x
+    too_big = _dry_run("--devices", "256", "--set", "model.preset=deepseek-v3-671b", "--set", "mesh.fsdp=256",
+                       "--set", "train.batch_size=256", "--set", "train.seq_len=4096")
+    assert too_big.returncode == 2
+    assert "GiB per device but a device has 80 GiB" in too_big.stderr and "Traceback" not in too_big.stderr
+    bad = _dry_run("--devices", "256", "--set", "mesh.fsdp=-1", "--set", "mesh.tensor=3")
+    assert bad.returncode == 2 and "do not divide the 256 devices" in bad.stderr

@@ -28,7 +28,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 for multi-process runs")
     p.add_argument("--num-processes", type=int, default=None, help="processes in a multi-process run")
     p.add_argument("--process-id", type=int, default=None, help="this process's index")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the per-device memory plan of the layout and exit (allocates nothing)")
+    p.add_argument("--devices", type=int, default=None, help="devices for --dry-run (default: those present)")
+    p.add_argument("--device-memory-gib", type=float, default=80.0, help="memory per device for --dry-run")
     return p
+
+
+def dry_run(cfg, args) -> int:
+    """Prints the memory plan; status 2 when the layout does not fit."""
+    import jax
+
+    from dsjax.config import param_counts
+    from train.plan import memory_plan
+
+    devices = args.devices or jax.device_count()
+    try:
+        plan = memory_plan(cfg, devices, args.device_memory_gib)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    counts = param_counts(cfg.model)
+    print(f"model: {counts['total'] / 1e9:.2f}B parameters ({counts['activated'] / 1e9:.2f}B activated) "
+          f"+ {counts['mtp'] / 1e9:.2f}B MTP; batch {cfg.train.batch_size} x {cfg.train.seq_len} tokens; "
+          f"{devices} devices, rules {cfg.mesh.rules!r}")
+    print(plan.table())
+    if not plan.fits:
+        print(f"error: the layout needs {plan.total / 2**30:.1f} GiB per device but a device has "
+              f"{args.device_memory_gib:g} GiB; try more fsdp/expert sharding, model.remat_policy=full "
+              f"or a smaller train.batch_size", file=sys.stderr)
+        return 2
+    print("fits")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        return dry_run(cfg, args)
     try:
         from train.loop import run_pretraining
 

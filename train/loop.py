@@ -19,7 +19,7 @@ from dsjax.config import ConfigError
 from dsjax.generate import generate_reference
 from dsjax.model import Transformer, unbox
 from dsjax.tokenizer import load_tokenizer
-from sharding.mesh import make_mesh
+from sharding.mesh import initialize_distributed, make_mesh
 from sharding.rules import activation_rules
 from train import data as data_lib
 from train.optim import make_optimizer
@@ -40,26 +40,11 @@ def peak_tflops(device) -> float:
     return 0.1
 
 
-def initialize_distributed(coordinator=None, num_processes=None, process_id=None) -> None:
-    """jax.distributed start-up: from explicit flags, or from the cluster's environment
-    (TPU pods, SLURM, Open MPI) where jax finds it. CPU processes talk over gloo."""
-    explicit = (coordinator, num_processes, process_id)
-    if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            raise ConfigError("--coordinator, --num-processes and --process-id go together")
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator, num_processes, process_id)
-        return
-    env = os.environ
-    sizes = [int(env.get(k) or 1) for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")]
-    if (env.get("JAX_COORDINATOR_ADDRESS") or env.get("MEGASCALE_COORDINATOR_ADDRESS")
-            or "," in env.get("TPU_WORKER_HOSTNAMES", "") or max(sizes) > 1):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize()
-
-
 def run_pretraining(cfg, args) -> int:
-    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    try:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     tcfg = cfg.train
     workdir = os.path.abspath(args.workdir)
     lead = jax.process_index() == 0
@@ -75,7 +60,10 @@ def run_pretraining(cfg, args) -> int:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tokenizer.vocab_size} tokens")
-    mesh = make_mesh(cfg.mesh)
+    try:
+        mesh = make_mesh(cfg.mesh)
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
     n_proc, proc = jax.process_count(), jax.process_index()
     if tcfg.batch_size % n_proc:
         raise ConfigError(f"train.batch_size={tcfg.batch_size} does not divide over {n_proc} processes")
@@ -101,7 +89,10 @@ def run_pretraining(cfg, args) -> int:
     boxed_params_abstract = jax.eval_shape(model.init, jax.random.key(0),
                                            jax.ShapeDtypeStruct((1, tcfg.seq_len), jnp.int32))["params"]
     tx, lr_schedule = make_optimizer(tcfg, boxed_params_abstract)
-    boxed, state_sh = state_shardings(model, tx, mesh, preset, tcfg.seq_len)
+    try:
+        boxed, state_sh = state_shardings(model, tx, mesh, preset, tcfg.seq_len)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     batch_sh = NamedSharding(mesh, P(("data", "fsdp", "expert")))
 
     def init_state(rng):
