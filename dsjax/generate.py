@@ -1,59 +1,268 @@
-"""Text generation.
+"""Batched generation on the KV cache, with MTP speculative decoding.
 
-`generate_reference` recomputes the whole sequence for every new token (no cache): slow,
-but simple enough to check by eye, and the reference the cached decoders are tested
-against.
+`generate` pads the prompts to a length bucket, prefills the cache with one forward pass
+and decodes under one jit (compiled once per shape bucket). Prompts of different lengths
+are right-padded: every row writes its tokens at its own positions, and each query sees
+only the cache slots at or before its position, so padding and rolled-back slots are
+never read.
+
+Speculative decoding (DeepSeek-V3 §5.4.3): the first MTP module drafts the token after
+next from the main model's hidden state; the main model checks the pending token and the
+draft in one forward pass. A draft is kept when it agrees (greedy) or by the standard
+accept/reject rule (sampling: accept with probability min(1, p/q), else resample from
+max(0, p - q)), so the output distribution is the main model's; a rejected draft's cache
+slot is simply overwritten later.
 """
 
 from __future__ import annotations
 
 import functools
 
+import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from dsjax.model import Transformer
+from dsjax.model import Transformer, init_cache
 
 
-def _pick(logits: jnp.ndarray, temperature: float, top_k: int, rng) -> jnp.ndarray:
-    """Next tokens from logits [B, V]: greedy at temperature 0, else sampled."""
-    if temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
+@flax.struct.dataclass
+class GenerateOutput:
+    """tokens int32 [B, N] (0 after a stop token), logprobs float32 [B, N] (the model's
+    log-probabilities of those tokens at temperature 1; 0 after a stop), lengths int32 [B]
+    (tokens up to and including the stop token), and counters: main-model decode
+    forward passes, drafts proposed and drafts accepted (speculative only)."""
+
+    tokens: jnp.ndarray
+    logprobs: jnp.ndarray
+    lengths: jnp.ndarray
+    forwards: jnp.ndarray
+    drafted: jnp.ndarray
+    accepted: jnp.ndarray
+
+    @property
+    def acceptance_rate(self) -> float:
+        return float(self.accepted) / max(float(self.drafted), 1.0)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return float(jnp.sum(self.lengths)) / max(float(self.forwards) * self.tokens.shape[0], 1.0)
+
+
+def sampling_logprobs(logits: jnp.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jnp.ndarray:
+    """Log-probabilities of the sampling distribution: temperature, then top-k, then top-p.
+
+    logits: [..., V] -> float32 [..., V] (-inf outside the kept set).
+    """
+    logits = logits.astype(jnp.float32) / temperature
     if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logp = jnp.take_along_axis(jax.nn.log_softmax(logits), order, axis=-1)
+        before = jnp.cumsum(jnp.exp(sorted_logp), axis=-1) - jnp.exp(sorted_logp)  # mass ahead of each
+        keep_sorted = before < top_p  # always keeps the first
+        keep = jnp.zeros_like(keep_sorted).at[
+            tuple(jnp.indices(order.shape)[:-1]) + (order,)].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return jax.nn.log_softmax(logits)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k"))
-def generate_reference(model: Transformer, variables, prompts: jnp.ndarray, prompt_lengths: jnp.ndarray,
-                       max_new_tokens: int, temperature: float = 0.0, rng=None, top_k: int = 0):
-    """Generates continuations by full recomputation.
+def _choose(rng, logits, greedy: bool, temperature, top_k: int, top_p: float):
+    """(token [B], sampling log-probs [B, V] or None)."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+    logp = sampling_logprobs(logits, temperature, top_k, top_p)
+    return jax.random.categorical(rng, logp, axis=-1).astype(jnp.int32), logp
+
+
+def speculative_accept(rng, p_logp: jnp.ndarray, q_logp: jnp.ndarray, draft: jnp.ndarray):
+    """The speculative-sampling rule for one draft per row.
 
     Args:
-      prompts: int32 [B, P], right-padded; prompt_lengths: int32 [B] (each >= 1).
-      max_new_tokens: tokens to generate per row.
-      temperature: 0 for greedy; top_k: keep the k most likely tokens (0: all).
-      rng: PRNG key, needed when temperature > 0.
+      p_logp: target log-probs [B, V]; q_logp: draft log-probs [B, V]; draft: [B], drawn from q.
     Returns:
-      (tokens int32 [B, max_new_tokens], logprobs float32 [B, max_new_tokens]): the
-      generated tokens and their log-probabilities under the model.
+      (token [B], accepted bool [B]): the draft with probability min(1, p/q), otherwise a
+      sample of max(0, p - q) normalized. The token is distributed exactly as p.
     """
+    u_key, r_key = jax.random.split(rng)
+    rows = jnp.arange(draft.shape[0])
+    log_ratio = p_logp[rows, draft] - q_logp[rows, draft]
+    accepted = jnp.log(jax.random.uniform(u_key, draft.shape)) < log_ratio
+    residual = jnp.maximum(jnp.exp(p_logp) - jnp.exp(q_logp), 0.0)
+    residual = jnp.where(residual.sum(-1, keepdims=True) > 0, residual, jnp.exp(p_logp))
+    resampled = jax.random.categorical(r_key, jnp.log(residual), axis=-1).astype(jnp.int32)
+    return jnp.where(accepted, draft, resampled), accepted
+
+
+def _stop_mask(tokens, stop_tokens: tuple[int, ...]):
+    if not stop_tokens:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(stop_tokens, jnp.int32))
+
+
+def _emit(buffers, idx, active, token, logp):
+    """Writes token/logp at column idx of the active rows."""
+    tokens, logprobs = buffers
+    N = tokens.shape[1]
+    rows = jnp.arange(tokens.shape[0])
+    col = jnp.where(active, idx, N)  # N is out of range: dropped
+    return (tokens.at[rows, col].set(token, mode="drop"), logprobs.at[rows, col].set(logp, mode="drop"))
+
+
+def _prefill(decoder, variables, cache, prompts):
     B, P = prompts.shape
-    rng = jax.random.key(0) if rng is None else rng
-    buf = jnp.zeros((B, P + max_new_tokens), jnp.int32).at[:, :P].set(prompts)
+    positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    out, mutated = decoder.apply({**variables, "cache": cache}, prompts, positions, mtp=False, mutable=["cache"])
+    return out, mutated["cache"], positions
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "greedy", "top_k", "top_p", "stop_tokens"))
+def _generate_plain(model, variables, prompts, lengths, rng, temperature, *, max_new_tokens, greedy, top_k, top_p,
+                    stop_tokens):
+    B, P = prompts.shape
+    N = max_new_tokens
+    decoder = model.clone(decode=True)
     rows = jnp.arange(B)
+    out, cache, _ = _prefill(decoder, variables, init_cache(model, B, P + N), prompts)
+    last = out.logits[rows, lengths - 1]
 
-    def body(i, carry):
-        buf, tokens, logprobs, rng = carry
-        pos = prompt_lengths + i
-        logits = model.apply(variables, buf, mtp=False).logits[rows, pos - 1]  # [B, V]
-        rng, sub = jax.random.split(rng)
-        tok = _pick(logits, temperature, top_k, sub)
-        logp = jax.nn.log_softmax(logits)[rows, tok]
-        return buf.at[rows, pos].set(tok), tokens.at[:, i].set(tok), logprobs.at[:, i].set(logp), rng
+    def cond(s):
+        return (s["i"] < N) & ~jnp.all(s["done"])
 
-    init = (buf, jnp.zeros((B, max_new_tokens), jnp.int32), jnp.zeros((B, max_new_tokens), jnp.float32), rng)
-    _, tokens, logprobs, _ = jax.lax.fori_loop(0, max_new_tokens, body, init)
-    return tokens, logprobs
+    def body(s):
+        rng, sub = jax.random.split(s["rng"])
+        tok, _ = _choose(sub, s["last"], greedy, temperature, top_k, top_p)
+        logp = jax.nn.log_softmax(s["last"])[rows, tok]
+        active = ~s["done"]
+        bufs = _emit(s["bufs"], s["i"], active, tok, logp)
+        done = s["done"] | _stop_mask(tok, stop_tokens)
+        pos = (lengths + s["i"])[:, None]
+        o, mutated = decoder.apply({**variables, "cache": s["cache"]}, tok[:, None], pos, mtp=False,
+                                   mutable=["cache"])
+        return dict(i=s["i"] + 1, rng=rng, last=o.logits[:, 0], cache=mutated["cache"], bufs=bufs, done=done,
+                    count=s["count"] + active, forwards=s["forwards"] + 1)
+
+    state = dict(i=jnp.int32(0), rng=rng, last=last, cache=cache,
+                 bufs=(jnp.zeros((B, N), jnp.int32), jnp.zeros((B, N), jnp.float32)),
+                 done=jnp.zeros((B,), bool), count=jnp.zeros((B,), jnp.int32), forwards=jnp.int32(0))
+    s = jax.lax.while_loop(cond, body, state)
+    zero = jnp.int32(0)
+    return GenerateOutput(s["bufs"][0], s["bufs"][1], s["count"], s["forwards"], zero, zero)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "greedy", "top_k", "top_p", "stop_tokens"))
+def _generate_speculative(model, variables, prompts, lengths, rng, temperature, *, max_new_tokens, greedy, top_k,
+                          top_p, stop_tokens):
+    B, P = prompts.shape
+    N = max_new_tokens
+    decoder = model.clone(decode=True)
+    rows = jnp.arange(B)
+    out, cache, positions = _prefill(decoder, variables, init_cache(model, B, P + N + 2), prompts)
+    rng, k0, k1 = jax.random.split(rng, 3)
+    first, _ = _choose(k0, out.logits[rows, lengths - 1], greedy, temperature, top_k, top_p)
+    first_logp = jax.nn.log_softmax(out.logits[rows, lengths - 1])[rows, first]
+    # The MTP module's cache over the prompt: position t sees h_t and token t+1.
+    nxt = jnp.pad(prompts[:, 1:], ((0, 0), (0, 1))).at[rows, lengths - 1].set(first)
+    mtp_logits, mutated = decoder.apply({**variables, "cache": cache}, out.hidden, nxt, positions,
+                                        method=Transformer.mtp_step, mutable=["cache"])
+    draft_logits = mtp_logits[rows, lengths - 1]
+    draft, draft_logp = _choose(k1, draft_logits, greedy, temperature, top_k, top_p)
+    bufs = _emit((jnp.zeros((B, N), jnp.int32), jnp.zeros((B, N), jnp.float32)), jnp.zeros((B,), jnp.int32),
+                 jnp.ones((B,), bool), first, first_logp)
+    done = _stop_mask(first, stop_tokens) | (N <= 1)
+
+    def cond(s):
+        return ~jnp.all(s["done"])
+
+    def body(s):
+        rng, k_acc, k_bonus, k_draft = jax.random.split(s["rng"], 4)
+        active = ~s["done"]
+        toks = jnp.stack([s["pending"], s["draft"]], axis=1)
+        pos = jnp.stack([s["pos"], s["pos"] + 1], axis=1)
+        o, mutated = decoder.apply({**variables, "cache": s["cache"]}, toks, pos, mtp=False, mutable=["cache"])
+        p0, p1 = o.logits[:, 0], o.logits[:, 1]
+        if greedy:
+            target = jnp.argmax(p0, axis=-1).astype(jnp.int32)
+            accepted = s["draft"] == target
+            new1 = target
+        else:
+            new1, accepted = speculative_accept(k_acc, sampling_logprobs(p0, temperature, top_k, top_p),
+                                                s["draft_logp"], s["draft"])
+        bonus, _ = _choose(k_bonus, p1, greedy, temperature, top_k, top_p)
+        # Emit new1, then the bonus token if the draft was accepted.
+        count = s["count"]
+        bufs = _emit(s["bufs"], count, active, new1, jax.nn.log_softmax(p0)[rows, new1])
+        done1 = s["done"] | _stop_mask(new1, stop_tokens) | (count + 1 >= N)
+        second = active & ~done1 & accepted
+        bufs = _emit(bufs, count + 1, second, bonus, jax.nn.log_softmax(p1)[rows, bonus])
+        done = done1 | (second & (_stop_mask(bonus, stop_tokens) | (count + 2 >= N)))
+        count = count + active + second
+        # Draft the next token with the MTP module at the new pending token's predecessor.
+        m, mutated = decoder.apply({**variables, "cache": mutated["cache"]}, o.hidden,
+                                   jnp.stack([new1, bonus], axis=1), pos, method=Transformer.mtp_step,
+                                   mutable=["cache"])
+        next_logits = jnp.where(accepted[:, None], m[:, 1], m[:, 0])
+        nd, nd_logp = _choose(k_draft, next_logits, greedy, temperature, top_k, top_p)
+        pending = jnp.where(accepted, bonus, new1)
+        advance = jnp.where(active, 1 + accepted, 0)  # finished rows stay where they are
+        return dict(rng=rng, cache=mutated["cache"], bufs=bufs, done=done, count=count,
+                    pending=jnp.where(active, pending, s["pending"]), pos=s["pos"] + advance,
+                    draft=nd, draft_logp=nd_logp if nd_logp is not None else s["draft_logp"],
+                    forwards=s["forwards"] + 1, drafted=s["drafted"] + jnp.sum(active),
+                    accepted=s["accepted"] + jnp.sum(active & accepted))
+
+    state = dict(rng=rng, cache=mutated["cache"], bufs=bufs, done=done, count=jnp.ones((B,), jnp.int32),
+                 pending=first, pos=lengths, draft=draft,
+                 draft_logp=draft_logp if draft_logp is not None else jnp.zeros((B, 1), jnp.float32),
+                 forwards=jnp.int32(0), drafted=jnp.int32(0), accepted=jnp.int32(0))
+    s = jax.lax.while_loop(cond, body, state)
+    return GenerateOutput(s["bufs"][0], s["bufs"][1], s["count"], s["forwards"], s["drafted"], s["accepted"])
+
+
+def generate(model: Transformer, variables, prompts, prompt_lengths, max_new_tokens: int = 32,
+             temperature: float = 0.0, rng=None, speculative: bool = False, *, top_k: int = 0,
+             top_p: float = 1.0, stop_tokens=(), prompt_bucket: int = 64) -> GenerateOutput:
+    """Generates continuations of a batch of prompts.
+
+    Args:
+      model, variables: a Transformer and its {'params', 'moe_bias'}.
+      prompts: int [B, P], right-padded; prompt_lengths: int [B], each in [1, P].
+      max_new_tokens: N, tokens to generate per row.
+      temperature: 0 for greedy decoding; otherwise sampling with `top_k` (0: off) and
+        `top_p` (1: off) and the key `rng`.
+      speculative: draft with the first MTP module and verify with the main model.
+      stop_tokens: ids that end a row (kept in the output, counted in its length).
+      prompt_bucket: prompts are padded to a multiple of this, so a new prompt length
+        only recompiles when it crosses a bucket.
+    Returns:
+      GenerateOutput with tokens [B, N], logprobs [B, N], lengths [B] and counters.
+    """
+    cfg = model.cfg
+    prompts = np.asarray(prompts, np.int32)
+    lengths = np.asarray(prompt_lengths, np.int32).reshape(-1)
+    if prompts.ndim != 2 or lengths.shape[0] != prompts.shape[0]:
+        raise ValueError(f"prompts must be [B, P] with one length per row; got {prompts.shape} and {lengths.shape}")
+    if lengths.min() < 1 or lengths.max() > prompts.shape[1]:
+        raise ValueError(f"prompt_lengths must be in [1, {prompts.shape[1]}], got {lengths.tolist()}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if speculative and cfg.num_nextn_predict_layers < 1:
+        raise ValueError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1)")
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling (temperature > 0) needs an explicit rng key")
+    P = -(-prompts.shape[1] // prompt_bucket) * prompt_bucket
+    if P + max_new_tokens + 2 > cfg.max_position_embeddings and cfg.rope_scaling is None:
+        raise ValueError(f"prompt bucket {P} + max_new_tokens {max_new_tokens} exceeds "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
+    padded = np.zeros((prompts.shape[0], P), np.int32)
+    padded[:, :prompts.shape[1]] = prompts
+    variables = {k: v for k, v in variables.items() if k != "cache"}
+    fn = _generate_speculative if speculative else _generate_plain
+    return fn(model, variables, jnp.asarray(padded), jnp.asarray(lengths),
+              rng if rng is not None else jax.random.key(0), jnp.float32(max(temperature, 1e-6)),
+              max_new_tokens=max_new_tokens, greedy=temperature == 0, top_k=int(top_k), top_p=float(top_p),
+              stop_tokens=tuple(int(t) for t in stop_tokens))

@@ -30,6 +30,21 @@ def masked_softmax(scores: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
     return jax.nn.softmax(scores, axis=-1)
 
 
+class CacheSlot(nn.Module):
+    """One decode-cache array [B, S, ...] in the `cache` collection.
+
+    Writes value [B, T, ...] at positions [B, T] and returns the whole cache. At init
+    (tokens [B, S]) it creates the cache with S slots.
+    """
+
+    @nn.compact
+    def __call__(self, value: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
+        var = self.variable("cache", "value", jnp.zeros, value.shape, value.dtype)
+        rows = jnp.arange(value.shape[0])[:, None]
+        var.value = var.value.at[rows, positions].set(value.astype(var.value.dtype))
+        return var.value
+
+
 class MLA(nn.Module):
     """MLA block. x: [B, T, D], cos/sin: [B, T, R/2], mask: bool [B, T, S] -> [B, T, D]."""
 
@@ -49,6 +64,10 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(cfg, eps=1e-6, axis_name="kv_lora")
         self.wkv_b = param(self, "wkv_b", (C, H, K + V), ("kv_lora", "heads", "head_dim"))
         self.wo = param(self, "wo", (H, V, D), ("heads", "head_dim", "embed"))
+        if cfg.attn_impl == "absorb":
+            self.cache_c_kv, self.cache_k_pe = CacheSlot(), CacheSlot()
+        else:
+            self.cache_k, self.cache_v = CacheSlot(), CacheSlot()
 
     def queries(self, x: jnp.ndarray, cos, sin) -> tuple[jnp.ndarray, jnp.ndarray]:
         """x: [B, T, D] -> (q_nope [B, T, H, K], q_pe [B, T, H, R] roped)."""
@@ -70,40 +89,67 @@ class MLA(nn.Module):
         k_pe = apply_rope(kv[..., cfg.kv_lora_rank:], cos, sin, cfg.rope_interleave)
         return c_kv, k_pe
 
-    def attend(self, q_nope, q_pe, c_kv, k_pe, mask) -> jnp.ndarray:
-        """Attention of queries over latents, by `cfg.attn_impl`.
-
-        Args:
-          q_nope: [B, T, H, K]; q_pe: [B, T, H, R]; c_kv: [B, S, C]; k_pe: [B, S, R];
-          mask: bool [B, T, S], True where query t may attend key s.
-        Returns:
-          [B, T, D].
-        """
-        cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
-        K = cfg.qk_nope_head_dim
+    def _split_wkv_b(self):
+        dt = dtype_of(self.cfg.dtype)
         wkv_b = self.wkv_b.astype(dt)
-        w_uk, w_uv = wkv_b[..., :K], wkv_b[..., K:]  # [C, H, K], [C, H, V]
-        rope_scores = jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
-        if cfg.attn_impl == "absorb":
-            with jax.named_scope("absorbed_attention"):
-                q_lat = jnp.einsum("bthk,chk->bthc", q_nope, w_uk)  # W_UK absorbed into q
-                scores = jnp.einsum("bthc,bsc->bhts", q_lat, c_kv) + rope_scores
-                probs = masked_softmax(scores * cfg.softmax_scale, mask).astype(dt)
-                o_lat = jnp.einsum("bhts,bsc->bthc", probs, c_kv)
-                o = jnp.einsum("bthc,chv->bthv", o_lat, w_uv)  # W_UV applied after attention
-        else:
-            with jax.named_scope("naive_attention"):
-                k_nope = jnp.einsum("bsc,chk->bshk", c_kv, w_uk)
-                v = jnp.einsum("bsc,chv->bshv", c_kv, w_uv)
-                k_nope = nn.with_logical_constraint(k_nope, ("batch", "seq", "heads", "head_dim"))
-                scores = jnp.einsum("bthk,bshk->bhts", q_nope, k_nope) + rope_scores
-                probs = masked_softmax(scores * cfg.softmax_scale, mask).astype(dt)
-                o = jnp.einsum("bhts,bshv->bthv", probs, v)
+        K = self.cfg.qk_nope_head_dim
+        return wkv_b[..., :K], wkv_b[..., K:]  # W_UK [C, H, K], W_UV [C, H, V]
+
+    def expand(self, c_kv, k_pe):
+        """Per-head keys and values from latents: c_kv [B, S, C], k_pe [B, S, R] ->
+        (k [B, S, H, K + R], v [B, S, H, V]), the rope key repeated for every head."""
+        w_uk, w_uv = self._split_wkv_b()
+        k_nope = jnp.einsum("bsc,chk->bshk", c_kv, w_uk)
+        k_nope = nn.with_logical_constraint(k_nope, ("batch", "seq", "heads", "head_dim"))
+        k_rope = jnp.broadcast_to(k_pe[:, :, None, :], k_pe.shape[:2] + (k_nope.shape[2], k_pe.shape[-1]))
+        v = jnp.einsum("bsc,chv->bshv", c_kv, w_uv)
+        return jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1), v
+
+    def attend_expanded(self, q, k, v, mask) -> jnp.ndarray:
+        """Naive attention. q: [B, T, H, K + R]; k: [B, S, H, K + R]; v: [B, S, H, V] -> [B, T, D]."""
+        dt = dtype_of(self.cfg.dtype)
+        with jax.named_scope("naive_attention"):
+            scores = jnp.einsum("bthk,bshk->bhts", q, k)
+            probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(dt)
+            o = jnp.einsum("bhts,bshv->bthv", probs, v)
         o = nn.with_logical_constraint(o, ("batch", "seq", "heads", "head_dim"))
         return jnp.einsum("bthv,hvd->btd", o, self.wo.astype(dt))
 
-    def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-        x = x.astype(dtype_of(self.cfg.dtype))
+    def attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask) -> jnp.ndarray:
+        """Absorbed attention on the latents (W_UK folded into q, W_UV applied after).
+
+        q_nope: [B, T, H, K]; q_pe: [B, T, H, R]; c_kv: [B, S, C]; k_pe: [B, S, R] -> [B, T, D].
+        """
+        dt = dtype_of(self.cfg.dtype)
+        w_uk, w_uv = self._split_wkv_b()
+        with jax.named_scope("absorbed_attention"):
+            q_lat = jnp.einsum("bthk,chk->bthc", q_nope, w_uk)
+            scores = jnp.einsum("bthc,bsc->bhts", q_lat, c_kv) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
+            probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(dt)
+            o_lat = jnp.einsum("bhts,bsc->bthc", probs, c_kv)
+            o = jnp.einsum("bthc,chv->bthv", o_lat, w_uv)
+        o = nn.with_logical_constraint(o, ("batch", "seq", "heads", "head_dim"))
+        return jnp.einsum("bthv,hvd->btd", o, self.wo.astype(dt))
+
+    def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray | None,
+                 positions: jnp.ndarray | None = None, decode: bool = False) -> jnp.ndarray:
+        """x: [B, T, D]. Training: `mask` bool [B, T, T]. Decoding (`decode=True`): the new
+        tokens are written into the `cache` collection at `positions` [B, T] and attend to
+        every cached slot at or before their own position (later slots are stale or empty).
+        `absorb` caches c_kv [B, S, C] and k_pe [B, S, R]; `naive` caches K [B, S, H, K+R]
+        and V [B, S, H, V]."""
+        cfg = self.cfg
+        x = x.astype(dtype_of(cfg.dtype))
         q_nope, q_pe = self.queries(x, cos, sin)
         c_kv, k_pe = self.latents(x, cos, sin)
-        return self.attend(q_nope, q_pe, c_kv, k_pe, mask)
+        causal = lambda S: jnp.arange(S)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        if cfg.attn_impl == "absorb":
+            if decode:
+                c_kv, k_pe = self.cache_c_kv(c_kv, positions), self.cache_k_pe(k_pe, positions)
+                mask = causal(c_kv.shape[1])
+            return self.attend_latent(q_nope, q_pe, c_kv, k_pe, mask)
+        k, v = self.expand(c_kv, k_pe)
+        if decode:
+            k, v = self.cache_k(k, positions), self.cache_v(v, positions)
+            mask = causal(k.shape[1])
+        return self.attend_expanded(jnp.concatenate([q_nope, q_pe], -1), k, v, mask)

@@ -53,15 +53,15 @@ class ModelOutput:
     hidden: Any = None
 
 
-def scanned_blocks(cfg: ModelConfig, moe: bool, length: int, name: str) -> nn.Module:
+def scanned_blocks(cfg: ModelConfig, moe: bool, length: int, name: str, decode: bool = False) -> nn.Module:
     """`length` Blocks stacked on a leading `layers` axis, run with nn.scan (+ remat)."""
     block = Block
-    if cfg.remat_policy != "none":
+    if cfg.remat_policy != "none" and not decode:
         block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-    scanned = nn.scan(block, variable_axes={"params": 0, "moe_bias": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=length,
+    scanned = nn.scan(block, variable_axes={"params": 0, "moe_bias": 0, "cache": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast,) * 4, length=length,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-    return scanned(cfg, moe=moe, name=name)
+    return scanned(cfg, moe=moe, decode=decode, name=name)
 
 
 def attention_mask(batch: int, length: int, segment_ids=None) -> jnp.ndarray:
@@ -80,21 +80,26 @@ class Transformer(nn.Module):
     Call: tokens int32 [B, T], optional positions int32 [B, T] (default 0..T-1) and
     segment_ids int32 [B, T] (packed documents attend only within their segment).
     Returns a `ModelOutput`.
+
+    With `decode=True` the attention layers keep a KV cache in the `cache` collection
+    (create it with `init_cache`, pass it with mutable=["cache"]); tokens are written at
+    their `positions` and see every earlier slot. Same parameters either way.
     """
 
     cfg: ModelConfig
+    decode: bool = False
 
     def setup(self):
         cfg = self.cfg
         self.embed = param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
         if cfg.num_dense_layers:
-            self.dense_layers = scanned_blocks(cfg, False, cfg.num_dense_layers, "dense_layers")
+            self.dense_layers = scanned_blocks(cfg, False, cfg.num_dense_layers, "dense_layers", self.decode)
         if cfg.num_moe_layers:
-            self.moe_layers = scanned_blocks(cfg, True, cfg.num_moe_layers, "moe_layers")
+            self.moe_layers = scanned_blocks(cfg, True, cfg.num_moe_layers, "moe_layers", self.decode)
         self.norm = RMSNorm(cfg, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
             self.head = param(self, "head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
-        self.mtp = [MTP(cfg, moe=cfg.n_routed_experts > 0, name=f"mtp_{k}")
+        self.mtp = [MTP(cfg, moe=cfg.n_routed_experts > 0, decode=self.decode, name=f"mtp_{k}")
                     for k in range(cfg.num_nextn_predict_layers)]
 
     def embed_tokens(self, tokens: jnp.ndarray) -> jnp.ndarray:
@@ -116,27 +121,27 @@ class Transformer(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = rope_tables(cfg, positions)
-        mask = attention_mask(B, T, segment_ids)
+        mask = None if self.decode else attention_mask(B, T, segment_ids)
         x = self.embed_tokens(tokens)
         loads = balance = None
         if cfg.num_dense_layers:
-            x, _ = self.dense_layers(x, cos, sin, mask)
+            x, _ = self.dense_layers(x, cos, sin, mask, positions)
         if cfg.num_moe_layers:
-            x, (loads, balance) = self.moe_layers(x, cos, sin, mask)
+            x, (loads, balance) = self.moe_layers(x, cos, sin, mask, positions)
         h = self.norm(x)
         out = ModelOutput(logits=self.logits_from_hidden(h), expert_loads=loads, balance_loss=balance,
                           hidden=h.astype(jnp.float32))
         if mtp and self.mtp:
-            out = self.run_mtp(out, tokens, cos, sin, mask)
+            out = self.run_mtp(out, tokens, cos, sin, mask, positions)
         return out
 
-    def run_mtp(self, out: ModelOutput, tokens, cos, sin, mask) -> ModelOutput:
+    def run_mtp(self, out: ModelOutput, tokens, cos, sin, mask, positions) -> ModelOutput:
         """Sequential MTP modules: module k sees h^{k-1}_t and Emb(token_{t+k+1})."""
         h = out.hidden
         logits, loads, balance = [], [], []
         for k, module in enumerate(self.mtp):
             shifted = jnp.pad(tokens[:, k + 1:], ((0, 0), (0, min(k + 1, tokens.shape[1]))))  # t+k+1 at t
-            h, mtp_out, aux = module(h, self.embed_tokens(shifted), cos, sin, mask)
+            h, mtp_out, aux = module(h, self.embed_tokens(shifted), cos, sin, mask, positions)
             logits.append(self.logits_from_hidden(mtp_out))
             if aux:
                 loads.append(aux[0])
@@ -144,6 +149,40 @@ class Transformer(nn.Module):
         return out.replace(mtp_logits=jnp.stack(logits),
                            mtp_expert_loads=jnp.stack(loads) if loads else None,
                            mtp_balance_loss=jnp.stack(balance) if balance else None)
+
+    def mtp_step(self, hidden: jnp.ndarray, next_tokens: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
+        """The first MTP module alone, for drafting: position t combines the main model's
+        hidden state h_t [B, T, D] with the embedding of token t+1 (next_tokens [B, T]).
+        Returns float32 logits [B, T, vocab] for token t+2."""
+        cos, sin = rope_tables(self.cfg, positions)
+        B, T = next_tokens.shape
+        mask = None if self.decode else attention_mask(B, T)
+        _, out, _ = self.mtp[0](hidden, self.embed_tokens(next_tokens), cos, sin, mask, positions)
+        return self.logits_from_hidden(out)
+
+
+def init_cache(model: Transformer, batch: int, max_len: int) -> dict:
+    """A zeroed `cache` collection for `batch` rows of `max_len` slots (decode mode)."""
+    decoder = model.clone(decode=True)
+    shapes = jax.eval_shape(decoder.init, jax.random.key(0), jnp.zeros((batch, max_len), jnp.int32))["cache"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), unbox(shapes))
+
+
+def cache_bytes(model: Transformer, batch: int, max_len: int, mtp: bool = False) -> int:
+    """Bytes of the decode cache of the main layers (and of the MTP blocks with `mtp`).
+
+    For attn_impl='absorb' this is L x batch x max_len x (kv_lora_rank + qk_rope_head_dim)
+    x bytes per element; for 'naive', L x batch x max_len x H x (K + R + V) x bytes.
+    """
+    decoder = model.clone(decode=True)
+    shapes = unbox(jax.eval_shape(decoder.init, jax.random.key(0),
+                                  jnp.zeros((batch, max_len), jnp.int32))["cache"])
+    total = 0
+    for key, tree in shapes.items():
+        if key.startswith("mtp_") and not mtp:
+            continue
+        total += sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    return total
 
 
 def unbox(variables):

@@ -22,19 +22,20 @@ class MTP(nn.Module):
     """One MTP depth.
 
     Args (call): h_prev [B, T, D]; emb [B, T, D] (embedding of token t+k at t);
-      cos/sin [B, T, R/2]; mask bool [B, T, T].
+      cos/sin [B, T, R/2]; mask bool [B, T, T]; positions [B, T] (used by the cache when decoding).
     Returns: (h [B, T, D] for the next depth, normalized h for the head, block aux).
     """
 
     cfg: ModelConfig
     moe: bool
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, h_prev, emb, cos, sin, mask):
+    def __call__(self, h_prev, emb, cos, sin, mask, positions):
         cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
         e = RMSNorm(cfg, cfg.rms_norm_eps, name="enorm")(emb.astype(dt))
         h = RMSNorm(cfg, cfg.rms_norm_eps, name="hnorm")(h_prev.astype(dt))
         w = param(self, "eh_proj", (2 * cfg.hidden_size, cfg.hidden_size), ("mtp_concat", "embed"))
         x = jnp.einsum("btc,cd->btd", jnp.concatenate([e, h], axis=-1), w.astype(dt))
-        x, aux = Block(cfg, moe=self.moe, name="block")(x, cos, sin, mask)
+        x, aux = Block(cfg, moe=self.moe, decode=self.decode, name="block")(x, cos, sin, mask, positions)
         return x, RMSNorm(cfg, cfg.rms_norm_eps, name="norm")(x), aux

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from dsjax.checkpoint import Checkpointer
 from dsjax.config import ConfigError
-from dsjax.generate import generate_reference
+from dsjax.generate import generate
 from dsjax.model import Transformer, unbox
 from dsjax.tokenizer import load_tokenizer
 from sharding.mesh import initialize_distributed, make_mesh
@@ -192,9 +192,9 @@ def _print_sample(model, state, tokenizer, tcfg, lead: bool) -> None:
     if jax.process_count() > 1:
         variables = multihost_utils.process_allgather(variables, tiled=True)
     variables = jax.device_get(variables)
-    tokens, _ = generate_reference(model, variables, jnp.asarray(prompt)[None], jnp.asarray([len(prompt)]),
-                                   tcfg.sample_tokens, temperature=0.8, rng=jax.random.key(tcfg.seed), top_k=40)
+    out = generate(model, variables, prompt[None], [len(prompt)], tcfg.sample_tokens, temperature=0.8,
+                   rng=jax.random.key(tcfg.seed), top_k=40)
     if not lead:
         return
-    text = tokenizer.decode(np.asarray(tokens[0]))
+    text = tokenizer.decode(np.asarray(out.tokens[0, :int(out.lengths[0])]))
     print("sample:\n" + tcfg.sample_prompt + text)

@@ -1,0 +1,170 @@
+"""Generation: cached decoding (naive and absorbed MLA) against full recomputation, cache
+sizes, MTP speculative decoding (greedy equality, the sampling rule), compile reuse."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dsjax
+from dsjax import generate as gen_lib
+from dsjax.generate import generate, sampling_logprobs, speculative_accept
+from dsjax.model import cache_bytes
+from train.config import build_config
+from train.optim import make_optimizer
+from train.steps import TrainState, make_train_step
+
+PROMPTS = np.array([[5, 6, 7, 8, 9, 10, 11], [20, 21, 22, 0, 0, 0, 0], [3, 0, 0, 0, 0, 0, 0]])
+LENGTHS = [7, 3, 1]
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    cfg = dsjax.load_model_config("tiny", vocab_size=64)
+    model = dsjax.Transformer(cfg)
+    variables = dsjax.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    # Larger weights give peaked, varied predictions.
+    variables["params"] = jax.tree.map(lambda x: x * 3 if x.ndim >= 2 else x, variables["params"])
+    variables["moe_bias"] = jax.tree.map(lambda b: b + 0.01 * jnp.arange(b.shape[-1]), variables["moe_bias"])
+    return cfg, variables
+
+
+@pytest.fixture(scope="module")
+def counting_model():
+    """A tiny model trained for a moment on 'each token is the previous plus one', so the
+    MTP module's drafts are mostly right."""
+    cfg = build_config("pretrain", ["model.vocab_size=32", "model.num_hidden_layers=2", "train.lr=1e-2",
+                                    "train.steps=120", "train.warmup_steps=10", "model.moe_impl=dense"])
+    model = dsjax.Transformer(cfg.model)
+    boxed = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
+    variables = dsjax.unbox(boxed)
+    tx, schedule = make_optimizer(cfg.train, boxed["params"])
+    state = TrainState(jnp.zeros((), jnp.int32), variables["params"], tx.init(variables["params"]),
+                       variables["moe_bias"])
+    step = jax.jit(make_train_step(model, tx, cfg.train, schedule))
+    rng = np.random.default_rng(0)
+    for _ in range(cfg.train.steps):
+        starts = rng.integers(0, 32, size=(8, 1))
+        seq = (starts + np.arange(33)) % 32
+        state, _ = step(state, {"inputs": jnp.asarray(seq[:, :-1]), "targets": jnp.asarray(seq[:, 1:])})
+    return cfg.model, {"params": state.params, "moe_bias": state.moe_bias}
+
+
+def _full_recompute(model, variables, prompt, new_tokens):
+    seq = jnp.asarray([list(prompt) + list(new_tokens)])
+    logits = model.apply(variables, seq, mtp=False).logits[0, len(prompt) - 1:-1]
+    logp = jax.nn.log_softmax(logits)
+    return np.asarray(jnp.argmax(logits, -1)), np.asarray(logp[jnp.arange(len(new_tokens)), jnp.asarray(new_tokens)])
+
+
+@pytest.mark.parametrize("impl", ["naive", "absorb"])
+def test_cached_decoding_matches_full_recompute(random_model, impl):
+    cfg, variables = random_model
+    model = dsjax.Transformer(cfg.replace(attn_impl=impl))
+    out = generate(model, variables, PROMPTS, LENGTHS, max_new_tokens=10)
+    assert out.tokens.shape == (3, 10) and list(out.lengths) == [10, 10, 10]
+    for b in range(3):
+        ref_tokens, ref_logp = _full_recompute(model, variables, PROMPTS[b, :LENGTHS[b]], np.asarray(out.tokens[b]))
+        np.testing.assert_array_equal(np.asarray(out.tokens[b]), ref_tokens)
+        np.testing.assert_allclose(np.asarray(out.logprobs[b]), ref_logp, atol=1e-4)
+    other = generate(dsjax.Transformer(cfg.replace(attn_impl="naive" if impl == "absorb" else "absorb")),
+                     variables, PROMPTS, LENGTHS, max_new_tokens=10)
+    np.testing.assert_array_equal(other.tokens, out.tokens)
+    np.testing.assert_allclose(other.logprobs, out.logprobs, atol=1e-4)
+
+
+def test_stop_tokens_end_rows(random_model):
+    cfg, variables = random_model
+    model = dsjax.Transformer(cfg)
+    full = generate(model, variables, PROMPTS, LENGTHS, max_new_tokens=10)
+    stop = int(full.tokens[0, 3])
+    out = generate(model, variables, PROMPTS, LENGTHS, max_new_tokens=10, stop_tokens=(stop,))
+    first = list(np.asarray(full.tokens[0])).index(stop)
+    assert int(out.lengths[0]) == first + 1
+    np.testing.assert_array_equal(out.tokens[0, :first + 1], full.tokens[0, :first + 1])
+    assert (np.asarray(out.tokens[0, first + 1:]) == 0).all() and (np.asarray(out.logprobs[0, first + 1:]) == 0).all()
+
+
+@pytest.mark.parametrize("impl", ["absorb", "naive"])
+def test_cache_bytes_formula(impl):
+    cfg = dsjax.load_model_config("tiny", attn_impl=impl)
+    model = dsjax.Transformer(cfg)
+    B, S, L = 3, 100, cfg.num_hidden_layers
+    if impl == "absorb":
+        expected = L * B * S * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    else:
+        expected = L * B * S * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4
+    assert cache_bytes(model, B, S) == expected
+    assert cache_bytes(model, B, S, mtp=True) == expected * (L + 1) // L
+    big = dsjax.load_model_config("deepseek-v3-671b", attn_impl=impl)
+    per_token = cache_bytes(dsjax.Transformer(big), 1, 1)
+    assert per_token == (61 * (512 + 64) * 2 if impl == "absorb" else 61 * 128 * (192 + 128) * 2)
+
+
+def test_greedy_speculative_equals_greedy_plain(random_model, counting_model):
+    for cfg, variables in (random_model, counting_model):
+        model = dsjax.Transformer(cfg)
+        prompts = PROMPTS % cfg.vocab_size
+        plain = generate(model, variables, prompts, LENGTHS, max_new_tokens=16)
+        spec = generate(model, variables, prompts, LENGTHS, max_new_tokens=16, speculative=True)
+        np.testing.assert_array_equal(spec.tokens, plain.tokens)
+        np.testing.assert_allclose(spec.logprobs, plain.logprobs, atol=1e-4)
+        np.testing.assert_array_equal(spec.lengths, plain.lengths)
+    # On the counting model most drafts are right: fewer forward passes per token.
+    assert spec.acceptance_rate > 0.6, spec.acceptance_rate
+    assert spec.tokens_per_forward > 1.5
+    assert (np.diff(np.asarray(plain.tokens[0])) % cfg.vocab_size == 1).all()
+
+
+def test_speculative_accept_rule_gives_the_target_distribution():
+    V, n = 6, 200_000
+    p = jnp.asarray([0.35, 0.25, 0.2, 0.1, 0.07, 0.03])
+    q = jnp.asarray([0.05, 0.1, 0.4, 0.25, 0.1, 0.1])
+    keys = jax.random.split(jax.random.key(0), n)
+
+    def one(key):
+        k_draft, k_acc = jax.random.split(key)
+        draft = jax.random.categorical(k_draft, jnp.log(q))[None]
+        tok, acc = speculative_accept(k_acc, jnp.log(p)[None], jnp.log(q)[None], draft)
+        return tok[0], acc[0]
+
+    tokens, accepted = jax.jit(jax.vmap(one))(keys)
+    freq = np.bincount(np.asarray(tokens), minlength=V) / n
+    np.testing.assert_allclose(freq, p, atol=4 * np.sqrt(0.25 / n))
+    # Acceptance probability is sum_x min(p, q).
+    np.testing.assert_allclose(np.asarray(accepted).mean(), float(jnp.minimum(p, q).sum()), atol=0.005)
+
+
+def test_sampled_speculative_decoding_runs_and_reports(counting_model):
+    cfg, variables = counting_model
+    model = dsjax.Transformer(cfg)
+    out = generate(model, variables, PROMPTS % 32, LENGTHS, max_new_tokens=12, temperature=0.7,
+                   rng=jax.random.key(3), speculative=True, top_k=8, top_p=0.95)
+    assert out.tokens.shape == (3, 12) and int(out.drafted) > 0 and 0 <= out.acceptance_rate <= 1
+    assert np.isfinite(np.asarray(out.logprobs)).all()
+
+
+def test_top_k_and_top_p():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda lp: np.isfinite(np.asarray(lp[0]))
+    assert list(kept(sampling_logprobs(logits, 1.0, top_k=2))) == [True, True, False, False]
+    assert list(kept(sampling_logprobs(logits, 1.0, top_p=0.75))) == [True, True, False, False]
+    assert list(kept(sampling_logprobs(logits, 1.0, top_p=0.85))) == [True, True, True, False]
+    np.testing.assert_allclose(np.exp(sampling_logprobs(logits, 1.0, top_p=0.75))[0, :2], [0.625, 0.375], rtol=1e-5)
+
+
+def test_compiles_once_per_bucket_and_bad_input(random_model):
+    cfg, variables = random_model
+    model = dsjax.Transformer(cfg)
+    generate(model, variables, PROMPTS, LENGTHS, max_new_tokens=5)
+    before = gen_lib._generate_plain._cache_size()
+    generate(model, variables, PROMPTS[:, :5], [5, 3, 1], max_new_tokens=5)  # same 64-token bucket
+    generate(model, variables, np.ones((3, 20), np.int32), [20, 2, 9], max_new_tokens=5)
+    assert gen_lib._generate_plain._cache_size() == before
+    with pytest.raises(ValueError, match=r"prompt_lengths must be in \[1, 7\]"):
+        generate(model, variables, PROMPTS, [8, 1, 1])
+    with pytest.raises(ValueError, match="needs an explicit rng"):
+        generate(model, variables, PROMPTS, LENGTHS, temperature=0.5)
+    plain = dsjax.Transformer(cfg.replace(num_nextn_predict_layers=0))
+    with pytest.raises(ValueError, match="needs an MTP module"):
+        generate(plain, variables, PROMPTS, LENGTHS, speculative=True)
