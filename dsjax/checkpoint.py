@@ -54,3 +54,35 @@ class Checkpointer:
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()
+
+
+def load_trained(workdir: str, step: int | None = None):
+    """The model and its variables from a `python -m train` workdir.
+
+    Reads `config.yaml` (the resolved run config) and the latest (or given) checkpoint.
+    Returns (Transformer, {'params', 'moe_bias'}, run config dict).
+    """
+    import yaml
+
+    from dsjax.config import config_from_dict
+    from dsjax.model import Transformer
+
+    config_path = os.path.join(workdir, "config.yaml")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{workdir} is not a training workdir (no config.yaml)")
+    with open(config_path) as f:
+        run = yaml.safe_load(f)
+    model = Transformer(config_from_dict(run["model"]))
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{workdir} has no checkpoints/")
+    mngr = ocp.CheckpointManager(os.path.abspath(directory))
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{directory} holds no finished checkpoint")
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    mngr.close()
+    variables = {"params": state["params"]}
+    if state.get("moe_bias"):
+        variables["moe_bias"] = state["moe_bias"]
+    return model, variables, run

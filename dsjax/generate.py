@@ -266,3 +266,41 @@ def generate(model: Transformer, variables, prompts, prompt_lengths, max_new_tok
               rng if rng is not None else jax.random.key(0), jnp.float32(max(temperature, 1e-6)),
               max_new_tokens=max_new_tokens, greedy=temperature == 0, top_k=int(top_k), top_p=float(top_p),
               stop_tokens=tuple(int(t) for t in stop_tokens))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_len"))
+def _stream_prefill(model, variables, prompt, max_len):
+    decoder = model.clone(decode=True)
+    out, cache, _ = _prefill(decoder, variables, init_cache(model, 1, max_len), prompt)
+    return out.logits[0, -1], cache
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _stream_step(model, variables, cache, token, position):
+    out, mutated = model.clone(decode=True).apply({**variables, "cache": cache}, token[None, None],
+                                                  position[None, None], mtp=False, mutable=["cache"])
+    return out.logits[0, 0], mutated["cache"]
+
+
+def generate_stream(model: Transformer, variables, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
+                    rng=None, *, top_k: int = 0, top_p: float = 1.0, stop_tokens=()):
+    """Yields the tokens of one continuation as they are decoded (for interactive use).
+
+    prompt: int [P]. Same sampling options as `generate`; one jitted step per token.
+    """
+    prompt = np.asarray(prompt, np.int32).reshape(1, -1)
+    if prompt.shape[1] < 1:
+        raise ValueError("the prompt is empty")
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling (temperature > 0) needs an explicit rng key")
+    variables = {k: v for k, v in variables.items() if k != "cache"}
+    logits, cache = _stream_prefill(model, variables, jnp.asarray(prompt), prompt.shape[1] + max_new_tokens)
+    rng = jax.random.key(0) if rng is None else rng
+    for i in range(max_new_tokens):
+        rng, sub = jax.random.split(rng)
+        token, _ = _choose(sub, logits[None], temperature == 0, jnp.float32(max(temperature, 1e-6)), top_k, top_p)
+        token = int(token[0])
+        yield token
+        if token in stop_tokens:
+            return
+        logits, cache = _stream_step(model, variables, cache, jnp.int32(token), jnp.int32(prompt.shape[1] + i))

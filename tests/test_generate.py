@@ -168,3 +168,26 @@ def test_compiles_once_per_bucket_and_bad_input(random_model):
     plain = dsjax.Transformer(cfg.replace(num_nextn_predict_layers=0))
     with pytest.raises(ValueError, match="needs an MTP module"):
         generate(plain, variables, PROMPTS, LENGTHS, speculative=True)
+
+
+def test_stream_matches_batched_and_cli(random_model, tmp_path):
+    import subprocess
+    import sys
+
+    from dsjax.generate import generate_stream
+    from tests.test_train import ROOT
+
+    cfg, variables = random_model
+    model = dsjax.Transformer(cfg)
+    batched = generate(model, variables, PROMPTS[:1], LENGTHS[:1], max_new_tokens=8)
+    streamed = list(generate_stream(model, variables, PROMPTS[0], max_new_tokens=8))
+    assert streamed == list(np.asarray(batched.tokens[0]))
+    dsjax.save_pretrained(model, variables, str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "eval", "generate", "--hf", str(tmp_path), "--tokenizer", "bytes",
+                           "--prompt", "ab", "--max-new-tokens", "6"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("ab")
+    missing = subprocess.run([sys.executable, "-m", "eval", "generate", "--hf", str(tmp_path / "nope"),
+                              "--prompt", "x"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr

@@ -1,0 +1,1 @@
+"""Evaluation: tasks, verifiers, metrics and `python -m eval`."""
