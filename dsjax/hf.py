@@ -165,10 +165,15 @@ def dequantize_blockwise(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int,
     return np.asarray(w, np.float32) * s
 
 
-def _leaf_shape_hf(cfg: ModelConfig, leaf_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
-    """The HF shape of one slot given the dsjax slot shape."""
-    dummy = np.empty(leaf_shape, dtype=np.uint8)
-    return _TO_HF[kind](dummy).shape
+def _leaf_shape_hf(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+    """The HF shape of one slot given the dsjax slot shape (the inverse of _TO_DSJAX)."""
+    if kind == "same":
+        return tuple(shape)
+    if kind == "linear":
+        return tuple(reversed(shape))
+    if kind == "heads_in":  # [in, H, W] -> [H*W, in]
+        return (shape[1] * shape[2], shape[0])
+    return (shape[2], shape[0] * shape[1])  # heads_out: [H, V, D] -> [D, H*V]
 
 
 def _get(tree: dict, path: tuple[str, ...]):
@@ -239,7 +244,7 @@ def from_pretrained(path: str, dtype=jnp.float32, *, mtp: str = "auto", sharding
         target = _get(abstract[leaf.collection], leaf.path)
         out_dtype = jnp.float32 if leaf.float32 else target.dtype
         slot_shape = target.shape[leaf.stacked:]
-        hf_shape = _leaf_shape_hf(cfg, slot_shape, leaf.kind)
+        hf_shape = _leaf_shape_hf(slot_shape, leaf.kind)
         used.update(_flat_names(leaf.names))
 
         def build(index, leaf=leaf, target=target, hf_shape=hf_shape, out_dtype=out_dtype):

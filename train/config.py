@@ -98,10 +98,6 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        return out
-
 
 _SECTIONS = {"train": TrainConfig, "data": DataConfig, "mesh": MeshConfig, "model": ModelConfig}
 
