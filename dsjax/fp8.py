@@ -1,0 +1,141 @@
+"""DeepSeek-V3's fine-grained FP8 recipe (§3.3, Figure 6-7), emulated with ml_dtypes'
+float8_e4m3fn through jax.numpy.
+
+- Activations get one scale per 1x128 tile along the contraction axis; weights one per
+  128x128 block. scale = amax / 448 (E4M3's largest value), optionally rounded up to a
+  power of two. A zero tile gets scale 1.
+- The GEMM multiplies FP8 operands with float32 results for each 128-wide block of the
+  contraction axis, scales each partial product by its two scales and accumulates in
+  float32 (V3's promotion of partial sums to CUDA cores).
+- `fp8_matmul` is a custom_vjp: Fprop (x @ W), Dgrad (dy @ W^T, dy in 1x128 tiles) and
+  Wgrad (x^T @ dy, both in 128x1 tiles along the token axis) all run through the FP8
+  GEMM; the backward pass keeps x and W in their own precision, as the master copies.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+E4M3 = jnp.float8_e4m3fn
+E4M3_MAX = 448.0
+TILE = 128
+
+
+def _scale(amax: jnp.ndarray, pow2: bool) -> jnp.ndarray:
+    s = amax.astype(jnp.float32) / E4M3_MAX
+    s = jnp.where(s > 0, s, 1.0)
+    if pow2:
+        s = jnp.exp2(jnp.ceil(jnp.log2(s)))
+    return s
+
+
+def _pad_to(x: jnp.ndarray, axis: int, multiple: int) -> jnp.ndarray:
+    extra = -x.shape[axis] % multiple
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def quantize_tiles(x: jnp.ndarray, tile: int = TILE, pow2: bool = False):
+    """1 x `tile` tiles along the last axis.
+
+    x: [M, K] -> (q float8_e4m3fn [M, Kp], scales float32 [M, Kp / tile]), Kp = K rounded up
+    to a multiple of `tile` (zero padded).
+    """
+    x = _pad_to(x, -1, tile)
+    M, K = x.shape
+    tiles = x.reshape(M, K // tile, tile).astype(jnp.float32)
+    s = _scale(jnp.max(jnp.abs(tiles), axis=-1), pow2)
+    q = (tiles / s[..., None]).astype(E4M3).reshape(M, K)
+    return q, s
+
+
+def quantize_blocks(w: jnp.ndarray, block: int = TILE, pow2: bool = False):
+    """`block` x `block` blocks. w: [K, N] -> (q [Kp, Np], scales [Kp / block, Np / block])."""
+    w = _pad_to(_pad_to(w, 0, block), 1, block)
+    K, N = w.shape
+    blocks = w.reshape(K // block, block, N // block, block).astype(jnp.float32)
+    s = _scale(jnp.max(jnp.abs(blocks), axis=(1, 3)), pow2)
+    q = (blocks / s[:, None, :, None]).astype(E4M3).reshape(K, N)
+    return q, s
+
+
+def dequantize_tiles(q, s, tile: int = TILE):
+    M, K = q.shape
+    return (q.astype(jnp.float32).reshape(M, K // tile, tile) * s[..., None]).reshape(M, K)
+
+
+def dequantize_blocks(q, s, block: int = TILE):
+    K, N = q.shape
+    b = q.astype(jnp.float32).reshape(K // block, block, N // block, block)
+    return (b * s[:, None, :, None]).reshape(K, N)
+
+
+def blockwise_dot(qa, sa, qb, sb, tile: int = TILE) -> jnp.ndarray:
+    """FP8 GEMM with float32 accumulation over 128-wide contraction blocks.
+
+    qa: [M, K] fp8 with sa [M, K / tile] (one scale per row and block);
+    qb: [K, N] fp8 with sb [K / tile, N] (one scale per block and column).
+    Returns float32 [M, N] = Σ_blocks (qa_blk @ qb_blk) * sa_blk * sb_blk.
+    """
+    M, K = qa.shape
+    N = qb.shape[1]
+    KB = K // tile
+    partial = jax.lax.dot_general(qa.reshape(M, KB, tile), qb.reshape(KB, tile, N),
+                                  (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.float32)  # [KB, M, N]
+    return jnp.einsum("bmn,mb,bn->mn", partial, sa, sb)
+
+
+def _block_scales_per_column(s: jnp.ndarray, n: int, block: int = TILE) -> jnp.ndarray:
+    """[KB, NB] block scales -> [KB, N] per column."""
+    return jnp.repeat(s, block, axis=1)[:, :n]
+
+
+def _fp8_forward(x2, w, pow2):
+    K, N = w.shape
+    qx, sx = quantize_tiles(x2, pow2=pow2)
+    qw, sw = quantize_blocks(w, pow2=pow2)
+    y = blockwise_dot(qx, sx, qw, _block_scales_per_column(sw, qw.shape[1]))
+    return y[:, :N]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fp8_matmul_2d(x2, w, pow2):
+    return _fp8_forward(x2, w, pow2)
+
+
+def _fwd(x2, w, pow2):
+    return _fp8_forward(x2, w, pow2), (x2, w)
+
+
+def _bwd(pow2, res, dy):
+    x2, w = res
+    M, K = x2.shape
+    N = w.shape[1]
+    # Dgrad: dy [M, N] in 1x128 tiles along N, W^T [N, K] in 128x128 blocks.
+    qd, sd = quantize_tiles(dy, pow2=pow2)
+    qwt, swt = quantize_blocks(w.T, pow2=pow2)
+    dx = blockwise_dot(qd, sd, qwt, _block_scales_per_column(swt, qwt.shape[1]))[:M, :K]
+    # Wgrad: x^T [K, M] and dy [M, N], both in tiles of 128 tokens (128x1 in [M, *] layout).
+    qxt, sxt = quantize_tiles(x2.T, pow2=pow2)
+    qdt, sdt = quantize_tiles(dy.T, pow2=pow2)  # [N, Mp], [N, Mp / 128]
+    dw = blockwise_dot(qxt, sxt, qdt.T, sdt.T)[:K, :N]
+    return dx.astype(x2.dtype), dw.astype(w.dtype)
+
+
+_fp8_matmul_2d.defvjp(_fwd, _bwd)
+
+
+def fp8_matmul(x: jnp.ndarray, w: jnp.ndarray, pow2: bool = False) -> jnp.ndarray:
+    """x [..., K] @ w [K, N] through the FP8 recipe, forward and backward.
+
+    Returns [..., N] in x's dtype.
+    """
+    lead = x.shape[:-1]
+    y = _fp8_matmul_2d(x.reshape(-1, x.shape[-1]), w, pow2)
+    return y.reshape(lead + (w.shape[1],)).astype(x.dtype)

@@ -1,0 +1,95 @@
+"""FP8 recipe: tile/block quantization error and locality, the blockwise GEMM, and the
+custom_vjp's gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsjax.fp8 import (blockwise_dot, dequantize_blocks, dequantize_tiles, fp8_matmul, quantize_blocks,
+                       quantize_tiles)
+
+
+def _inputs(kind, shape, seed=0):
+    x = jax.random.normal(jax.random.key(seed), shape)
+    if kind == "outliers":  # heavy tails: a few values 1000x the rest
+        spikes = jax.random.bernoulli(jax.random.key(seed + 1), 0.002, shape)
+        x = jnp.where(spikes, x * 1000.0, x)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["random", "outliers"])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantize_dequantize_within_e4m3_bound(kind, pow2):
+    x = _inputs(kind, (64, 300))  # 300: a partial last tile
+    q, s = quantize_tiles(x, pow2=pow2)
+    assert q.dtype == jnp.float8_e4m3fn and s.shape == (64, 3)
+    back = dequantize_tiles(q, s)[:, :300]
+    scale = jnp.repeat(s, 128, axis=1)[:, :300]
+    # E4M3 keeps 3 mantissa bits: relative error <= 2^-4 for normals, and half the
+    # subnormal step (2^-10 in scaled units) below 2^-6.
+    bound = jnp.maximum(jnp.abs(x) * 2.0 ** -4, scale * 2.0 ** -10) * 1.0001
+    assert bool(jnp.all(jnp.abs(back - x) <= bound))
+    if pow2:
+        np.testing.assert_array_equal(np.log2(np.asarray(s)) % 1, 0)
+    w = _inputs(kind, (300, 200), seed=3)
+    qw, sw = quantize_blocks(w, pow2=pow2)
+    assert sw.shape == (3, 2)
+    back = dequantize_blocks(qw, sw)[:300, :200]
+    scale = jnp.repeat(jnp.repeat(sw, 128, 0), 128, 1)[:300, :200]
+    assert bool(jnp.all(jnp.abs(back - w) <= jnp.maximum(jnp.abs(w) * 2.0 ** -4, scale * 2.0 ** -10) * 1.0001))
+
+
+def test_an_outlier_only_changes_its_own_tile_or_block():
+    x = _inputs("random", (8, 512))
+    _, s = quantize_tiles(x)
+    _, s2 = quantize_tiles(x.at[3, 200].set(1e4))
+    changed = np.argwhere(np.asarray(s != s2))
+    assert changed.tolist() == [[3, 1]]
+    w = _inputs("random", (512, 256))
+    _, sw = quantize_blocks(w)
+    _, sw2 = quantize_blocks(w.at[300, 10].set(1e4))
+    assert np.argwhere(np.asarray(sw != sw2)).tolist() == [[2, 0]]
+
+
+@pytest.mark.parametrize("kind", ["random", "outliers"])
+def test_fp8_gemm_close_to_float32(kind):
+    x, w = _inputs(kind, (96, 384)), _inputs("random", (384, 160), seed=5) * 0.05
+    y = fp8_matmul(x, w)
+    ref = x @ w
+    rel = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+    assert rel < 0.05, rel  # two E4M3 roundings of ~2^-5 each, averaged over 384 terms
+    # Exactly the blockwise product of the dequantized operands (float32 accumulation).
+    qx, sx = quantize_tiles(x)
+    qw, sw = quantize_blocks(w)
+    deq = dequantize_tiles(qx, sx) @ dequantize_blocks(qw, sw)
+    np.testing.assert_allclose(y, deq[:, :160], rtol=1e-5, atol=1e-4)
+
+
+def test_custom_vjp_gradients():
+    x = _inputs("random", (2, 64, 256))
+    w = _inputs("random", (256, 192), seed=7) * 0.05
+    dy = _inputs("random", (2, 64, 192), seed=9)
+    loss = lambda x, w: jnp.sum(fp8_matmul(x, w) * dy)
+    gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+    # Against autodiff of the dequantized reference, each GEMM with its FP8 operands.
+    flat_x, flat_dy = x.reshape(-1, 256), dy.reshape(-1, 192)
+    deq_t = lambda a: dequantize_tiles(*quantize_tiles(a))[:, :a.shape[1]]
+    deq_b = lambda a: dequantize_blocks(*quantize_blocks(a))[:a.shape[0], :a.shape[1]]
+    ref_gx = deq_t(flat_dy) @ deq_b(w.T)
+    ref_gw = deq_t(flat_x.T) @ deq_t(flat_dy.T).T
+    np.testing.assert_allclose(gx.reshape(-1, 256), ref_gx, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(gw, ref_gw, rtol=1e-4, atol=1e-3)
+    # And close to the float32 gradients.
+    fx, fw = jax.grad(lambda x, w: jnp.sum((x @ w) * dy), argnums=(0, 1))(x, w)
+    for got, ref in ((gx, fx), (gw, fw)):
+        assert float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)) < 0.05
+
+
+def test_blockwise_dot_accumulates_each_block_with_its_scales():
+    qa = jnp.ones((2, 256), jnp.float8_e4m3fn)
+    qb = jnp.ones((256, 3), jnp.float8_e4m3fn)
+    sa = jnp.asarray([[1.0, 2.0], [0.5, 0.0]])
+    sb = jnp.asarray([[1.0, 1.0, 3.0], [1.0, 2.0, 1.0]])
+    out = blockwise_dot(qa, sa, qb, sb)
+    np.testing.assert_allclose(out, [[128 * (1 + 2), 128 * (1 + 4), 128 * (3 + 2)], [64, 64, 192]])
