@@ -23,6 +23,7 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+PRECISIONS = ("default", "fp8")
 
 # HF keys that carry no information for the model math; accepted and dropped by from_hf.
 _IGNORED_HF_KEYS = frozenset({
@@ -107,6 +108,9 @@ class ModelConfig:
         sort + grouped GEMM with jax.lax.ragged_dot).
       dtype: activation/compute dtype; param_dtype: storage dtype of parameters.
       remat_policy: activation checkpointing of each decoder layer.
+      precision: 'default', or 'fp8' for DeepSeek-V3's FP8 recipe in the linear layers of
+        MLA, the MLPs, the experts and the MTP blocks (dsjax/fp8.py); the embedding, output
+        head, router, norms and attention softmax keep their precision.
     """
 
     vocab_size: int = 129280
@@ -147,6 +151,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    precision: str = "default"
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self):
@@ -172,7 +177,7 @@ class ModelConfig:
             raise ConfigError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         choices = {"attn_impl": ATTN_IMPLS, "moe_impl": MOE_IMPLS, "scoring_func": SCORING_FUNCS,
                    "topk_method": TOPK_METHODS, "remat_policy": REMAT_POLICIES,
-                   "dtype": DTYPES, "param_dtype": DTYPES}
+                   "dtype": DTYPES, "param_dtype": DTYPES, "precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
@@ -281,7 +286,7 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict (DeepSeek's own key names; transformers reads it)."""
-        skip = {"attn_impl", "moe_impl", "dtype", "param_dtype", "remat_policy"}
+        skip = {"attn_impl", "moe_impl", "dtype", "param_dtype", "remat_policy", "precision"}
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         out["rope_scaling"] = self.rope_scaling.to_hf() if self.rope_scaling else None
         arch = "DeepseekV2ForCausalLM" if self.model_type == "deepseek_v2" else "DeepseekV3ForCausalLM"

@@ -139,3 +139,27 @@ def fp8_matmul(x: jnp.ndarray, w: jnp.ndarray, pow2: bool = False) -> jnp.ndarra
     lead = x.shape[:-1]
     y = _fp8_matmul_2d(x.reshape(-1, x.shape[-1]), w, pow2)
     return y.reshape(lead + (w.shape[1],)).astype(x.dtype)
+
+
+@jax.custom_vjp
+def _straight_through(x, quantized):
+    return quantized
+
+
+_straight_through.defvjp(lambda x, q: (q, None), lambda _, g: (g, None))
+
+
+def fake_quant_tiles(x: jnp.ndarray) -> jnp.ndarray:
+    """x [M, K] rounded through 1x128-tile E4M3 (values as the FP8 GEMM sees them);
+    the gradient passes straight through."""
+    q, s = quantize_tiles(x)
+    return _straight_through(x, dequantize_tiles(q, s)[:, :x.shape[1]].astype(x.dtype))
+
+
+def fake_quant_expert_blocks(w: jnp.ndarray) -> jnp.ndarray:
+    """Stacked expert weights [E, K, N] rounded through 128x128-block E4M3 per expert;
+    the gradient passes straight through."""
+    def one(m):
+        q, s = quantize_blocks(m)
+        return dequantize_blocks(q, s)[:m.shape[0], :m.shape[1]]
+    return _straight_through(w, jax.vmap(one)(w).astype(w.dtype))

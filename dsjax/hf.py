@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import warnings
 from typing import Any, Callable, Iterator
 
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax.config import ModelConfig
+from dsjax.fp8 import quantize_blocks
 from dsjax.model import Transformer, unbox
 from dsjax.safetensors_io import SafetensorsReader, write_sharded
 
@@ -285,6 +287,25 @@ def from_pretrained(path: str, dtype=jnp.float32, *, mtp: str = "auto", sharding
     return model, variables
 
 
+# The linear layers DeepSeek-V3 ships in FP8 (embedding, head, router and norms stay wide).
+_FP8_LINEAR = re.compile(r"\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|"
+                         r"down_proj)\.weight$")
+FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                           "weight_block_size": [128, 128]}
+
+
+def _fp8_tensors(tensors: Iterator[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+    """Rewrites the FP8 linear weights as float8_e4m3fn [out, in] plus weight_scale_inv
+    [ceil(out/128), ceil(in/128)] (the dequantization multiplier), as DeepSeek ships them."""
+    for name, arr in tensors:
+        if not _FP8_LINEAR.search(name) or 0 in arr.shape:
+            yield name, arr
+            continue
+        q, s = quantize_blocks(jnp.asarray(arr, jnp.float32))
+        yield name, np.asarray(q)[:arr.shape[0], :arr.shape[1]]
+        yield name[: -len("weight")] + "weight_scale_inv", np.asarray(s, np.float32)
+
+
 def _hf_tensors(cfg: ModelConfig, variables: dict, dtype) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, numpy array) for every tensor of the checkpoint, in layout order."""
     for leaf in hf_layout(cfg):
@@ -306,7 +327,7 @@ def _hf_tensors(cfg: ModelConfig, variables: dict, dtype) -> Iterator[tuple[str,
 
 
 def save_pretrained(model: Transformer, variables: dict, out_dir: str, *, dtype=None,
-                    max_shard_size: int = 5 * 2**30) -> None:
+                    max_shard_size: int = 5 * 2**30, fp8: bool = False) -> None:
     """Writes `config.json` and safetensors shards in the Hugging Face DeepSeek layout.
 
     Args:
@@ -315,6 +336,8 @@ def save_pretrained(model: Transformer, variables: dict, out_dir: str, *, dtype=
       out_dir: created if needed.
       dtype: storage dtype (default: the config's param_dtype); routers stay float32.
       max_shard_size: bytes per shard; more than one shard writes an index file.
+      fp8: write the linear layers in DeepSeek's FP8 layout (float8_e4m3fn with 128x128
+        `weight_scale_inv` blocks and a `quantization_config`).
     """
     cfg = model.cfg
     variables = unbox(variables)
@@ -322,6 +345,10 @@ def save_pretrained(model: Transformer, variables: dict, out_dir: str, *, dtype=
     os.makedirs(out_dir, exist_ok=True)
     hf = cfg.to_hf()
     hf["torch_dtype"] = jnp.dtype(np_dtype).name
+    tensors = _hf_tensors(cfg, variables, np_dtype)
+    if fp8:
+        hf["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)
+        tensors = _fp8_tensors(tensors)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
-    write_sharded(_hf_tensors(cfg, variables, np_dtype), out_dir, max_shard_bytes=max_shard_size)
+    write_sharded(tensors, out_dir, max_shard_bytes=max_shard_size)

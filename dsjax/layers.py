@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
+from dsjax.fp8 import fp8_matmul
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -29,6 +30,27 @@ def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str
     init = init or nn.initializers.normal(cfg.initializer_range)
     dtype = dtype or dtype_of(cfg.param_dtype)
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+def linear(cfg: ModelConfig, x: jnp.ndarray, w: jnp.ndarray, contract: int = 1) -> jnp.ndarray:
+    """x [..., *w.shape[:contract]] @ w -> [..., *w.shape[contract:]] in the compute dtype.
+
+    With `cfg.precision == 'fp8'` the product runs through DeepSeek-V3's FP8 recipe
+    (dsjax.fp8.fp8_matmul), forward and backward.
+    """
+    dt = dtype_of(cfg.dtype)
+    in_shape, out_shape = w.shape[:contract], w.shape[contract:]
+    k = 1
+    for d in in_shape:
+        k *= d
+    n = 1
+    for d in out_shape:
+        n *= d
+    lead = x.shape[:x.ndim - contract]
+    x2 = x.reshape(lead + (k,)).astype(dt)
+    w2 = w.reshape(k, n).astype(dt)
+    y = fp8_matmul(x2, w2) if cfg.precision == "fp8" else x2 @ w2
+    return y.reshape(lead + out_shape)
 
 
 class RMSNorm(nn.Module):
@@ -57,11 +79,10 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
+        cfg = self.cfg
         w1 = param(self, "w1", (cfg.hidden_size, self.hidden), ("embed", "mlp"))
         w3 = param(self, "w3", (cfg.hidden_size, self.hidden), ("embed", "mlp"))
         w2 = param(self, "w2", (self.hidden, cfg.hidden_size), ("mlp", "embed"))
-        x = x.astype(dt)
-        h = nn.silu(jnp.einsum("btd,df->btf", x, w1.astype(dt))) * jnp.einsum("btd,df->btf", x, w3.astype(dt))
+        h = nn.silu(linear(cfg, x, w1)) * linear(cfg, x, w3)
         h = nn.with_logical_constraint(h, ("batch", "seq", "mlp"))
-        return jnp.einsum("btf,fd->btd", h, w2.astype(dt))
+        return linear(cfg, h, w2)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
-from dsjax.layers import RMSNorm, dtype_of, param
+from dsjax.layers import RMSNorm, dtype_of, linear, param
 from dsjax.rope import apply_rope
 
 _NEG_INF = -1e30
@@ -71,20 +71,20 @@ class MLA(nn.Module):
 
     def queries(self, x: jnp.ndarray, cos, sin) -> tuple[jnp.ndarray, jnp.ndarray]:
         """x: [B, T, D] -> (q_nope [B, T, H, K], q_pe [B, T, H, R] roped)."""
-        cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
+        cfg = self.cfg
         if cfg.q_lora_rank is None:
-            q = jnp.einsum("btd,dhk->bthk", x, self.wq.astype(dt))
+            q = linear(cfg, x, self.wq)  # [B, T, H, K + R]
         else:
-            c_q = self.q_norm(jnp.einsum("btd,dq->btq", x, self.wq_a.astype(dt)))
-            q = jnp.einsum("btq,qhk->bthk", c_q, self.wq_b.astype(dt))
+            c_q = self.q_norm(linear(cfg, x, self.wq_a))
+            q = linear(cfg, c_q, self.wq_b)
         q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "head_dim"))
         q_nope, q_pe = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
         return q_nope, apply_rope(q_pe, cos, sin, cfg.rope_interleave)
 
     def latents(self, x: jnp.ndarray, cos, sin) -> tuple[jnp.ndarray, jnp.ndarray]:
         """x: [B, S, D] -> (c_kv [B, S, C] normalized, k_pe [B, S, R] roped): what MLA caches."""
-        cfg, dt = self.cfg, dtype_of(self.cfg.dtype)
-        kv = jnp.einsum("bsd,dc->bsc", x, self.wkv_a.astype(dt))
+        cfg = self.cfg
+        kv = linear(cfg, x, self.wkv_a)
         c_kv = self.kv_norm(kv[..., :cfg.kv_lora_rank])
         k_pe = apply_rope(kv[..., cfg.kv_lora_rank:], cos, sin, cfg.rope_interleave)
         return c_kv, k_pe
@@ -98,11 +98,11 @@ class MLA(nn.Module):
     def expand(self, c_kv, k_pe):
         """Per-head keys and values from latents: c_kv [B, S, C], k_pe [B, S, R] ->
         (k [B, S, H, K + R], v [B, S, H, V]), the rope key repeated for every head."""
-        w_uk, w_uv = self._split_wkv_b()
-        k_nope = jnp.einsum("bsc,chk->bshk", c_kv, w_uk)
+        K = self.cfg.qk_nope_head_dim
+        kv = linear(self.cfg, c_kv, self.wkv_b)  # [B, S, H, K + V]
+        k_nope, v = kv[..., :K], kv[..., K:]
         k_nope = nn.with_logical_constraint(k_nope, ("batch", "seq", "heads", "head_dim"))
         k_rope = jnp.broadcast_to(k_pe[:, :, None, :], k_pe.shape[:2] + (k_nope.shape[2], k_pe.shape[-1]))
-        v = jnp.einsum("bsc,chv->bshv", c_kv, w_uv)
         return jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1), v
 
     def attend_expanded(self, q, k, v, mask) -> jnp.ndarray:
@@ -113,7 +113,7 @@ class MLA(nn.Module):
             probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(dt)
             o = jnp.einsum("bhts,bshv->bthv", probs, v)
         o = nn.with_logical_constraint(o, ("batch", "seq", "heads", "head_dim"))
-        return jnp.einsum("bthv,hvd->btd", o, self.wo.astype(dt))
+        return linear(self.cfg, o, self.wo, contract=2)
 
     def attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask) -> jnp.ndarray:
         """Absorbed attention on the latents (W_UK folded into q, W_UV applied after).
@@ -129,7 +129,7 @@ class MLA(nn.Module):
             o_lat = jnp.einsum("bhts,bsc->bthc", probs, c_kv)
             o = jnp.einsum("bthc,chv->bthv", o_lat, w_uv)
         o = nn.with_logical_constraint(o, ("batch", "seq", "heads", "head_dim"))
-        return jnp.einsum("bthv,hvd->btd", o, self.wo.astype(dt))
+        return linear(self.cfg, o, self.wo, contract=2)
 
     def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray | None,
                  positions: jnp.ndarray | None = None, decode: bool = False) -> jnp.ndarray:

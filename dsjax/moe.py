@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
+from dsjax.fp8 import fake_quant_expert_blocks, fake_quant_tiles, fp8_matmul
 from dsjax.layers import MLP, dtype_of, param
 
 
@@ -79,23 +80,33 @@ def sequence_balance_loss(cfg: ModelConfig, indices: jnp.ndarray, scores: jnp.nd
     return (f * p).sum(-1).mean()
 
 
-def experts_dense(x, weights, indices, w1, w3, w2):
+def experts_dense(x, weights, indices, w1, w3, w2, fp8: bool = False):
     """Reference dispatch: all experts on all tokens, weighted by a sparse combine matrix.
 
     x: [N, D]; weights/indices: [N, k]; w1, w3: [E, D, F]; w2: [E, F, D] -> [N, D].
     The experts are laid side by side as one [D, E*F] matmul; the combine weights scale
-    the hidden units, so the sum over experts happens inside the second matmul.
+    the hidden units, so the sum over experts happens inside the second matmul. With
+    `fp8`, both matmuls run through the FP8 recipe.
     """
     N, E = x.shape[0], w1.shape[0]
     D, F = w1.shape[1], w1.shape[2]
     combine = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], indices].add(weights)
     side_by_side = lambda w: w.transpose(1, 0, 2).reshape(D, E * F)
-    h = nn.silu(x @ side_by_side(w1)) * (x @ side_by_side(w3))  # [N, E*F]
+    mm = fp8_matmul if fp8 else jnp.matmul
+    h = nn.silu(mm(x, side_by_side(w1))) * mm(x, side_by_side(w3))  # [N, E*F]
     h = (h.reshape(N, E, F) * combine[:, :, None].astype(h.dtype)).reshape(N, E * F)
-    return h @ w2.reshape(E * F, D)
+    return mm(h, w2.reshape(E * F, D))
 
 
-def experts_ragged(x, weights, indices, w1, w3, w2):
+def _fp8_grouped_operands(xs, w1, w3, w2):
+    """Operands of the grouped GEMMs rounded as FP8 sees them (1x128 activation tiles,
+    128x128 blocks per expert); ragged_dot then multiplies them in float32. The backward
+    pass of these GEMMs runs in the compute dtype (straight-through)."""
+    return (fake_quant_tiles(xs), fake_quant_expert_blocks(w1), fake_quant_expert_blocks(w3),
+            fake_quant_expert_blocks(w2))
+
+
+def experts_ragged(x, weights, indices, w1, w3, w2, fp8: bool = False):
     """Dropless grouped-GEMM dispatch: sort token copies by expert, ragged_dot, scatter back.
 
     Same shapes as `experts_dense`.
@@ -107,13 +118,17 @@ def experts_ragged(x, weights, indices, w1, w3, w2):
     token = order // k
     group_sizes = jnp.zeros((E,), jnp.int32).at[flat].add(1)
     xs = x[token]  # [N*k, D] sorted by expert
+    if fp8:
+        xs, w1, w3, w2 = _fp8_grouped_operands(xs, w1, w3, w2)
     h = nn.silu(jax.lax.ragged_dot(xs, w1, group_sizes)) * jax.lax.ragged_dot(xs, w3, group_sizes)
+    if fp8:
+        h = fake_quant_tiles(h)
     ys = jax.lax.ragged_dot(h, w2, group_sizes)  # [N*k, D]
     ys = ys * weights.reshape(-1)[order][:, None].astype(ys.dtype)
     return jnp.zeros_like(x).at[token].add(ys)
 
 
-def _local_experts(x, weights, indices, w1, w3, w2, first_expert):
+def _local_experts(x, weights, indices, w1, w3, w2, first_expert, fp8: bool = False):
     """Grouped GEMMs over the experts held here (ids first_expert ...); other rows give 0.
 
     x: [M, D]; weights/indices: [M, k]; w1, w3: [E_loc, D, F]; w2: [E_loc, F, D] -> [M, D].
@@ -127,13 +142,18 @@ def _local_experts(x, weights, indices, w1, w3, w2, first_expert):
     token = order // k
     group_sizes = jnp.zeros((E_loc + 1,), jnp.int32).at[flat].add(1)[:E_loc]
     xs = x[token]
+    if fp8:
+        xs, w1, w3, w2 = _fp8_grouped_operands(xs, w1, w3, w2)
     h = nn.silu(jax.lax.ragged_dot(xs, w1, group_sizes)) * jax.lax.ragged_dot(xs, w3, group_sizes)
+    if fp8:
+        h = fake_quant_tiles(h)
     ys = jax.lax.ragged_dot(h, w2, group_sizes)  # rows past sum(group_sizes) are zero
     scale = jnp.where(mine, weights.reshape(-1), 0.0)[order][:, None]
     return jnp.zeros_like(x).at[token].add(ys * scale.astype(ys.dtype))
 
 
-def experts_expert_parallel(x, weights, indices, w1, w3, w2, expert_axis: str, token_axes, tensor_axis):
+def experts_expert_parallel(x, weights, indices, w1, w3, w2, expert_axis: str, token_axes, tensor_axis,
+                            fp8: bool = False):
     """Dropless expert parallelism under shard_map (needs a mesh set with jax.set_mesh).
 
     Each device holds E / ep routed experts. The tokens of the `expert_axis` group are
@@ -154,7 +174,7 @@ def experts_expert_parallel(x, weights, indices, w1, w3, w2, expert_axis: str, t
         if tokens_split:
             gather = lambda a: jax.lax.all_gather(a, expert_axis, tiled=True)
             x, weights, indices = gather(x), gather(weights), gather(indices)
-        out = _local_experts(x, weights, indices, w1, w3, w2, first)
+        out = _local_experts(x, weights, indices, w1, w3, w2, first, fp8)
         if tensor_axis:
             out = jax.lax.psum(out, tensor_axis)
         if tokens_split:
@@ -216,11 +236,12 @@ class MoE(nn.Module):
         w2 = param(self, "w2", (E, F, D), ("experts", "expert_mlp", "embed")).astype(dt)
         with jax.named_scope("routed_experts"):
             ep = expert_parallel_axes()
+            fp8 = cfg.precision == "fp8"
             if ep is not None:
-                y = experts_expert_parallel(flat, weights, indices, w1, w3, w2, *ep)
+                y = experts_expert_parallel(flat, weights, indices, w1, w3, w2, *ep, fp8=fp8)
             else:
                 dispatch = experts_ragged if cfg.moe_impl == "ragged" else experts_dense
-                y = dispatch(flat, weights, indices, w1, w3, w2)
+                y = dispatch(flat, weights, indices, w1, w3, w2, fp8)
             y = y.reshape(B, T, D)
         if cfg.n_shared_experts:
             with jax.named_scope("shared_experts"):

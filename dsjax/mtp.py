@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from dsjax.block import Block
 from dsjax.config import ModelConfig
-from dsjax.layers import RMSNorm, dtype_of, param
+from dsjax.layers import RMSNorm, dtype_of, linear, param
 
 
 class MTP(nn.Module):
@@ -36,6 +36,6 @@ class MTP(nn.Module):
         e = RMSNorm(cfg, cfg.rms_norm_eps, name="enorm")(emb.astype(dt))
         h = RMSNorm(cfg, cfg.rms_norm_eps, name="hnorm")(h_prev.astype(dt))
         w = param(self, "eh_proj", (2 * cfg.hidden_size, cfg.hidden_size), ("mtp_concat", "embed"))
-        x = jnp.einsum("btc,cd->btd", jnp.concatenate([e, h], axis=-1), w.astype(dt))
+        x = linear(cfg, jnp.concatenate([e, h], axis=-1), w)
         x, aux = Block(cfg, moe=self.moe, decode=self.decode, name="block")(x, cos, sin, mask, positions)
         return x, RMSNorm(cfg, cfg.rms_norm_eps, name="norm")(x), aux

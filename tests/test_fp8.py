@@ -93,3 +93,56 @@ def test_blockwise_dot_accumulates_each_block_with_its_scales():
     sb = jnp.asarray([[1.0, 1.0, 3.0], [1.0, 2.0, 1.0]])
     out = blockwise_dot(qa, sa, qb, sb)
     np.testing.assert_allclose(out, [[128 * (1 + 2), 128 * (1 + 4), 128 * (3 + 2)], [64, 64, 192]])
+
+
+def test_fp8_precision_switch_in_the_model_trains():
+    import dsjax
+    from train.config import build_config
+    from train.optim import make_optimizer
+    from train.steps import TrainState, make_train_step
+
+    cfg = build_config("pretrain", ["model.num_hidden_layers=2", "train.steps=10"])
+    tokens = jax.random.randint(jax.random.key(0), (4, 65), 2, 200)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    results = {}
+    for precision in ("default", "fp8"):
+        model = dsjax.Transformer(cfg.model.replace(precision=precision, moe_impl="ragged"))
+        boxed = model.init(jax.random.key(1), batch["inputs"])
+        v = dsjax.unbox(boxed)
+        tx, schedule = make_optimizer(cfg.train, boxed["params"])
+        state = TrainState(jnp.zeros((), jnp.int32), v["params"], tx.init(v["params"]), v["moe_bias"])
+        step = jax.jit(make_train_step(model, tx, cfg.train, schedule))
+        for _ in range(3):
+            state, metrics = step(state, batch)
+        results[precision] = metrics
+    assert np.isfinite(float(results["fp8"]["loss"]))
+    np.testing.assert_allclose(results["fp8"]["ce"], results["default"]["ce"], rtol=0.01)
+    np.testing.assert_allclose(results["fp8"]["grad_norm"], results["default"]["grad_norm"], rtol=0.1)
+
+
+def test_fp8_export_round_trip(tmp_path):
+    import torch
+    from transformers import DeepseekV3ForCausalLM
+
+    import dsjax
+    from dsjax.safetensors_io import SafetensorsReader
+    from tests.hf_models import build_hf
+
+    hf = build_hf("v3_yarn_groups")
+    hf.save_pretrained(str(tmp_path / "src"))
+    model, variables = dsjax.from_pretrained(str(tmp_path / "src"), mtp="off")
+    dsjax.save_pretrained(model, variables, str(tmp_path / "fp8"), fp8=True)
+    reader = SafetensorsReader(str(tmp_path / "fp8"))
+    name = "model.layers.1.self_attn.kv_b_proj.weight"
+    assert str(reader.dtype(name)) == "float8_e4m3fn"
+    assert reader.shape(name[:-len("weight")] + "weight_scale_inv") == (1, 1)
+    assert str(reader.dtype("model.layers.1.mlp.gate.weight")) == "float32"  # the router stays wide
+    model2, variables2 = dsjax.from_pretrained(str(tmp_path / "fp8"))
+    w, w2 = variables["params"]["moe_layers"]["attn"]["wkv_b"], variables2["params"]["moe_layers"]["attn"]["wkv_b"]
+    assert bool(jnp.all(jnp.abs(w2 - w) <= jnp.maximum(jnp.abs(w) * 2.0 ** -4, jnp.abs(w).max() / 448 * 2.0 ** -10)))
+    tokens = np.random.default_rng(0).integers(0, 96, (2, 20)).astype(np.int32)
+    ours = np.asarray(model2.apply(variables2, tokens).logits)
+    reloaded = DeepseekV3ForCausalLM.from_pretrained(str(tmp_path / "fp8"), torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = reloaded(torch.from_numpy(tokens).long()).logits.float().numpy()
+    assert np.abs(ours - theirs).max() <= 1e-4
