@@ -1,7 +1,6 @@
 """Multi-token prediction: alignment (mtp_logits at t predict t+2) and HF layer placement."""
 
 import json
-import os
 
 import chex
 import jax

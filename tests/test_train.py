@@ -17,7 +17,7 @@ import dsjax
 from dsjax.tokenizer import ByteTokenizer, HFTokenizer
 from train import data as data_lib
 from train.__main__ import main
-from train.config import ConfigError, RunConfig, build_config
+from train.config import RunConfig, build_config
 from train.optim import decay_mask, make_optimizer
 from train.steps import (TrainState, make_train_step, max_violation, mtp_cross_entropy,
                          cross_entropy)
