@@ -52,7 +52,8 @@ def test_sharded_equals_one_device(reference, sizes, preset):
     cfg, model, tx, schedule, state, batch, ref_logits, ref_state, ref_metrics = reference
     mesh = make_mesh(MeshConfig(**{"fsdp": 1, **sizes, "rules": preset}))
     rules = activation_rules(preset)
-    _, state_sh = state_shardings(model, tx, mesh, preset, 16)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16), jnp.int32))
+    state_sh = state_shardings(boxed, tx, mesh, preset)
     batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp", "expert")))
     with jax.set_mesh(mesh):
         sharded = jax.device_put(state, state_sh)

@@ -86,11 +86,10 @@ def run_pretraining(cfg, args) -> int:
     model = Transformer(cfg.model)
     preset = cfg.mesh.rules
     rules = activation_rules(preset)
-    boxed_params_abstract = jax.eval_shape(model.init, jax.random.key(0),
-                                           jax.ShapeDtypeStruct((1, tcfg.seq_len), jnp.int32))["params"]
-    tx, lr_schedule = make_optimizer(tcfg, boxed_params_abstract)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, tcfg.seq_len), jnp.int32))
+    tx, lr_schedule = make_optimizer(tcfg, boxed["params"])
     try:
-        boxed, state_sh = state_shardings(model, tx, mesh, preset, tcfg.seq_len)
+        state_sh = state_shardings(boxed, tx, mesh, preset)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     batch_sh = NamedSharding(mesh, P(("data", "fsdp", "expert")))

@@ -149,11 +149,9 @@ def flops_per_token(cfg, seq_len: int) -> float:
     return 6 * (counts["activated"] + counts["mtp_activated"]) + attention
 
 
-def state_shardings(model, tx, mesh, preset, seq_len):
-    """Abstract boxed variables, and the shardings of a TrainState, from the model's
-    logical annotations and the rules `preset` (optimizer moments follow their parameter)."""
-    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)
+def state_shardings(boxed, tx, mesh, preset):
+    """Shardings of a TrainState from the model's abstract boxed variables (their logical
+    annotations) and the rules `preset`; optimizer moments follow their parameter."""
     var_shardings = tree_shardings(boxed, mesh, preset)
     abstract = unbox(boxed)
     param_sh = var_shardings["params"]
@@ -161,6 +159,5 @@ def state_shardings(model, tx, mesh, preset, seq_len):
     replicated = NamedSharding(mesh, P())
     opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_abstract, param_sh,
                                    transform_non_params=lambda _: replicated)
-    state_sh = TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
-                          moe_bias=var_shardings.get("moe_bias", {}))
-    return boxed, state_sh
+    return TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
+                      moe_bias=var_shardings.get("moe_bias", {}))
