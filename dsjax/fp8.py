@@ -141,25 +141,62 @@ def fp8_matmul(x: jnp.ndarray, w: jnp.ndarray, pow2: bool = False) -> jnp.ndarra
     return y.reshape(lead + (w.shape[1],)).astype(x.dtype)
 
 
-@jax.custom_vjp
-def _straight_through(x, quantized):
-    return quantized
+def tile_values(x: jnp.ndarray, pow2: bool = False) -> jnp.ndarray:
+    """x [M, K] as the FP8 GEMM sees it after 1x128-tile E4M3 quantization, in float32.
+
+    The values are exact: an E4M3 value times its float32 scale is representable in float32.
+    """
+    q, s = quantize_tiles(x, pow2=pow2)
+    return dequantize_tiles(q, s)[:, :x.shape[1]]
 
 
-_straight_through.defvjp(lambda x, q: (q, None), lambda _, g: (g, None))
-
-
-def fake_quant_tiles(x: jnp.ndarray) -> jnp.ndarray:
-    """x [M, K] rounded through 1x128-tile E4M3 (values as the FP8 GEMM sees them);
-    the gradient passes straight through."""
-    q, s = quantize_tiles(x)
-    return _straight_through(x, dequantize_tiles(q, s)[:, :x.shape[1]].astype(x.dtype))
-
-
-def fake_quant_expert_blocks(w: jnp.ndarray) -> jnp.ndarray:
-    """Stacked expert weights [E, K, N] rounded through 128x128-block E4M3 per expert;
-    the gradient passes straight through."""
+def expert_block_values(w: jnp.ndarray, pow2: bool = False) -> jnp.ndarray:
+    """Stacked expert weights [E, K, N] after 128x128-block E4M3 quantization of each
+    expert, in float32."""
     def one(m):
-        q, s = quantize_blocks(m)
+        q, s = quantize_blocks(m, pow2=pow2)
         return dequantize_blocks(q, s)[:m.shape[0], :m.shape[1]]
-    return _straight_through(w, jax.vmap(one)(w).astype(w.dtype))
+    return jax.vmap(one)(w)
+
+
+def _grouped(x, w, group_sizes):
+    return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fp8_ragged_dot(x, w, group_sizes, pow2):
+    return _grouped(tile_values(x, pow2), expert_block_values(w, pow2), group_sizes)
+
+
+def _ragged_fwd(x, w, group_sizes, pow2):
+    return _fp8_ragged_dot(x, w, group_sizes, pow2), (x, w, group_sizes)
+
+
+def _ragged_bwd(pow2, res, dy):
+    x, w, group_sizes = res
+    # Dgrad: dy in 1x128 tiles along N, each W_e^T in 128x128 blocks (the blocks of W_e).
+    dx = _grouped(tile_values(dy, pow2), jnp.swapaxes(expert_block_values(w, pow2), 1, 2), group_sizes)
+    # Wgrad: dW_e = x_e^T dy_e with x and dy in 128x1 tiles along the token axis. A tile that
+    # straddles two experts' rows shares one scale between them, which is still a valid
+    # per-tile quantization (DeepSeek pads each expert's rows to 128 instead).
+    xt = tile_values(x.T, pow2).T
+    dyt = tile_values(dy.T, pow2).T
+    _, transpose = jax.vjp(lambda m: _grouped(xt, m, group_sizes), jnp.zeros(w.shape, jnp.float32))
+    (dw,) = transpose(dyt)
+    return dx.astype(x.dtype), dw.astype(w.dtype), None
+
+
+_fp8_ragged_dot.defvjp(_ragged_fwd, _ragged_bwd)
+
+
+def fp8_ragged_dot(x: jnp.ndarray, w: jnp.ndarray, group_sizes: jnp.ndarray, pow2: bool = False) -> jnp.ndarray:
+    """Grouped GEMM (jax.lax.ragged_dot) through the FP8 recipe, forward and backward.
+
+    x: [M, K] rows sorted by group; w: [G, K, N]; group_sizes: [G] int32 (rows past their
+    sum give 0). Returns [M, N] in x's dtype. Fprop and Dgrad quantize activations in 1x128
+    tiles and each expert's weights in 128x128 blocks; Wgrad quantizes x and dy in 128x1
+    tiles along the rows. The products of these E4M3 values are accumulated in float32:
+    emulated here on exact float32 copies of the FP8 values, which is what an FP8 tensor
+    core with float32 promotion computes, up to summation order.
+    """
+    return _fp8_ragged_dot(x, w, group_sizes, pow2).astype(x.dtype)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
-from dsjax.fp8 import fake_quant_expert_blocks, fake_quant_tiles, fp8_matmul
+from dsjax.fp8 import fp8_matmul, fp8_ragged_dot
 from dsjax.layers import MLP, dtype_of, param
 
 
@@ -98,12 +98,13 @@ def experts_dense(x, weights, indices, w1, w3, w2, fp8: bool = False):
     return mm(h, w2.reshape(E * F, D))
 
 
-def _fp8_grouped_operands(xs, w1, w3, w2):
-    """Operands of the grouped GEMMs rounded as FP8 sees them (1x128 activation tiles,
-    128x128 blocks per expert); ragged_dot then multiplies them in float32. The backward
-    pass of these GEMMs runs in the compute dtype (straight-through)."""
-    return (fake_quant_tiles(xs), fake_quant_expert_blocks(w1), fake_quant_expert_blocks(w3),
-            fake_quant_expert_blocks(w2))
+def _grouped_swiglu(xs, w1, w3, w2, group_sizes, fp8: bool):
+    """The experts' SwiGLU on rows sorted by expert: two grouped GEMMs in, one out. With
+    `fp8` all three run through the FP8 recipe (dsjax.fp8.fp8_ragged_dot), forward and
+    backward."""
+    mm = fp8_ragged_dot if fp8 else jax.lax.ragged_dot
+    h = nn.silu(mm(xs, w1, group_sizes)) * mm(xs, w3, group_sizes)
+    return mm(h, w2, group_sizes)
 
 
 def experts_ragged(x, weights, indices, w1, w3, w2, fp8: bool = False):
@@ -118,12 +119,7 @@ def experts_ragged(x, weights, indices, w1, w3, w2, fp8: bool = False):
     token = order // k
     group_sizes = jnp.zeros((E,), jnp.int32).at[flat].add(1)
     xs = x[token]  # [N*k, D] sorted by expert
-    if fp8:
-        xs, w1, w3, w2 = _fp8_grouped_operands(xs, w1, w3, w2)
-    h = nn.silu(jax.lax.ragged_dot(xs, w1, group_sizes)) * jax.lax.ragged_dot(xs, w3, group_sizes)
-    if fp8:
-        h = fake_quant_tiles(h)
-    ys = jax.lax.ragged_dot(h, w2, group_sizes)  # [N*k, D]
+    ys = _grouped_swiglu(xs, w1, w3, w2, group_sizes, fp8)  # [N*k, D]
     ys = ys * weights.reshape(-1)[order][:, None].astype(ys.dtype)
     return jnp.zeros_like(x).at[token].add(ys)
 
@@ -142,12 +138,7 @@ def _local_experts(x, weights, indices, w1, w3, w2, first_expert, fp8: bool = Fa
     token = order // k
     group_sizes = jnp.zeros((E_loc + 1,), jnp.int32).at[flat].add(1)[:E_loc]
     xs = x[token]
-    if fp8:
-        xs, w1, w3, w2 = _fp8_grouped_operands(xs, w1, w3, w2)
-    h = nn.silu(jax.lax.ragged_dot(xs, w1, group_sizes)) * jax.lax.ragged_dot(xs, w3, group_sizes)
-    if fp8:
-        h = fake_quant_tiles(h)
-    ys = jax.lax.ragged_dot(h, w2, group_sizes)  # rows past sum(group_sizes) are zero
+    ys = _grouped_swiglu(xs, w1, w3, w2, group_sizes, fp8)  # rows past sum(group_sizes) are zero
     scale = jnp.where(mine, weights.reshape(-1), 0.0)[order][:, None]
     return jnp.zeros_like(x).at[token].add(ys * scale.astype(ys.dtype))
 

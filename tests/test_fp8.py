@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsjax.fp8 import (blockwise_dot, dequantize_blocks, dequantize_tiles, fp8_matmul, quantize_blocks,
-                       quantize_tiles)
+from dsjax.fp8 import (blockwise_dot, dequantize_blocks, dequantize_tiles, expert_block_values, fp8_matmul,
+                       fp8_ragged_dot, quantize_blocks, quantize_tiles, tile_values)
 
 
 def _inputs(kind, shape, seed=0):
@@ -83,6 +83,55 @@ def test_custom_vjp_gradients():
     # And close to the float32 gradients.
     fx, fw = jax.grad(lambda x, w: jnp.sum((x @ w) * dy), argnums=(0, 1))(x, w)
     for got, ref in ((gx, fx), (gw, fw)):
+        assert float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)) < 0.05
+
+
+def _grouped_case(sizes, K=256, N=192, seed=0):
+    M = sum(sizes) + 24  # rows past the groups' sum must come back 0 with 0 gradient
+    x = _inputs("outliers", (M, K), seed)
+    w = _inputs("random", (len(sizes), K, N), seed + 2) * 0.05
+    dy = _inputs("random", (M, N), seed + 4)
+    return x, w, dy, jnp.asarray(sizes, jnp.int32)
+
+
+def test_fp8_grouped_gemm_matches_per_expert_fp8_gemms():
+    # With every group a multiple of 128 rows, no Wgrad tile straddles two experts, so the
+    # grouped GEMM must equal one fp8_matmul per expert: values and both gradients.
+    x, w, dy, sizes = _grouped_case([128, 0, 256, 128])
+    loss = lambda x, w: jnp.sum(fp8_ragged_dot(x, w, sizes) * dy)
+    y = jax.jit(fp8_ragged_dot)(x, w, sizes)
+    gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+    bounds = np.cumsum([0, 128, 0, 256, 128])
+    ref_gw = []
+    for e in range(4):
+        a, b = bounds[e], bounds[e + 1]
+        if a == b:
+            ref_gw.append(jnp.zeros_like(w[e]))
+            continue
+        np.testing.assert_allclose(y[a:b], fp8_matmul(x[a:b], w[e]), rtol=1e-5, atol=1e-3)  # f32 summation order
+        ex, ew = jax.grad(lambda x, w: jnp.sum(fp8_matmul(x, w) * dy[a:b]), argnums=(0, 1))(x[a:b], w[e])
+        np.testing.assert_allclose(gx[a:b], ex, rtol=1e-4, atol=1e-3)
+        ref_gw.append(ew)
+    np.testing.assert_allclose(gw, jnp.stack(ref_gw), rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(y[bounds[-1]:], 0)
+    np.testing.assert_array_equal(gx[bounds[-1]:], 0)
+
+
+def test_fp8_grouped_gemm_gradients():
+    # Ragged groups (tiles straddle experts): against autodiff of the dequantized reference
+    # GEMMs and against float32.
+    x, w, dy, sizes = _grouped_case([70, 0, 200, 33], seed=11)
+    loss = lambda x, w: jnp.sum(fp8_ragged_dot(x, w, sizes) * dy)
+    gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+    mm = lambda a, b: jax.lax.ragged_dot(a, b, sizes, preferred_element_type=jnp.float32)
+    ref_gx = mm(tile_values(dy), jnp.swapaxes(expert_block_values(w), 1, 2))
+    ref_gw = jax.grad(lambda m: jnp.sum(mm(tile_values(x.T).T, m) * tile_values(dy.T).T))(w)
+    np.testing.assert_allclose(gx, ref_gx, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(gw, ref_gw, rtol=1e-4, atol=1e-3)
+    y = fp8_ragged_dot(x, w, sizes)
+    fy = jax.lax.ragged_dot(x, w, sizes)
+    fx, fw = jax.grad(lambda x, w: jnp.sum(jax.lax.ragged_dot(x, w, sizes) * dy), argnums=(0, 1))(x, w)
+    for got, ref in ((y, fy), (gx, fx), (gw, fw)):
         assert float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)) < 0.05
 
 
