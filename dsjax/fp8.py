@@ -76,16 +76,27 @@ def dequantize_blocks(q, s, block: int = TILE):
     return (b * s[:, None, :, None]).reshape(K, N)
 
 
-def blockwise_dot(qa, sa, qb, sb, tile: int = TILE) -> jnp.ndarray:
+def blockwise_dot(qa, sa, qb, sb, tile: int = TILE, fp8_dot: bool | None = None) -> jnp.ndarray:
     """FP8 GEMM with float32 accumulation over 128-wide contraction blocks.
 
     qa: [M, K] fp8 with sa [M, K / tile] (one scale per row and block);
     qb: [K, N] fp8 with sb [K / tile, N] (one scale per block and column).
     Returns float32 [M, N] = Σ_blocks (qa_blk @ qb_blk) * sa_blk * sb_blk.
+    fp8_dot: multiply the FP8 operands block by block (default off the CPU), or their exact
+    float32 copies in one GEMM (default on the CPU, which has no FP8 units).
     """
     M, K = qa.shape
     N = qb.shape[1]
     KB = K // tile
+    if fp8_dot is None:
+        fp8_dot = jax.default_backend() != "cpu"
+    if not fp8_dot:
+        # Multiply the exact float32 copies of the scaled FP8 values. Each
+        # product is exact in float32 (3-bit mantissas), so this is the same float32
+        # accumulation in another order, without the [K / tile, M, N] partial products.
+        a = (qa.astype(jnp.float32).reshape(M, KB, tile) * sa[..., None]).reshape(M, K)
+        b = (qb.astype(jnp.float32).reshape(KB, tile, N) * sb[:, None, :]).reshape(K, N)
+        return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
     partial = jax.lax.dot_general(qa.reshape(M, KB, tile), qb.reshape(KB, tile, N),
                                   (((2,), (1,)), ((1,), (0,))), preferred_element_type=jnp.float32)  # [KB, M, N]
     return jnp.einsum("bmn,mb,bn->mn", partial, sa, sb)

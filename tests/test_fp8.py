@@ -135,13 +135,19 @@ def test_fp8_grouped_gemm_gradients():
         assert float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)) < 0.05
 
 
-def test_blockwise_dot_accumulates_each_block_with_its_scales():
+@pytest.mark.parametrize("fp8_dot", [True, False])
+def test_blockwise_dot_accumulates_each_block_with_its_scales(fp8_dot):
     qa = jnp.ones((2, 256), jnp.float8_e4m3fn)
     qb = jnp.ones((256, 3), jnp.float8_e4m3fn)
     sa = jnp.asarray([[1.0, 2.0], [0.5, 0.0]])
     sb = jnp.asarray([[1.0, 1.0, 3.0], [1.0, 2.0, 1.0]])
-    out = blockwise_dot(qa, sa, qb, sb)
+    out = blockwise_dot(qa, sa, qb, sb, fp8_dot=fp8_dot)
     np.testing.assert_allclose(out, [[128 * (1 + 2), 128 * (1 + 4), 128 * (3 + 2)], [64, 64, 192]])
+    # Both ways agree on random FP8 operands and scales (float32 summation order aside).
+    qa, sa = quantize_tiles(_inputs("outliers", (64, 384)))
+    qb, sb = quantize_tiles(_inputs("random", (96, 384), seed=2))
+    other = blockwise_dot(qa, sa, qb.T, sb.T, fp8_dot=not fp8_dot)
+    np.testing.assert_allclose(blockwise_dot(qa, sa, qb.T, sb.T, fp8_dot=fp8_dot), other, rtol=1e-5, atol=1e-3)
 
 
 def test_fp8_precision_switch_in_the_model_trains():
