@@ -1,8 +1,13 @@
 """FP8 vs BF16 training quality: the same `python -m train` run (same seed, same data) in
 BF16 and with DeepSeek-V3's FP8 recipe, then one JSON line with the final validation
-losses, their relative difference (DeepSeek-V3 reports < 0.25%) and the step-time ratio.
+losses, their relative difference (DeepSeek-V3 reports < 0.25%) and the step-time ratio
+(FP8 time / BF16 time per step).
 
-    python bench/fp8_quality.py [--steps 300] [--workdir bench_fp8] [--set key=value ...]
+With several `--seeds`, each seed is one BF16/FP8 pair; the losses are averaged over the
+seeds and `bf16_seed_spread` (the largest relative difference between two BF16 seeds)
+says how much of the FP8/BF16 gap run-to-run variation alone would explain.
+
+    python bench/fp8_quality.py [--steps 300] [--seeds 0,1] [--workdir bench_fp8] [--set key=value ...]
 """
 
 import argparse
@@ -10,46 +15,65 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(workdir, precision, steps, extra):
-    sets = [f"model.precision={precision}", "model.dtype=bfloat16", f"train.steps={steps}",
-            f"train.eval_every={steps}", f"train.checkpoint_every={steps}", "train.sample_tokens=0",
-            "train.log_every=10", *extra]
+def run(workdir, precision, seed, args):
+    sets = [f"model.precision={precision}", "model.dtype=bfloat16", f"train.steps={args.steps}",
+            f"train.seed={seed}", f"train.eval_every={args.steps}", f"train.eval_batches={args.eval_batches}",
+            f"train.checkpoint_every={args.steps}", "train.sample_tokens=0", "train.log_every=10", *args.extra]
     cmd = [sys.executable, "-m", "train", "--workdir", workdir]
     for s in sets:
         cmd += ["--set", s]
+    start = time.perf_counter()
+    print(f"[fp8_quality] {precision} seed {seed}: {args.steps} steps -> {workdir}", file=sys.stderr, flush=True)
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if done.returncode:
         sys.exit(done.stderr[-3000:])
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     val = [r["val_loss"] for r in records if "val_loss" in r][-1]
-    train = [r["ce"] for r in records if "ce" in r]
     speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
-    return val, sum(train[-5:]) / len(train[-5:]), sum(speeds) / len(speeds)
+    print(f"[fp8_quality] {precision} seed {seed}: val_loss {val:.5f} ({time.perf_counter() - start:.0f} s)",
+          file=sys.stderr, flush=True)
+    return val, sum(speeds) / len(speeds)
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, one BF16/FP8 pair each")
+    p.add_argument("--eval-batches", type=int, default=32, help="validation batches behind each final loss")
     p.add_argument("--workdir", default="bench_fp8")
-    p.add_argument("--set", dest="extra", action="append", default=[])
+    p.add_argument("--set", dest="extra", action="append", default=[], help="key=value for both runs")
     args = p.parse_args()
-    out = {}
-    for precision in ("default", "fp8"):
-        workdir = os.path.join(args.workdir, precision)
-        if os.path.exists(workdir):
-            sys.exit(f"error: {workdir} exists; remove it or pick another --workdir")
-        out[precision] = run(workdir, precision, args.steps, args.extra)
-    (bf16_val, bf16_train, bf16_speed), (fp8_val, fp8_train, fp8_speed) = out["default"], out["fp8"]
-    print(json.dumps({
-        "steps": args.steps, "bf16_loss": round(bf16_val, 5), "fp8_loss": round(fp8_val, 5),
-        "rel_loss_error": round(abs(fp8_val - bf16_val) / bf16_val, 5),
-        "bf16_train_loss_last_50": round(bf16_train, 5), "fp8_train_loss_last_50": round(fp8_train, 5),
-        "step_time_ratio": round(bf16_speed / fp8_speed, 3),
-    }))
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        sys.exit(f"error: --seeds must be comma-separated integers, got {args.seeds!r}")
+    runs = {}
+    for seed in seeds:
+        for precision in ("default", "fp8"):
+            workdir = os.path.join(args.workdir, f"{precision}_seed{seed}")
+            if os.path.exists(workdir):
+                sys.exit(f"error: {workdir} exists; remove it or pick another --workdir")
+            runs[precision, seed] = run(workdir, precision, seed, args)
+    mean = lambda xs: sum(xs) / len(xs)
+    bf16 = [runs["default", s][0] for s in seeds]
+    fp8 = [runs["fp8", s][0] for s in seeds]
+    bf16_loss, fp8_loss = mean(bf16), mean(fp8)
+    out = {"steps": args.steps, "seeds": seeds, "bf16_loss": round(bf16_loss, 5), "fp8_loss": round(fp8_loss, 5),
+           "rel_loss_error": round(abs(fp8_loss - bf16_loss) / bf16_loss, 5),
+           "step_time_ratio": round(mean([runs["default", s][1] for s in seeds]) /
+                                    mean([runs["fp8", s][1] for s in seeds]), 3)}
+    if len(seeds) > 1:
+        out["bf16_per_seed"] = [round(v, 5) for v in bf16]
+        out["fp8_per_seed"] = [round(v, 5) for v in fp8]
+        out["bf16_seed_spread"] = round((max(bf16) - min(bf16)) / bf16_loss, 5)
+    if args.extra:
+        out["set"] = args.extra
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

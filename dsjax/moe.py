@@ -86,7 +86,9 @@ def experts_dense(x, weights, indices, w1, w3, w2, fp8: bool = False):
     x: [N, D]; weights/indices: [N, k]; w1, w3: [E, D, F]; w2: [E, F, D] -> [N, D].
     The experts are laid side by side as one [D, E*F] matmul; the combine weights scale
     the hidden units, so the sum over experts happens inside the second matmul. With
-    `fp8`, both matmuls run through the FP8 recipe.
+    `fp8`, both matmuls run through the FP8 recipe; its 128x128 weight blocks and 1x128
+    hidden tiles stay within one expert when moe_intermediate_size is a multiple of 128 (as
+    in every DeepSeek release), and span neighbouring experts otherwise.
     """
     N, E = x.shape[0], w1.shape[0]
     D, F = w1.shape[1], w1.shape[2]
@@ -182,9 +184,10 @@ def expert_parallel_axes():
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return None
-    spec = nn.logical_to_mesh_axes(("batch", "experts", "expert_mlp"))
+    # One logical axis at a time: in one spec, Flax gives each mesh axis to the first
+    # logical axis that names it, and the batch usually takes 'expert' too.
     flat = lambda a: () if a is None else ((a,) if isinstance(a, str) else tuple(a))
-    batch, experts, hidden = (flat(a) for a in spec)
+    batch, experts, hidden = (flat(nn.logical_to_mesh_axes((name,))[0]) for name in ("batch", "experts", "expert_mlp"))
     if len(experts) != 1 or mesh.shape[experts[0]] == 1:
         return None
     tensor = hidden[0] if len(hidden) == 1 and mesh.shape[hidden[0]] > 1 else None

@@ -142,3 +142,19 @@ def test_dry_run_memory_plan():
     assert "GiB per device but a device has 80 GiB" in too_big.stderr and "Traceback" not in too_big.stderr
     bad = _dry_run("--devices", "256", "--set", "mesh.fsdp=-1", "--set", "mesh.tensor=3")
     assert bad.returncode == 2 and "do not divide the 256 devices" in bad.stderr
+
+
+@pytest.mark.parametrize("sizes, preset, expected", [
+    (dict(fsdp=1, expert=8), "fsdp_ep", ("expert", ("expert",), None)),
+    (dict(data=2, fsdp=2, expert=2), "fsdp", ("expert", ("data", "fsdp", "expert"), None)),
+    (dict(fsdp=2, tensor=2, expert=2), "fsdp_tp", ("expert", ("fsdp", "expert"), "tensor")),
+    (dict(fsdp=8), "fsdp", None),
+])
+def test_expert_parallel_dispatch_is_chosen(sizes, preset, expected):
+    # The MoE layer takes the shard_map path exactly when the experts are split, even
+    # though the batch also maps to the 'expert' mesh axis.
+    from dsjax.moe import expert_parallel_axes
+
+    mesh = make_mesh(MeshConfig(**{"fsdp": 1, **sizes, "rules": preset}))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(activation_rules(preset)):
+        assert expert_parallel_axes() == expected
