@@ -7,9 +7,13 @@ float8_e4m3fn through jax.numpy.
 - The GEMM multiplies FP8 operands with float32 results for each 128-wide block of the
   contraction axis, scales each partial product by its two scales and accumulates in
   float32 (V3's promotion of partial sums to CUDA cores).
+  On a CPU (no FP8 units) it multiplies exact float32 copies of the scaled E4M3 values
+  instead: the same float32 accumulation in another order (`blockwise_dot`'s fp8_dot).
 - `fp8_matmul` is a custom_vjp: Fprop (x @ W), Dgrad (dy @ W^T, dy in 1x128 tiles) and
   Wgrad (x^T @ dy, both in 128x1 tiles along the token axis) all run through the FP8
   GEMM; the backward pass keeps x and W in their own precision, as the master copies.
+- `fp8_ragged_dot` is the same recipe for the experts' grouped GEMM (jax.lax.ragged_dot),
+  with 128x128 blocks per expert.
 """
 
 from __future__ import annotations
@@ -192,7 +196,8 @@ def _ragged_bwd(pow2, res, dy):
     # per-tile quantization (DeepSeek pads each expert's rows to 128 instead).
     xt = tile_values(x.T, pow2).T
     dyt = tile_values(dy.T, pow2).T
-    _, transpose = jax.vjp(lambda m: _grouped(xt, m, group_sizes), jnp.zeros(w.shape, jnp.float32))
+    transpose = jax.linear_transpose(lambda m: _grouped(xt, m, group_sizes),
+                                     jax.ShapeDtypeStruct(w.shape, jnp.float32))
     (dw,) = transpose(dyt)
     return dx.astype(x.dtype), dw.astype(w.dtype), None
 

@@ -74,10 +74,8 @@ def test_custom_vjp_gradients():
     gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
     # Against autodiff of the dequantized reference, each GEMM with its FP8 operands.
     flat_x, flat_dy = x.reshape(-1, 256), dy.reshape(-1, 192)
-    deq_t = lambda a: dequantize_tiles(*quantize_tiles(a))[:, :a.shape[1]]
-    deq_b = lambda a: dequantize_blocks(*quantize_blocks(a))[:a.shape[0], :a.shape[1]]
-    ref_gx = deq_t(flat_dy) @ deq_b(w.T)
-    ref_gw = deq_t(flat_x.T) @ deq_t(flat_dy.T).T
+    ref_gx = tile_values(flat_dy) @ expert_block_values(w.T[None])[0]
+    ref_gw = tile_values(flat_x.T) @ tile_values(flat_dy.T).T
     np.testing.assert_allclose(gx.reshape(-1, 256), ref_gx, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(gw, ref_gw, rtol=1e-4, atol=1e-3)
     # And close to the float32 gradients.
@@ -210,6 +208,7 @@ def test_fp8_expert_parallel_matches_one_device():
     from flax import linen as nn
 
     import dsjax
+    from dsjax.moe import expert_parallel_axes
     from sharding.mesh import MeshConfig, make_mesh
     from sharding.rules import activation_rules
     from tests.test_sharding import OVERRIDES
@@ -230,6 +229,7 @@ def test_fp8_expert_parallel_matches_one_device():
     state_sh = state_shardings(boxed, tx, mesh, "fsdp_ep")
     batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp", "expert")))
     with jax.set_mesh(mesh), nn.logical_axis_rules(activation_rules("fsdp_ep")):
+        assert expert_parallel_axes() is not None  # the shard_map dispatch, not GSPMD's
         step = jax.jit(make_train_step(model, tx, cfg.train, schedule, activation_rules("fsdp_ep")),
                        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
         _, got = step(jax.device_put(state, state_sh), jax.device_put(batch, batch_sh))
