@@ -9,7 +9,13 @@ about a percent under *any* change of its arithmetic (MoE routing is discrete), 
 `rel_loss_error`. With several `--seeds`, losses are averaged over the seeds and
 `bf16_seed_spread` is the largest relative difference between two BF16 seeds.
 
-    python bench/fp8_quality.py [--steps 300] [--seeds 0,1] [--workdir bench_fp8] [--set key=value ...]
+A second measure with less noise: every run sees the same training batches in the same
+order, each batch once, so the mean training cross-entropy over the last `--tail` steps
+(`*_train_ce`) compares the runs on tail x batch x seq_len tokens they had not seen
+before. Both measures also come as per-seed signed differences (FP8 - BF16) / BF16, with
+their mean and standard error over the seeds.
+
+    python bench/fp8_quality.py [--steps 300] [--seeds 0,1] [--tail N] [--workdir bench_fp8] [--set key=value ...]
 """
 
 import argparse
@@ -27,7 +33,7 @@ def run(workdir, precision, seed, args):
     precision = "default" if precision == "float32" else precision
     sets = [f"model.precision={precision}", f"model.dtype={dtype}", f"train.steps={args.steps}",
             f"train.seed={seed}", f"train.eval_every={args.steps}", f"train.eval_batches={args.eval_batches}",
-            f"train.checkpoint_every={args.steps}", "train.sample_tokens=0", "train.log_every=10", *args.extra]
+            f"train.checkpoint_every={args.steps}", "train.sample_tokens=0", "train.log_every=1", *args.extra]
     cmd = [sys.executable, "-m", "train", "--workdir", workdir]
     for s in sets:
         cmd += ["--set", s]
@@ -39,9 +45,24 @@ def run(workdir, precision, seed, args):
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     val = [r["val_loss"] for r in records if "val_loss" in r][-1]
     speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
-    print(f"[fp8_quality] {workdir}: val_loss {val:.5f} ({time.perf_counter() - start:.0f} s)",
-          file=sys.stderr, flush=True)
-    return val, sum(speeds) / len(speeds)
+    tail = [r["ce"] for r in records if "ce" in r and r["step"] > args.steps - args.tail]
+    if len(tail) < args.tail:
+        sys.exit(f"error: {workdir}: {len(tail)} logged steps in the last {args.tail}; log every step")
+    ce = sum(tail) / len(tail)
+    print(f"[fp8_quality] {workdir}: val_loss {val:.5f}, train ce (last {args.tail}) {ce:.5f} "
+          f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+    return val, sum(speeds) / len(speeds), ce
+
+
+def paired(a, b):
+    """Per-seed (a - b) / b, their mean and (with 2+ seeds) standard error of the mean."""
+    d = [(x - y) / y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    out = {"per_seed": [round(x, 5) for x in d], "mean": round(mean, 5)}
+    if len(d) > 1:
+        var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+        out["stderr"] = round((var / len(d)) ** 0.5, 5)
+    return out
 
 
 def main():
@@ -49,6 +70,8 @@ def main():
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seeds", default="0", help="comma-separated seeds, one BF16/FP8 pair each")
     p.add_argument("--eval-batches", type=int, default=32, help="validation batches behind each final loss")
+    p.add_argument("--tail", type=int, default=None,
+                   help="training steps behind *_train_ce (default: the last quarter of --steps)")
     p.add_argument("--workdir", default="bench_fp8")
     p.add_argument("--set", dest="extra", action="append", default=[], help="key=value for both runs")
     args = p.parse_args()
@@ -56,6 +79,9 @@ def main():
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         sys.exit(f"error: --seeds must be comma-separated integers, got {args.seeds!r}")
+    args.tail = args.tail or max(args.steps // 4, 1)
+    if not 0 < args.tail <= args.steps:
+        sys.exit(f"error: --tail must be in 1..--steps ({args.steps}), got {args.tail}")
     runs = {}
     for seed in seeds:
         for precision in ("default", "fp8", "float32"):
@@ -73,6 +99,11 @@ def main():
            "f32_loss": round(f32_loss, 5), "f32_vs_bf16": round(abs(f32_loss - bf16_loss) / bf16_loss, 5),
            "step_time_ratio": round(mean([runs["default", s][1] for s in seeds]) /
                                     mean([runs["fp8", s][1] for s in seeds]), 3)}
+    ce = {p: [runs[p, s][2] for s in seeds] for p in ("default", "fp8", "float32")}
+    out.update({"tail_steps": args.tail, "bf16_train_ce": round(mean(ce["default"]), 5),
+                "fp8_train_ce": round(mean(ce["fp8"]), 5), "f32_train_ce": round(mean(ce["float32"]), 5),
+                "fp8_vs_bf16_val": paired(fp8, bf16), "fp8_vs_bf16_train_ce": paired(ce["fp8"], ce["default"]),
+                "f32_vs_bf16_train_ce": paired(ce["float32"], ce["default"])})
     if len(seeds) > 1:
         out["bf16_per_seed"] = [round(v, 5) for v in bf16]
         out["fp8_per_seed"] = [round(v, 5) for v in fp8]
