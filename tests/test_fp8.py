@@ -226,3 +226,24 @@ def test_fp8_training_step_near_bf16_and_same_under_expert_parallelism():
     for key in ("loss", "ce", "balance_loss"):
         np.testing.assert_allclose(got[key], ref[key], rtol=1e-5, err_msg=key)
     np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=0.02)
+
+
+def test_fp8_forward_is_causal_and_keeps_rows_apart():
+    # Activation tiles run along the features of one token, never across tokens or rows,
+    # so the FP8 forward pass cannot leak later tokens (or other sequences) into a logit.
+    import dsjax
+    from tests.test_sharding import OVERRIDES
+    from train.config import build_config
+
+    cfg = build_config("pretrain", OVERRIDES + ["model.hidden_size=128", "model.precision=fp8",
+                                                "model.dtype=bfloat16", "model.moe_impl=dense"]).model
+    model = dsjax.Transformer(cfg)
+    tokens = jax.random.randint(jax.random.key(0), (2, 24), 2, 256)
+    variables = dsjax.unbox(model.init(jax.random.key(1), tokens))
+    logits = jax.jit(lambda t: model.apply(variables, t).logits.astype(jnp.float32))
+    ref = logits(tokens)
+    later = logits(tokens.at[:, 16:].set(7))
+    np.testing.assert_array_equal(later[:, :16], ref[:, :16])
+    assert float(jnp.abs(later[:, 16:] - ref[:, 16:]).max()) > 0
+    other_row = logits(tokens.at[1].set(9))
+    np.testing.assert_array_equal(other_row[0], ref[0])
