@@ -7,8 +7,9 @@ Each seed also gets a float32 run: `f32_vs_bf16` (the same comparison for float3
 instead of FP8) is the benchmark's noise floor, the yardstick for `rel_loss_error`. In
 short runs of a small MoE the final loss moves by a percent or two under *any* change of
 its arithmetic (routing is discrete and load balancing has not settled), which is why the
-default is the 800 steps of the default run, where float32 sits within ~0.2% of BF16. With several `--seeds`, losses are averaged over the seeds and
-`bf16_seed_spread` is the largest relative difference between two BF16 seeds.
+default is the 800 steps of the default run, where float32 sits within ~0.2% of BF16.
+With several `--seeds`, losses are averaged over the seeds and `bf16_seed_spread` is the
+largest relative difference between two BF16 seeds.
 
 A second measure with less noise: every run sees the same training batches in the same
 order, each batch once, so the mean training cross-entropy over the last `--tail` steps
