@@ -60,7 +60,8 @@ def load_trained(workdir: str, step: int | None = None):
     """The model and its variables from a `python -m train` workdir.
 
     Reads `config.yaml` (the resolved run config) and the latest (or given) checkpoint.
-    Returns (Transformer, {'params', 'moe_bias'}, run config dict).
+    Returns (Transformer, {'params', 'moe_bias'}, run config dict with the restored step
+    added as 'checkpoint_step').
     """
     import yaml
 
@@ -85,4 +86,4 @@ def load_trained(workdir: str, step: int | None = None):
     variables = {"params": state["params"]}
     if state.get("moe_bias"):
         variables["moe_bias"] = state["moe_bias"]
-    return model, variables, run
+    return model, variables, {**run, "checkpoint_step": int(step)}

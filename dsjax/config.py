@@ -286,8 +286,7 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict (DeepSeek's own key names; transformers reads it)."""
-        skip = {"attn_impl", "moe_impl", "dtype", "param_dtype", "remat_policy", "precision"}
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in IMPL_FIELDS}
         out["rope_scaling"] = self.rope_scaling.to_hf() if self.rope_scaling else None
         arch = "DeepseekV2ForCausalLM" if self.model_type == "deepseek_v2" else "DeepseekV3ForCausalLM"
         out.update(architectures=[arch], num_key_value_heads=self.num_attention_heads,
@@ -297,6 +296,11 @@ class ModelConfig:
 
     def replace(self, **kw: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
+
+
+# The fields that choose how the model computes, not what it is: they leave the parameters'
+# shapes and meaning alone, so a trained checkpoint can be run under any of their values.
+IMPL_FIELDS = ("attn_impl", "moe_impl", "dtype", "param_dtype", "remat_policy", "precision")
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:

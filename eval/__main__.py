@@ -1,7 +1,12 @@
 """`python -m eval generate (--checkpoint DIR | --hf DIR) --prompt TEXT [options]`
-
-Streams a continuation of the prompt from a `python -m train` workdir or a Hugging Face
+streams a continuation of the prompt from a `python -m train` workdir or a Hugging Face
 DeepSeek directory.
+
+`python -m eval loss --checkpoint DIR [--batches N] [--set model.precision=fp8 ...]`
+prints one JSON line with the checkpoint's loss on its run's validation split.
+
+`--set model.KEY=VALUE` changes how the model computes (precision, dtype, attn_impl,
+moe_impl, remat_policy, param_dtype), never what it is.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import argparse
 import os
 import sys
 
-TASKS = ("generate",)
+TASKS = ("generate", "loss")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a python -m train workdir (latest checkpoint)")
     src.add_argument("--hf", help="a Hugging Face DeepSeek-V2/V3 directory")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", help="generate: text to continue")
     p.add_argument("--tokenizer", default=None,
                    help="'bytes' or a tokenizer.json (default: the run's, or the HF directory's)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -28,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attn-impl", choices=("absorb", "naive"), default="absorb")
+    p.add_argument("--batches", type=int, default=None,
+                   help="loss: validation batches (default: the run's train.eval_batches)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.KEY=VALUE",
+                   help="how the model computes, e.g. model.precision=fp8 or model.dtype=float32")
     return p
 
 
@@ -43,12 +52,37 @@ def _load(args):
     else:
         model, variables = dsjax.from_pretrained(args.hf)
         tokenizer = args.tokenizer or os.path.join(args.hf, "tokenizer.json")
-    model = dsjax.Transformer(dataclasses.replace(model.cfg, attn_impl=args.attn_impl))
-    return model, variables, tokenizer
+    from dsjax.config import IMPL_FIELDS
+    from train.config import override_model
+
+    cfg = override_model(dataclasses.replace(model.cfg, attn_impl=args.attn_impl), args.overrides, IMPL_FIELDS)
+    return dsjax.Transformer(cfg), variables, tokenizer
+
+
+def _loss(args) -> int:
+    import json
+
+    from eval.loss import checkpoint_loss
+
+    if not args.checkpoint:
+        print("error: loss needs --checkpoint (a python -m train workdir: its validation split)", file=sys.stderr)
+        return 2
+    try:
+        out = checkpoint_loss(args.checkpoint, args.batches, args.overrides, progress=True)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"checkpoint": args.checkpoint, **out}))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.task == "loss":
+        return _loss(args)
+    if args.prompt is None:
+        print("error: generate needs --prompt", file=sys.stderr)
+        return 2
     if args.max_new_tokens < 1 or args.temperature < 0:
         print("error: --max-new-tokens must be positive and --temperature >= 0", file=sys.stderr)
         return 2

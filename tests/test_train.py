@@ -15,6 +15,8 @@ import pytest
 
 import dsjax
 from dsjax.tokenizer import ByteTokenizer, HFTokenizer
+from eval.__main__ import main as eval_main
+from eval.loss import checkpoint_loss
 from train import data as data_lib
 from train.__main__ import main
 from train.config import RunConfig, build_config
@@ -222,7 +224,7 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in recs if "loss" in r}
 
 
-def test_run_outputs_and_exact_resume_after_sigkill(tmp_path):
+def test_run_outputs_eval_loss_and_exact_resume_after_sigkill(tmp_path, capsys):
     extra = ["train.steps=150", "train.checkpoint_every=10", "train.sample_tokens=16"]
     full = tmp_path / "full"
     done = subprocess.run(_train_cmd(full, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
@@ -236,6 +238,19 @@ def test_run_outputs_and_exact_resume_after_sigkill(tmp_path):
     assert any("val_loss" in r for r in records)
     assert (full / "plots" / "loss.png").stat().st_size > 10_000
     assert (full / "config.yaml").exists() and os.listdir(full / "checkpoints")
+
+    # python -m eval loss: the logged validation loss again, and the same weights under FP8.
+    logged = [r["val_loss"] for r in records if "val_loss" in r][-1]
+    got = checkpoint_loss(str(full))
+    assert got["step"] == 150 and got["batches"] == 2 and got["tokens"] == 2 * 4 * 32
+    assert abs(got["val_loss"] - logged) < 1e-5, (got, logged)
+    fp8 = checkpoint_loss(str(full), overrides=["model.precision=fp8"])
+    assert 1e-6 < abs(fp8["val_loss"] - logged) < 0.01 * logged, (fp8, logged)
+    assert eval_main(["loss", "--checkpoint", str(full), "--set", "model.hidden_size=32"]) == 2
+    assert eval_main(["loss", "--checkpoint", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("error: --set model.hidden_size: changes the trained model"), err
+    assert err[1] == f"error: {tmp_path / 'nope'} is not a training workdir (no config.yaml)", err
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(killed, *extra), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,

@@ -218,6 +218,22 @@ def build_config(config: str | None, overrides: list[str]) -> RunConfig:
     return cfg
 
 
+def override_model(model: ModelConfig, overrides: list[str], allowed: tuple[str, ...] | None = None) -> ModelConfig:
+    """`model` with `model.key=value` overrides applied (--set syntax), each key checked
+    against `allowed` when given."""
+    updates: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not sep or not dot or section != "model":
+            raise ConfigError(f"--set {item!r}: expected model.key=value")
+        if allowed is not None and field in {f.name for f in dataclasses.fields(ModelConfig)} and field not in allowed:
+            raise ConfigError(f"--set model.{field}: changes the trained model; here only "
+                              f"{', '.join('model.' + a for a in allowed)} can be set")
+        updates[field] = parse_value(text)
+    return _apply("model", model, updates)
+
+
 def describe_options() -> str:
     """Every key with its default, for --help."""
     lines = []

@@ -1,0 +1,52 @@
+"""Validation loss of a trained checkpoint: `python -m eval loss --checkpoint WORKDIR`.
+
+The run's own validation split, sequence length and batch size, so the figure is the
+`val_loss` the run logged; `--set model.precision=fp8` (or dtype, attn_impl, moe_impl)
+evaluates the same weights under other arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from dsjax.checkpoint import load_trained
+from dsjax.config import IMPL_FIELDS
+from dsjax.model import Transformer
+from dsjax.tokenizer import load_tokenizer
+from train import data as data_lib
+from train.config import override_model
+from train.steps import make_eval_step
+
+
+def checkpoint_loss(workdir: str, batches: int | None = None, overrides: list[str] = (),
+                    step: int | None = None, progress: bool = False) -> dict:
+    """Mean next-token cross-entropy of a `python -m train` checkpoint on its validation split.
+
+    Args:
+      workdir: the training workdir (its config.yaml and checkpoints/).
+      batches: validation batches (default: the run's train.eval_batches).
+      overrides: `model.key=value` for the keys in dsjax.config.IMPL_FIELDS.
+      step: checkpoint step (default: the latest).
+    Returns {'step', 'batches', 'tokens', 'val_loss', 'perplexity', 'set'}.
+    Raises FileNotFoundError, ValueError (dsjax.config.ConfigError) with a one-line message.
+    """
+    model, variables, run = load_trained(workdir, step)
+    cfg = override_model(model.cfg, list(overrides), IMPL_FIELDS)
+    train = run["train"]
+    n = train["eval_batches"] if batches is None else batches
+    if n < 1:
+        raise ValueError(f"--batches must be positive, got {n}")
+    tokenizer = load_tokenizer(run["data"].get("tokenizer", "bytes"))
+    corpus = data_lib.load_corpus(data_lib.DataConfig(**run["data"]), tokenizer)
+    val = data_lib.eval_batches(corpus.val, train["seq_len"], train["batch_size"], n)
+    eval_step = jax.jit(make_eval_step(Transformer(cfg)))
+    losses = [eval_step(variables["params"], variables.get("moe_bias", {}), b)
+              for b in tqdm(val, desc="eval loss", disable=not progress)]
+    loss = float(np.mean(jax.device_get(losses)))
+    return {"step": run["checkpoint_step"], "batches": len(val),
+            "tokens": int(sum(b["targets"].size for b in val)), "val_loss": round(loss, 6),
+            "perplexity": round(math.exp(loss), 4), "set": list(overrides)}
