@@ -17,6 +17,14 @@ order, each batch once, so the mean training cross-entropy over the last `--tail
 before. Both measures also come as per-seed signed differences (FP8 - BF16) / BF16, with
 their mean and standard error over the seeds.
 
+The runs' losses differ for two reasons: FP8's arithmetic, and the different path
+training takes from the first step on. To tell them apart, every BF16- and FP8-trained
+checkpoint is also scored under the other forward pass (`python -m eval loss --set
+model.precision=...`): `fp8_forward_rel_error` is the mean |FP8 - BF16| / BF16 over these
+same-weights pairs, the loss error of the arithmetic alone (`fp8_forward_signed_mean`: its
+bias), and `fp8_trained_in_bf16` pairs the FP8-trained weights, scored in BF16, with the
+BF16 run (did FP8 training find other weights, or only compute differently?).
+
     python bench/fp8_quality.py [--steps 800] [--seeds 0,1,2] [--tail N] [--workdir bench_fp8] [--set key=value ...]
 """
 
@@ -28,6 +36,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 
 def run(workdir, precision, seed, args):
@@ -102,11 +111,27 @@ def main():
            "f32_loss": round(f32_loss, 5), "f32_vs_bf16": round(abs(f32_loss - bf16_loss) / bf16_loss, 5),
            "step_time_ratio": round(mean([runs["default", s][1] for s in seeds]) /
                                     mean([runs["fp8", s][1] for s in seeds]), 3)}
+    # Same weights, other forward pass: the BF16 runs scored in FP8 and the FP8 runs in BF16.
+    from eval.loss import checkpoint_loss
+
+    other = {}
+    for (precision, seed) in [(p, s) for s in seeds for p in ("default", "fp8")]:
+        flip = "fp8" if precision == "default" else "default"
+        workdir = os.path.join(args.workdir, f"{precision}_seed{seed}")
+        other[precision, seed] = checkpoint_loss(workdir, args.eval_batches, [f"model.precision={flip}"])["val_loss"]
+        print(f"[fp8_quality] {workdir}: val_loss {other[precision, seed]:.5f} with model.precision={flip}",
+              file=sys.stderr, flush=True)
+    pairs = [(other["default", s], runs["default", s][0]) for s in seeds] + \
+            [(runs["fp8", s][0], other["fp8", s]) for s in seeds]  # (FP8 forward, BF16 forward)
+    fp8_in_bf16 = [other["fp8", s] for s in seeds]
     ce = {p: [runs[p, s][2] for s in seeds] for p in ("default", "fp8", "float32")}
     out.update({"tail_steps": args.tail, "bf16_train_ce": round(mean(ce["default"]), 5),
                 "fp8_train_ce": round(mean(ce["fp8"]), 5), "f32_train_ce": round(mean(ce["float32"]), 5),
                 "fp8_vs_bf16_val": paired(fp8, bf16), "fp8_vs_bf16_train_ce": paired(ce["fp8"], ce["default"]),
-                "f32_vs_bf16_train_ce": paired(ce["float32"], ce["default"])})
+                "f32_vs_bf16_train_ce": paired(ce["float32"], ce["default"]),
+                "fp8_forward_rel_error": round(mean([abs(a - b) / b for a, b in pairs]), 6),
+                "fp8_forward_signed_mean": round(mean([(a - b) / b for a, b in pairs]), 6),
+                "fp8_trained_in_bf16": paired(fp8_in_bf16, bf16)})
     if len(seeds) > 1:
         out["bf16_per_seed"] = [round(v, 5) for v in bf16]
         out["fp8_per_seed"] = [round(v, 5) for v in fp8]
