@@ -28,7 +28,7 @@ def checkpoint_loss(workdir: str, batches: int | None = None, overrides: list[st
 
     Args:
       workdir: the training workdir (its config.yaml and checkpoints/).
-      batches: validation batches (default: the run's train.eval_batches).
+      batches: validation batches (default: the run's train.eval_batches, or 8 if it had none).
       overrides: `model.key=value` for the keys in dsjax.config.IMPL_FIELDS.
       step: checkpoint step (default: the latest).
     Returns {'step', 'batches', 'tokens', 'val_loss', 'perplexity', 'set'}.
@@ -37,7 +37,7 @@ def checkpoint_loss(workdir: str, batches: int | None = None, overrides: list[st
     model, variables, run = load_trained(workdir, step)
     cfg = override_model(model.cfg, list(overrides), IMPL_FIELDS)
     train = run["train"]
-    n = train["eval_batches"] if batches is None else batches
+    n = (train["eval_batches"] or 8) if batches is None else batches
     if n < 1:
         raise ValueError(f"--batches must be positive, got {n}")
     tokenizer = load_tokenizer(run["data"].get("tokenizer", "bytes"))
