@@ -39,30 +39,40 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def run(workdir, precision, seed, args):
+def train_sets(precision, seed, args):
+    """The `--set`s of one benchmark run: `precision` is 'default' (BF16), 'fp8' or 'float32'."""
     dtype = "float32" if precision == "float32" else "bfloat16"
     precision = "default" if precision == "float32" else precision
-    sets = [f"model.precision={precision}", f"model.dtype={dtype}", f"train.steps={args.steps}",
+    return [f"model.precision={precision}", f"model.dtype={dtype}", f"train.steps={args.steps}",
             f"train.seed={seed}", f"train.eval_every={args.steps}", f"train.eval_batches={args.eval_batches}",
             f"train.checkpoint_every={args.steps}", "train.sample_tokens=0", "train.log_every=1", *args.extra]
-    cmd = [sys.executable, "-m", "train", "--workdir", workdir]
-    for s in sets:
-        cmd += ["--set", s]
-    start = time.perf_counter()
-    print(f"[fp8_quality] {workdir}: {args.steps} steps", file=sys.stderr, flush=True)
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(done.stderr[-3000:])
+
+
+def read_run(workdir, args):
+    """(final val_loss, mean tokens/s, mean training CE over the last args.tail steps, first-step loss)."""
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     val = [r["val_loss"] for r in records if "val_loss" in r][-1]
     speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
     tail = [r["ce"] for r in records if "ce" in r and r["step"] > args.steps - args.tail]
     if len(tail) < args.tail:
         sys.exit(f"error: {workdir}: {len(tail)} logged steps in the last {args.tail}; log every step")
-    ce = sum(tail) / len(tail)
+    first = [r["loss"] for r in records if r["step"] == 1][0]
+    return val, sum(speeds) / len(speeds), sum(tail) / len(tail), first
+
+
+def run(workdir, precision, seed, args):
+    cmd = [sys.executable, "-m", "train", "--workdir", workdir]
+    for s in train_sets(precision, seed, args):
+        cmd += ["--set", s]
+    start = time.perf_counter()
+    print(f"[fp8_quality] {workdir}: {args.steps} steps", file=sys.stderr, flush=True)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(done.stderr[-3000:])
+    val, speed, ce, _ = read_run(workdir, args)
     print(f"[fp8_quality] {workdir}: val_loss {val:.5f}, train ce (last {args.tail}) {ce:.5f} "
           f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-    return val, sum(speeds) / len(speeds), ce
+    return val, speed, ce
 
 
 def paired(a, b):
