@@ -96,6 +96,7 @@ def main():
     p.add_argument("--workdir", default="bench_fp8")
     p.add_argument("--set", dest="extra", action="append", default=[], help="key=value for both runs")
     args = p.parse_args()
+    args.workdir = os.path.abspath(args.workdir)  # the runs start in the repository root
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
