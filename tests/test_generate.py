@@ -188,6 +188,13 @@ def test_stream_matches_batched_and_cli(random_model, tmp_path):
                           timeout=300, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("ab")
+    # --set reaches the model the CLI builds; keys that would change the model are refused.
+    from eval.__main__ import _load, _parser, main as eval_main
+    loaded, _, _ = _load(_parser().parse_args(["generate", "--hf", str(tmp_path), "--prompt", "ab",
+                                               "--set", "model.precision=fp8", "--set", "model.dtype=bfloat16"]))
+    assert (loaded.cfg.precision, loaded.cfg.dtype, loaded.cfg.attn_impl) == ("fp8", "bfloat16", "absorb")
+    assert eval_main(["generate", "--hf", str(tmp_path), "--prompt", "ab", "--set", "model.vocab_size=8"]) == 2
+    assert eval_main(["generate", "--hf", str(tmp_path), "--prompt", "ab", "--set", "train.steps=8"]) == 2
     missing = subprocess.run([sys.executable, "-m", "eval", "generate", "--hf", str(tmp_path / "nope"),
                               "--prompt", "x"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr

@@ -169,6 +169,19 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def parse_set(item: str) -> tuple[str, str, Any]:
+    """One `--set section.key=value` -> (section, key, parsed value); ConfigError if malformed."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, text = item.split("=", 1)
+    if "." not in key:
+        raise ConfigError(f"--set {key}: expected section.key (sections: {sorted(_SECTIONS)})")
+    section, field = key.split(".", 1)
+    if section not in _SECTIONS:
+        raise ConfigError(f"unknown config section {section!r} in --set {key}")
+    return section, field, parse_value(text)
+
+
 def resolve_config_path(name_or_path: str) -> str:
     if os.path.exists(name_or_path):
         return name_or_path
@@ -198,15 +211,8 @@ def build_config(config: str | None, overrides: list[str]) -> RunConfig:
             raise ConfigError(f"config section {section!r} must be a mapping")
         sections[section] = dict(values)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected section.key=value")
-        key, text = item.split("=", 1)
-        if "." not in key:
-            raise ConfigError(f"--set {key}: expected section.key (sections: {sorted(_SECTIONS)})")
-        section, field = key.split(".", 1)
-        if section not in _SECTIONS:
-            raise ConfigError(f"unknown config section {section!r} in --set {key}")
-        sections.setdefault(section, {})[field] = parse_value(text)
+        section, field, value = parse_set(item)
+        sections.setdefault(section, {})[field] = value
     model_values = dict(sections.pop("model", {}))
     preset = model_values.pop("preset", "tiny")
     model = load_model_config(str(preset))
@@ -223,14 +229,13 @@ def override_model(model: ModelConfig, overrides: list[str], allowed: tuple[str,
     against `allowed` when given."""
     updates: dict[str, Any] = {}
     for item in overrides:
-        key, sep, text = item.partition("=")
-        section, dot, field = key.partition(".")
-        if not sep or not dot or section != "model":
-            raise ConfigError(f"--set {item!r}: expected model.key=value")
+        section, field, value = parse_set(item)
+        if section != "model":
+            raise ConfigError(f"--set {item!r}: only model.key=value applies here")
         if allowed is not None and field in {f.name for f in dataclasses.fields(ModelConfig)} and field not in allowed:
             raise ConfigError(f"--set model.{field}: changes the trained model; here only "
                               f"{', '.join('model.' + a for a in allowed)} can be set")
-        updates[field] = parse_value(text)
+        updates[field] = value
     return _apply("model", model, updates)
 
 
