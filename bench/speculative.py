@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from dsjax.checkpoint import load_trained  # noqa: E402
 from dsjax.generate import generate  # noqa: E402
 from dsjax.tokenizer import load_tokenizer  # noqa: E402
-from train.data import DataConfig, load_corpus  # noqa: E402
+from dsjax.data import DataConfig, load_corpus  # noqa: E402
 
 
 def timed(fn):

@@ -56,6 +56,30 @@ class Checkpointer:
         self._mngr.close()
 
 
+def restore_variables(directory: str, target: dict, step: int | None = None) -> tuple[dict, int]:
+    """Parameters and router bias of a training checkpoint, without its optimizer state.
+
+    Args:
+      directory: a `checkpoints/` folder written by `Checkpointer`.
+      target: {'params': ..., 'moe_bias': ...} of jax.ShapeDtypeStruct with the shardings
+        to restore onto (any device count or mesh: orbax reads each shard's slice).
+      step: the checkpoint (default: the latest).
+    Returns ({'params', 'moe_bias'}, step). Raises FileNotFoundError with a one-line message.
+    """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory} does not exist")
+    mngr = ocp.CheckpointManager(os.path.abspath(directory))
+    step = mngr.latest_step() if step is None else step
+    mngr.close()
+    if step is None:
+        raise FileNotFoundError(f"{directory} holds no finished checkpoint")
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    out = ocp.PyTreeCheckpointer().restore(
+        os.path.join(os.path.abspath(directory), str(step), "state"),
+        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+    return {"params": out["params"], "moe_bias": out.get("moe_bias") or {}}, int(step)
+
+
 def load_trained(workdir: str, step: int | None = None):
     """The model and its variables from a `python -m train` workdir.
 

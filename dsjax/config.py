@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import types
+import typing
 from typing import Any
 
 import yaml
@@ -296,6 +298,94 @@ class ModelConfig:
 
     def replace(self, **kw: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
+
+
+def coerce(key: str, value: Any, hint: Any) -> Any:
+    """Checks `value` against the field's type hint; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}={value!r} is not a valid {hint}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif dataclasses.is_dataclass(hint):
+        if isinstance(value, dict):
+            return hint(**value)
+        if value is None:
+            return None
+    else:
+        return value
+    raise ConfigError(f"{key}={value!r} is not a valid {getattr(hint, '__name__', hint)}")
+
+
+def apply_updates(section: str, base: Any, updates: dict[str, Any]) -> Any:
+    """`base` (a config dataclass) with `updates` applied, each value checked against the
+    field's type; unknown keys and bad values raise ConfigError naming `section.key`."""
+    cls = type(base)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kw = {}
+    for k, v in updates.items():
+        if k not in fields:
+            raise ConfigError(f"unknown config key {section}.{k}")
+        kw[k] = coerce(f"{section}.{k}", v, hints[k])
+    try:
+        return dataclasses.replace(base, **kw)
+    except ConfigError as e:
+        raise ConfigError(f"{section}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{section}: {e}") from None
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: numbers (1, 0.5, 1e-3), then YAML scalars (true, null), else a string."""
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def override_model(model: ModelConfig, overrides: list[str], allowed: tuple[str, ...] | None = None) -> ModelConfig:
+    """`model` with `model.key=value` overrides applied (--set syntax), each key checked
+    against `allowed` when given."""
+    updates: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set {item!r}: expected model.key=value")
+        key, text = item.split("=", 1)
+        section, field = key.split(".", 1)
+        value = parse_value(text)
+        if section != "model":
+            raise ConfigError(f"--set {item!r}: only model.key=value applies here")
+        if allowed is not None and field in {f.name for f in dataclasses.fields(ModelConfig)} and field not in allowed:
+            raise ConfigError(f"--set model.{field}: changes the trained model; here only "
+                              f"{', '.join('model.' + a for a in allowed)} can be set")
+        updates[field] = value
+    return apply_updates("model", model, updates)
 
 
 # The fields that choose how the model computes, not what it is: they leave the parameters'

@@ -52,8 +52,7 @@ def _load(args):
     else:
         model, variables = dsjax.from_pretrained(args.hf)
         tokenizer = args.tokenizer or os.path.join(args.hf, "tokenizer.json")
-    from dsjax.config import IMPL_FIELDS
-    from train.config import override_model
+    from dsjax.config import IMPL_FIELDS, override_model
 
     cfg = override_model(dataclasses.replace(model.cfg, attn_impl=args.attn_impl), args.overrides, IMPL_FIELDS)
     return dsjax.Transformer(cfg), variables, tokenizer

@@ -10,16 +10,14 @@ from __future__ import annotations
 import math
 
 import jax
-import numpy as np
 from tqdm.auto import tqdm
 
+from dsjax import data as data_lib
 from dsjax.checkpoint import load_trained
-from dsjax.config import IMPL_FIELDS
+from dsjax.config import IMPL_FIELDS, override_model
+from dsjax.losses import make_eval_step
 from dsjax.model import Transformer
 from dsjax.tokenizer import load_tokenizer
-from train import data as data_lib
-from train.config import override_model
-from train.steps import make_eval_step
 
 
 def checkpoint_loss(workdir: str, batches: int | None = None, overrides: list[str] = (),
@@ -44,9 +42,9 @@ def checkpoint_loss(workdir: str, batches: int | None = None, overrides: list[st
     corpus = data_lib.load_corpus(data_lib.DataConfig(**run["data"]), tokenizer)
     val = data_lib.eval_batches(corpus.val, train["seq_len"], train["batch_size"], n)
     eval_step = jax.jit(make_eval_step(Transformer(cfg)))
-    losses = [eval_step(variables["params"], variables.get("moe_bias", {}), b)
-              for b in tqdm(val, desc="eval loss", disable=not progress)]
-    loss = float(np.mean(jax.device_get(losses)))
+    sums = jax.device_get([eval_step(variables["params"], variables.get("moe_bias", {}), b)
+                           for b in tqdm(val, desc="eval loss", disable=not progress)])
+    loss = float(sum(s for s, _ in sums) / sum(c for _, c in sums))
     return {"step": run["checkpoint_step"], "batches": len(val),
             "tokens": int(sum(b["targets"].size for b in val)), "val_loss": round(loss, 6),
             "perplexity": round(math.exp(loss), 4), "set": list(overrides)}

@@ -17,12 +17,12 @@ import dsjax
 from dsjax.tokenizer import ByteTokenizer, HFTokenizer
 from eval.__main__ import main as eval_main
 from eval.loss import checkpoint_loss
-from train import data as data_lib
+from dsjax import data as data_lib
 from train.__main__ import main
 from train.config import RunConfig, build_config
 from train.optim import decay_mask, make_optimizer
-from train.steps import (TrainState, make_train_step, max_violation, mtp_cross_entropy,
-                         cross_entropy)
+from dsjax.losses import cross_entropy, mtp_cross_entropy
+from train.steps import TrainState, make_train_step, max_violation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,5 @@
-"""The pretraining step: loss, gradients, AdamW update and the aux-loss-free bias update.
+"""The supervised step (pretraining and SFT): loss, gradients, AdamW update and the
+aux-loss-free bias update.
 
 Objective (DeepSeek-V3 §2.2, §2.1.2): next-token cross-entropy + lambda * mean MTP
 cross-entropy + alpha * Σ_layers sequence-wise balance loss. After the update, each
@@ -18,33 +19,22 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dsjax.losses import cross_entropy, model_variables, mtp_cross_entropy
 from dsjax.model import ModelOutput, Transformer, unbox
 from sharding.rules import tree_shardings
 
 
 @flax.struct.dataclass
 class TrainState:
+    """What a checkpoint holds: the step, parameters, optimizer state, the router bias
+    (`moe_bias`, {} for dense models) and GRPO's frozen reference parameters ({} when the
+    stage keeps none)."""
+
     step: jnp.ndarray
     params: Any
     opt_state: Any
     moe_bias: Any
-
-
-def cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
-    """Mean token cross-entropy in nats. logits: [B, T, V] float32; targets: int [B, T]."""
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.mean(logz - picked)
-
-
-def mtp_cross_entropy(mtp_logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
-    """Mean over MTP depths k of the CE of module k at t against token t+2+k.
-
-    mtp_logits: [K, B, T, V]; targets: [B, T] (targets[t] = token t+1).
-    """
-    T = targets.shape[1]
-    losses = [cross_entropy(mtp_logits[k, :, :T - 1 - k], targets[:, k + 1:]) for k in range(mtp_logits.shape[0])]
-    return jnp.mean(jnp.stack(losses))
+    ref_params: Any = flax.struct.field(default_factory=dict)
 
 
 def max_violation(loads: jnp.ndarray) -> jnp.ndarray:
@@ -87,18 +77,23 @@ def schedules(tcfg):
 
 def make_train_step(model: Transformer, tx: optax.GradientTransformation, tcfg,
                     lr_schedule: Callable, rules=()) -> Callable:
-    """Returns train_step(state, batch) -> (state, metrics), to be jitted by the caller."""
+    """Returns train_step(state, batch) -> (state, metrics), to be jitted by the caller.
+
+    `batch`: `inputs`, `targets` int32 [B, T]; for packed SFT windows also `positions`,
+    `segment_ids` [B, T] and `mask` bool [B, T] (the targets that are scored).
+    """
     cfg = model.cfg
     mtp_lambda, gamma = schedules(tcfg)
 
     def loss_fn(params, moe_bias, batch, step):
-        variables = {"params": params}
-        if moe_bias:
-            variables["moe_bias"] = moe_bias
         with nn.logical_axis_rules(rules):
-            out = model.apply(variables, batch["inputs"])
-        ce = cross_entropy(out.logits, batch["targets"])
-        mtp = mtp_cross_entropy(out.mtp_logits, batch["targets"]) if out.mtp_logits is not None else 0.0
+            out = model.apply(model_variables(params, moe_bias), batch["inputs"], batch.get("positions"),
+                              batch.get("segment_ids"))
+        mask, segments = batch.get("mask"), batch.get("segment_ids")
+        ce = cross_entropy(out.logits, batch["targets"], mask)
+        mtp = 0.0
+        if out.mtp_logits is not None:
+            mtp = mtp_cross_entropy(out.mtp_logits, batch["targets"], mask, segments)
         balance = 0.0
         if out.balance_loss is not None:
             balance = balance + out.balance_loss.sum()
@@ -118,24 +113,9 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation, tcfg,
                    "lr": lr_schedule(state.step)}
         if cfg.num_moe_layers:
             metrics["max_vio"] = max_violation(out.expert_loads)
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, moe_bias=moe_bias)
-        return new_state, metrics
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, moe_bias=moe_bias), metrics
 
     return train_step
-
-
-def make_eval_step(model: Transformer, rules=()) -> Callable:
-    """Returns eval_step(params, moe_bias, batch) -> mean next-token CE."""
-
-    def eval_step(params, moe_bias, batch):
-        variables = {"params": params}
-        if moe_bias:
-            variables["moe_bias"] = moe_bias
-        with nn.logical_axis_rules(rules):
-            out = model.apply(variables, batch["inputs"], mtp=False)
-        return cross_entropy(out.logits, batch["targets"])
-
-    return eval_step
 
 
 def flops_per_token(cfg, seq_len: int) -> float:
@@ -149,9 +129,10 @@ def flops_per_token(cfg, seq_len: int) -> float:
     return 6 * (counts["activated"] + counts["mtp_activated"]) + attention
 
 
-def state_shardings(boxed, tx, mesh, preset):
+def state_shardings(boxed, tx, mesh, preset, reference: bool = False):
     """Shardings of a TrainState from the model's abstract boxed variables (their logical
-    annotations) and the rules `preset`; optimizer moments follow their parameter."""
+    annotations) and the rules `preset`; optimizer moments and the reference parameters
+    (with `reference`) follow their parameter."""
     var_shardings = tree_shardings(boxed, mesh, preset)
     abstract = unbox(boxed)
     param_sh = var_shardings["params"]
@@ -160,4 +141,4 @@ def state_shardings(boxed, tx, mesh, preset):
     opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, opt_abstract, param_sh,
                                    transform_non_params=lambda _: replicated)
     return TrainState(step=replicated, params=param_sh, opt_state=opt_sh,
-                      moe_bias=var_shardings.get("moe_bias", {}))
+                      moe_bias=var_shardings.get("moe_bias", {}), ref_params=param_sh if reference else {})

@@ -1,4 +1,7 @@
-"""Training data with grain: documents -> tokens -> packed windows -> shuffled batches.
+"""Text corpora with grain: documents -> tokens -> packed windows -> shuffled batches.
+
+Pretraining reads its batches here and evaluation its validation split, so the module
+lives below both `train` and `eval`.
 
 Sources: the running Python's standard library (`source: stdlib`, every machine has it,
 no download), text files or folders, and JSONL files with a text field. Documents are
@@ -50,7 +53,7 @@ def _stdlib_files() -> list[str]:
     return files
 
 
-def _source_files(cfg: DataConfig) -> list[str]:
+def source_files(cfg: DataConfig) -> list[str]:
     if cfg.source == "stdlib":
         return _stdlib_files()
     files = []
@@ -85,8 +88,9 @@ def _documents(path: str, cfg: DataConfig):
             yield path, f.read()
 
 
-def _is_val(path: str, fraction: float) -> bool:
-    h = int(hashlib.sha1(path.encode()).hexdigest()[:8], 16)
+def is_validation(key: str, fraction: float) -> bool:
+    """Whether the document (or example) `key` is held out for validation: a stable hash."""
+    h = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16)
     return (h % 10_000) < fraction * 10_000
 
 
@@ -109,7 +113,7 @@ class Corpus:
 
 def load_corpus(cfg: DataConfig, tokenizer) -> Corpus:
     """Reads and tokenizes the source until each split holds its share of `max_bytes`."""
-    files = _source_files(cfg)
+    files = source_files(cfg)
     order = np.random.default_rng(1234).permutation(len(files))  # a spread of files, fixed
     splits = {"train": [], "val": []}
     sizes = {"train": 0, "val": 0}
@@ -119,7 +123,7 @@ def load_corpus(cfg: DataConfig, tokenizer) -> Corpus:
     for i in order:
         path = files[i]
         for key, doc in _documents(path, cfg):
-            split = "val" if _is_val(key, cfg.val_fraction) else "train"
+            split = "val" if is_validation(key, cfg.val_fraction) else "train"
             if not doc.strip() or (cfg.max_bytes and sizes[split] >= quota[split]):
                 continue
             splits[split].extend([tokenizer.encode(doc), eos])
