@@ -1,0 +1,176 @@
+"""Rule-based rewards (DeepSeek-R1 §2.2.2): plain functions registered by name.
+
+Every reward has one signature, `reward(prompt, completion, **fields) -> float`, where
+`fields` are the problem's (`answer`, or `numbers` and `target`) plus what the trainer
+knows about the sample (`completion_tokens`, `max_tokens`). Nothing here evaluates model
+output as code: answers go through `eval.tasks.evaluate_expression`, a small parser over
+exact fractions, and the tag parser is a linear scan.
+
+    r = rewards.get("accuracy")(prompt, completion, **problem.fields)
+    total, parts = rewards.combine("accuracy:1,format:0.1")(prompt, completion, **fields)
+
+Accuracy is granted only to a well-formed completion, so a format bonus can never reward
+a long wrong answer. Add a reward with `@rewards.register("name")`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable
+
+from eval.tasks import evaluate_expression
+
+Reward = Callable[..., float]
+_REWARDS: dict[str, Reward] = {}
+_MAX_ANSWER = 64  # characters of an integer answer that are compared at all
+_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def register(name: str) -> Callable[[Reward], Reward]:
+    """Decorator: adds `fn(prompt, completion, **fields) -> float` under `name`."""
+    def wrap(fn: Reward) -> Reward:
+        _REWARDS[name] = fn
+        return fn
+    return wrap
+
+
+def unregister(name: str) -> None:
+    _REWARDS.pop(name, None)
+
+
+def names() -> list[str]:
+    return sorted(_REWARDS)
+
+
+def get(name: str) -> Reward:
+    if name not in _REWARDS:
+        raise ValueError(f"unknown reward {name!r}; rewards: {names()}")
+    return _REWARDS[name]
+
+
+def parse_tags(completion: str) -> tuple[str, str] | None:
+    """(think, answer) of `<think>T</think> <answer>A</answer>` (whitespace allowed around
+    and between the blocks), each tag exactly once and nothing else outside; else None."""
+    text = completion.strip()
+    if any(text.count(tag) != 1 for tag in _TAGS):
+        return None
+    starts = [text.find(tag) for tag in _TAGS]
+    if starts[0] != 0 or starts != sorted(starts) or not text.endswith(_TAGS[3]):
+        return None
+    between = text[starts[1] + len(_TAGS[1]):starts[2]]
+    if between.strip():
+        return None
+    return text[len(_TAGS[0]):starts[1]], text[starts[2] + len(_TAGS[2]):starts[3]]
+
+
+def _normalize_int(text: str) -> str | None:
+    """'-0042' -> '-42'; None unless an optionally signed integer of at most 64 characters."""
+    s = text.strip()
+    if not s or len(s) > _MAX_ANSWER:
+        return None
+    sign = ""
+    if s[0] in "+-":
+        sign, s = ("-" if s[0] == "-" else ""), s[1:]
+    if not s or not all("0" <= c <= "9" for c in s):
+        return None
+    s = s.lstrip("0") or "0"
+    return s if s == "0" else sign + s
+
+
+def answer_of(completion: str) -> str | None:
+    """The text inside <answer> of a well-formed completion, stripped; None otherwise."""
+    tags = parse_tags(completion)
+    return None if tags is None else tags[1].strip()
+
+
+def is_correct(given: str, /, **fields: Any) -> bool:
+    """Whether an extracted answer `given` solves the problem described by `fields`."""
+    if "numbers" in fields and "target" in fields:
+        parsed = evaluate_expression(given)
+        if parsed is None:
+            return False
+        value, used = parsed
+        return sorted(used) == sorted(int(n) for n in fields["numbers"]) and value == int(fields["target"])
+    if "answer" in fields:
+        got, want = _normalize_int(given), _normalize_int(str(fields["answer"]))
+        return got is not None and got == want
+    raise ValueError("the problem has neither 'answer' nor 'numbers'/'target' fields")
+
+
+@register("accuracy")
+def accuracy(prompt: str, completion: str, **fields: Any) -> float:
+    """1 for a well-formed completion whose answer is correct, else 0."""
+    answer = answer_of(completion)
+    return float(answer is not None and is_correct(answer, **fields))
+
+
+@register("format")
+def format_reward(prompt: str, completion: str, **fields: Any) -> float:
+    """1 for `<think>...</think> <answer>...</answer>` with each tag once, else 0."""
+    return float(parse_tags(completion) is not None)
+
+
+@register("partial_credit")
+def partial_credit(prompt: str, completion: str, **fields: Any) -> float:
+    """1 for a well-formed completion with a non-empty wrong answer (TinyZero gives such
+    answers 0.1: use weight 0.1)."""
+    answer = answer_of(completion)
+    return float(bool(answer) and not is_correct(answer, **fields))
+
+
+@register("overlong")
+def overlong(prompt: str, completion: str, *, completion_tokens: int = 0, max_tokens: int = 0,
+             overlong_buffer: int = 0, **fields: Any) -> float:
+    """DAPO's soft overlong penalty: 0 up to max_tokens - buffer, then falling linearly to
+    -1 at max_tokens (and -1 beyond). 0 when max_tokens or the buffer is unset."""
+    if max_tokens <= 0 or overlong_buffer <= 0:
+        return 0.0
+    free = max_tokens - overlong_buffer
+    if completion_tokens <= free:
+        return 0.0
+    return max(-1.0, (free - completion_tokens) / overlong_buffer)
+
+
+@register("random")
+def random_reward(prompt: str, completion: str, *, reward_seed: int = 0, **fields: Any) -> float:
+    """A control: 1 or 0 by a hash of (seed, prompt, completion), only for well-formed
+    completions (like accuracy), independent of correctness."""
+    if parse_tags(completion) is None:
+        return 0.0
+    h = hashlib.sha256(f"{reward_seed}\0{prompt}\0{completion}".encode()).digest()
+    return float(h[0] & 1)
+
+
+def parse_spec(spec: str) -> list[tuple[str, float]]:
+    """'accuracy:1,format:0.1' -> [('accuracy', 1.0), ('format', 0.1)]; a bare name weighs 1.
+
+    Raises ValueError naming an unknown reward or a bad weight.
+    """
+    out = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, weight = part.partition(":")
+        name = name.strip()
+        get(name)
+        try:
+            w = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise ValueError(f"reward {name!r}: weight {weight!r} is not a number") from None
+        out.append((name, w))
+    if not out:
+        raise ValueError(f"no rewards in {spec!r}")
+    return out
+
+
+def combine(spec: str) -> Callable[..., tuple[float, dict[str, float]]]:
+    """A weighted sum of registered rewards: fn(prompt, completion, **fields) -> (total,
+    {name: unweighted value})."""
+    parts = parse_spec(spec)
+
+    def total(prompt: str, completion: str, **fields: Any) -> tuple[float, dict[str, float]]:
+        values = {name: float(get(name)(prompt, completion, **fields)) for name, _ in parts}
+        return sum(w * values[name] for name, w in parts), values
+
+    return total
