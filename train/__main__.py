@@ -1,8 +1,12 @@
-"""`python -m train [STAGE] [--config NAME_OR_PATH] [--workdir DIR] [--set key=value ...]`
+"""`python -m train [STAGE] [--config NAME_OR_PATH] [--workdir DIR] [--init WORKDIR] [--set key=value ...]`
 
 With no arguments: pretrains the tiny preset on the Python standard library's source
 (byte-level tokens), with a progress bar, validation, checkpoints, metrics.jsonl, a loss
 plot and a generated sample. Running again on the same workdir resumes exactly.
+
+Stages: `pretrain`, `sft` (prompt/response JSONL, the loss on responses; configs/sft.yaml)
+and `grpo` (rollouts + rule-based rewards on a generated task; configs/grpo.yaml). Each
+reads `configs/<stage>.yaml` unless `--config` names another run config.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-STAGES = ("pretrain",)
+STAGES = ("pretrain", "sft", "grpo")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,8 +25,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Train DeepSeek-style models with dsjax.",
         epilog="options for --set (section.key = default):\n" + describe_options())
     p.add_argument("stage", nargs="?", default="pretrain", choices=STAGES, help="what to run (default: pretrain)")
-    p.add_argument("--config", default="pretrain", help="run config: a name under configs/ or a YAML path")
+    p.add_argument("--config", default=None,
+                   help="run config: a name under configs/ or a YAML path (default: the stage's own)")
     p.add_argument("--workdir", default="workdir", help="outputs and checkpoints (resumed if present)")
+    p.add_argument("--init", default=None, metavar="WORKDIR",
+                   help="start from this run's parameters (the same as --set init.workdir=WORKDIR)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=50 (repeatable)")
     p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 for multi-process runs")
@@ -62,6 +69,17 @@ def dry_run(cfg, args) -> int:
     return 0
 
 
+def _stage_class(stage: str):
+    if stage == "sft":
+        from train.sft import SFTStage
+        return SFTStage
+    if stage == "grpo":
+        from train.grpo import GRPOStage
+        return GRPOStage
+    from train.loop import PretrainStage
+    return PretrainStage
+
+
 def main(argv: list[str] | None = None) -> int:
     from dsjax.config import ConfigError
 
@@ -69,16 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from train.config import build_config
 
-        cfg = build_config(args.config, args.overrides)
+        overrides = list(args.overrides) + ([f"init.workdir={args.init}"] if args.init else [])
+        cfg = build_config(args.config or args.stage, overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
         return dry_run(cfg, args)
     try:
-        from train.loop import run_pretraining
+        from train.loop import run_stage
 
-        return run_pretraining(cfg, args)
+        return run_stage(cfg, args, _stage_class(args.stage))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from typing import Any
 
 import yaml
 
-from dsjax.config import _CONFIG_DIR, ConfigError, ModelConfig, load_model_config
+from dsjax.config import _CONFIG_DIR, ConfigError, ModelConfig, apply_updates, load_model_config, parse_value
 from sharding.mesh import MeshConfig
-from train.data import DataConfig
+from dsjax.data import DataConfig
+from train.grpo import GRPOConfig
+from train.sft import SFTConfig
 
 SCHEDULES = ("cosine", "constant", "step")
 
@@ -90,83 +90,35 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class InitConfig:
+    """Where a run's parameters start (when it is not resuming its own workdir).
+
+    Attributes:
+      workdir: a `python -m train` workdir: its latest checkpoint's parameters and router
+        bias (not its optimizer state); the model and tokenizer default to that run's.
+      hf: a Hugging Face DeepSeek-V2/V3 directory (`dsjax.from_pretrained`).
+    """
+
+    workdir: str = ""
+    hf: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Everything `python -m train` does: model, training, data, mesh."""
+    """Everything `python -m train` does: model, training, data, mesh, where parameters
+    start, and the SFT and GRPO stages' own settings."""
 
     model: ModelConfig = dataclasses.field(default_factory=lambda: load_model_config("tiny"))
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
 
 
-_SECTIONS = {"train": TrainConfig, "data": DataConfig, "mesh": MeshConfig, "model": ModelConfig}
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Checks `value` against the field's type hint; ints are accepted for floats."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}={value!r} is not a valid {hint}")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif dataclasses.is_dataclass(hint):
-        if isinstance(value, dict):
-            return hint(**value)
-        if value is None:
-            return None
-    else:
-        return value
-    raise ConfigError(f"{key}={value!r} is not a valid {getattr(hint, '__name__', hint)}")
-
-
-def _apply(section: str, base: Any, updates: dict[str, Any]) -> Any:
-    cls = type(base)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {}
-    for k, v in updates.items():
-        if k not in fields:
-            raise ConfigError(f"unknown config key {section}.{k}")
-        kw[k] = _coerce(f"{section}.{k}", v, hints[k])
-    try:
-        return dataclasses.replace(base, **kw)
-    except ConfigError as e:
-        raise ConfigError(f"{section}: {e}") from None
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{section}: {e}") from None
-
-
-def parse_value(text: str) -> Any:
-    """A --set value: numbers (1, 0.5, 1e-3), then YAML scalars (true, null), else a string."""
-    for number in (int, float):
-        try:
-            return number(text)
-        except ValueError:
-            pass
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+_SECTIONS = {"train": TrainConfig, "data": DataConfig, "mesh": MeshConfig, "model": ModelConfig,
+             "init": InitConfig, "sft": SFTConfig, "grpo": GRPOConfig}
 
 
 def parse_set(item: str) -> tuple[str, str, Any]:
@@ -213,37 +165,76 @@ def build_config(config: str | None, overrides: list[str]) -> RunConfig:
     for item in overrides:
         section, field, value = parse_set(item)
         sections.setdefault(section, {})[field] = value
+    init = apply_updates("init", InitConfig(), sections.pop("init", {}))
     model_values = dict(sections.pop("model", {}))
-    preset = model_values.pop("preset", "tiny")
-    model = load_model_config(str(preset))
-    model = _apply("model", model, model_values)
-    cfg = RunConfig(model=model)
+    preset = model_values.pop("preset", None)
+    source, source_data = _init_source(init)
+    if source is not None and preset is None:
+        model = source
+    else:
+        model = load_model_config(str(preset or "tiny"))
+    model = apply_updates("model", model, model_values)
+    if source is not None:
+        check_same_model(source, model, f"the init source {init.workdir or init.hf}")
+        data = sections.setdefault("data", {})
+        for key, value in source_data.items():
+            data.setdefault(key, value)
+    cfg = RunConfig(model=model, init=init)
     for section, values in sections.items():
-        cfg = dataclasses.replace(cfg, **{section: _apply(section, getattr(cfg, section), values)})
+        cfg = dataclasses.replace(cfg, **{section: apply_updates(section, getattr(cfg, section), values)})
     cfg.train.validate()
+    cfg.grpo.validate()
     return cfg
 
 
-def override_model(model: ModelConfig, overrides: list[str], allowed: tuple[str, ...] | None = None) -> ModelConfig:
-    """`model` with `model.key=value` overrides applied (--set syntax), each key checked
-    against `allowed` when given."""
-    updates: dict[str, Any] = {}
-    for item in overrides:
-        section, field, value = parse_set(item)
-        if section != "model":
-            raise ConfigError(f"--set {item!r}: only model.key=value applies here")
-        if allowed is not None and field in {f.name for f in dataclasses.fields(ModelConfig)} and field not in allowed:
-            raise ConfigError(f"--set model.{field}: changes the trained model; here only "
-                              f"{', '.join('model.' + a for a in allowed)} can be set")
-        updates[field] = value
-    return _apply("model", model, updates)
+def _init_source(init: InitConfig) -> tuple[ModelConfig | None, dict[str, Any]]:
+    """The model config of `init.workdir` / `init.hf` and the data keys a run inherits
+    from it (its tokenizer), or (None, {})."""
+    import json
+
+    from dsjax.config import config_from_dict
+
+    if init.workdir and init.hf:
+        raise ConfigError("init.workdir and init.hf are exclusive: start from one of them")
+    if init.workdir:
+        path = os.path.join(init.workdir, "config.yaml")
+        if not os.path.isfile(path):
+            raise ConfigError(f"init.workdir: {init.workdir} is not a training workdir (no config.yaml)")
+        with open(path) as f:
+            run = yaml.safe_load(f) or {}
+        return config_from_dict(run["model"]), {"tokenizer": run.get("data", {}).get("tokenizer", "bytes")}
+    if init.hf:
+        path = os.path.join(init.hf, "config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"init.hf: {init.hf} has no config.json")
+        with open(path) as f:
+            model = ModelConfig.from_hf(json.load(f))
+        tokenizer = os.path.join(init.hf, "tokenizer.json")
+        return model, ({"tokenizer": tokenizer} if os.path.isfile(tokenizer) else {})
+    return None, {}
+
+
+def model_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """The architecture keys (not dsjax.config.IMPL_FIELDS) on which two configs differ."""
+    from dsjax.config import IMPL_FIELDS
+
+    return [f.name for f in dataclasses.fields(ModelConfig)
+            if f.name not in IMPL_FIELDS and getattr(a, f.name) != getattr(b, f.name)]
+
+
+def check_same_model(have: ModelConfig, asked: ModelConfig, where: str) -> None:
+    """ConfigError naming every architecture key where `asked` differs from `have`."""
+    diff = model_differences(have, asked)
+    if diff:
+        shown = ", ".join(f"model.{k}={getattr(asked, k)!r} (there: {getattr(have, k)!r})" for k in diff[:6])
+        raise ConfigError(f"{where} holds a different model: {shown}")
 
 
 def describe_options() -> str:
     """Every key with its default, for --help."""
     lines = []
     defaults = RunConfig()
-    for section in ("train", "data", "mesh", "model"):
+    for section in ("train", "data", "mesh", "init", "sft", "grpo", "model"):
         obj = getattr(defaults, section)
         for f in dataclasses.fields(obj):
             lines.append(f"  {section}.{f.name} = {getattr(obj, f.name)!r}")

@@ -1,10 +1,18 @@
-"""The pretraining loop: set-up, resume, steps, logging, evaluation, checkpoints, sample."""
+"""The run skeleton every stage shares: set-up, config check, init or resume, the step
+loop, metrics, evaluation, checkpoints, plots, the progress bar and the end-of-run sample.
+
+A stage (pretraining, SFT, GRPO) is its batch source and its step function: a `Stage`
+subclass loads its data in `__init__`, compiles its step in `compile`, and runs one
+optimizer step (or one rollout + update) in `step`. Everything else lives here once.
+"""
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,18 +22,18 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from dsjax.checkpoint import Checkpointer
-from dsjax.config import ConfigError
+from dsjax import data as data_lib
+from dsjax.checkpoint import Checkpointer, restore_variables
+from dsjax.config import ConfigError, config_from_dict
 from dsjax.generate import generate
+from dsjax.losses import make_eval_step
 from dsjax.model import Transformer, unbox
 from dsjax.tokenizer import load_tokenizer
 from sharding.mesh import initialize_distributed, make_mesh
 from sharding.rules import activation_rules
-from train import data as data_lib
 from train.optim import make_optimizer
 from train.report import MetricsLog, plot_curves
-from train.steps import TrainState, flops_per_token, make_eval_step, make_train_step, state_shardings
-
+from train.steps import TrainState, flops_per_token, make_train_step, state_shardings
 
 _PEAK_TFLOPS = (("v6", 918.0), ("v5p", 459.0), ("v5 lite", 197.0), ("v5e", 197.0), ("v4", 275.0),
                 ("h200", 989.0), ("h100", 989.0), ("a100", 312.0), ("cpu", 0.1))
@@ -40,7 +48,194 @@ def peak_tflops(device) -> float:
     return 0.1
 
 
-def run_pretraining(cfg, args) -> int:
+@dataclasses.dataclass
+class Run:
+    """What every stage of one run shares (built by `run_stage`)."""
+
+    cfg: Any
+    workdir: str
+    lead: bool
+    mesh: Any
+    rules: Any
+    model: Transformer
+    tokenizer: Any
+    tx: Any
+    lr_schedule: Any
+    state_sh: TrainState
+    batch_sh: NamedSharding
+    local_batch: int
+    process_index: int
+    process_count: int
+
+    def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This host's rows of a batch -> global arrays sharded over the batch axes."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sh, v) for k, v in batch.items()}
+
+    def log(self, message: str) -> None:
+        if self.lead:
+            tqdm.write(message)
+
+
+class Stage(abc.ABC):
+    """One training stage. Subclasses set `name` and implement `step`.
+
+    Attributes:
+      tokens_per_step: tokens one step trains on (for tokens/s and MFU).
+    """
+
+    name = "stage"
+
+    @classmethod
+    def needs_reference(cls, cfg) -> bool:
+        """Whether the state carries frozen reference parameters (GRPO with beta > 0)."""
+        return False
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.tokens_per_step = run.cfg.train.batch_size * run.cfg.train.seq_len
+
+    def data_state(self) -> dict:
+        """What a checkpoint must hold to resume the batch source exactly."""
+        return {}
+
+    def set_data_state(self, state: dict) -> None:
+        pass
+
+    def compile(self) -> None:
+        """Builds the jitted functions (the state shardings are in self.run.state_sh)."""
+
+    @abc.abstractmethod
+    def step(self, state: TrainState, step: int) -> tuple[TrainState, dict]:
+        """One step: the new state and its metrics (device arrays or floats)."""
+
+    def evaluate(self, state: TrainState) -> dict[str, float]:
+        """Held-out figures logged every train.eval_every steps and at the end ({}: none)."""
+        return {}
+
+    def progress(self, record: dict) -> dict[str, str]:
+        """What the progress bar shows after a logged step."""
+        return {"loss": f"{record['loss']:.3f}"} if "loss" in record else {}
+
+    def plot(self) -> str | None:
+        return plot_curves(self.run.workdir)
+
+    def summary(self, last_eval: dict[str, float]) -> str:
+        return "; ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
+
+    def sample_prompt(self) -> str:
+        return self.run.cfg.train.sample_prompt
+
+
+class SupervisedStage(Stage):
+    """Next-token training on batches from `self.batches` (a grain iterator with
+    get/set_state), validated on `self.val` (a list of batches)."""
+
+    batches: Any = None
+    val: list = []
+
+    def data_state(self) -> dict:
+        return self.batches.get_state()
+
+    def set_data_state(self, state: dict) -> None:
+        self.batches.set_state(state)
+
+    def compile(self) -> None:
+        run = self.run
+        self.train_step = jax.jit(make_train_step(run.model, run.tx, run.cfg.train, run.lr_schedule, run.rules),
+                                  in_shardings=(run.state_sh, run.batch_sh), out_shardings=(run.state_sh, None),
+                                  donate_argnums=(0,))
+        self.eval_step = jax.jit(make_eval_step(run.model, run.rules),
+                                 in_shardings=(run.state_sh.params, run.state_sh.moe_bias, run.batch_sh))
+
+    def step(self, state, step):
+        return self.train_step(state, self.run.to_global(next(self.batches)))
+
+    def evaluate(self, state) -> dict[str, float]:
+        if not self.val:
+            return {}
+        sums = jax.device_get([self.eval_step(state.params, state.moe_bias, self.run.to_global(b))
+                               for b in self.val])
+        return {"val_loss": float(sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1.0))}
+
+
+class PretrainStage(SupervisedStage):
+    """Pretraining on a text corpus (dsjax.data): packed windows, every token scored."""
+
+    name = "pretrain"
+
+    def __init__(self, run: Run):
+        super().__init__(run)
+        cfg, tcfg = run.cfg, run.cfg.train
+        t0 = time.time()
+        try:
+            corpus = data_lib.load_corpus(cfg.data, run.tokenizer)
+            self.batches = data_lib.train_iterator(corpus.train, tcfg.seq_len, run.local_batch, tcfg.seed,
+                                                   run.process_index, run.process_count)
+            self.val = data_lib.eval_batches(corpus.val, tcfg.seq_len, run.local_batch,
+                                             max(tcfg.eval_batches, 1), run.process_index, run.process_count)
+        except (ValueError, KeyError, FileNotFoundError, UnicodeDecodeError) as e:
+            raise ConfigError(e.args[0] if e.args else str(e)) from None
+        if not tcfg.eval_batches:
+            self.val = []
+        self.baseline = corpus.unigram_baseline()
+        run.log(f"data: {cfg.data.source} -> {len(corpus.train):,} train / {len(corpus.val):,} validation tokens "
+                f"from {corpus.num_files} files ({time.time() - t0:.1f}s); unigram baseline "
+                f"{self.baseline:.3f} nats/token")
+
+    def plot(self) -> str | None:
+        return plot_curves(self.run.workdir, self.baseline)
+
+    def summary(self, last_eval) -> str:
+        if "val_loss" not in last_eval:
+            return ""
+        return f"validation loss {last_eval['val_loss']:.4f} vs unigram baseline {self.baseline:.4f} nats/token"
+
+
+def _check_workdir(workdir: str, cfg, stage: str) -> None:
+    """Refuses a workdir that is a file or holds another stage's or another model's run."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir} is a file, not a directory")
+    path = os.path.join(workdir, "config.yaml")
+    if not os.path.exists(path):
+        return
+    from train.config import check_same_model
+
+    with open(path) as f:
+        saved = yaml.safe_load(f) or {}
+    if saved.get("stage", "pretrain") != stage:
+        raise ConfigError(f"--workdir {workdir} holds a {saved.get('stage', 'pretrain')} run; "
+                          f"use another workdir for {stage}")
+    try:
+        have = config_from_dict(saved.get("model", {}))
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{path} is not a valid run config: {e}") from None
+    check_same_model(have, cfg.model, f"--workdir {workdir}")
+
+
+def _initial_variables(run: Run, abstract_state: TrainState):
+    """Parameters and router bias from init.workdir or init.hf, placed as the state's."""
+    init = run.cfg.init
+    target = {"params": abstract_state.params, "moe_bias": abstract_state.moe_bias}
+    if init.workdir:
+        try:
+            variables, step = restore_variables(os.path.join(init.workdir, "checkpoints"), target)
+        except FileNotFoundError as e:
+            raise ConfigError(f"init.workdir: {e}") from None
+        run.log(f"init: parameters from {init.workdir} (step {step})")
+        return variables
+    from dsjax.hf import from_pretrained
+
+    shardings = jax.tree.map(lambda a: a.sharding, target)
+    try:
+        _, variables = from_pretrained(init.hf, shardings=shardings, mtp="init")
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise ConfigError(f"init.hf: {e}") from None
+    run.log(f"init: parameters from the Hugging Face directory {init.hf}")
+    return {"params": variables["params"], "moe_bias": variables.get("moe_bias", {})}
+
+
+def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
+    """Runs `stage_cls` under `cfg` in `args.workdir`, resuming it if it holds a checkpoint."""
     try:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     except ValueError as e:
@@ -48,14 +243,10 @@ def run_pretraining(cfg, args) -> int:
     tcfg = cfg.train
     workdir = os.path.abspath(args.workdir)
     lead = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    if lead:
-        with open(os.path.join(workdir, "config.yaml"), "w") as f:
-            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
-
+    _check_workdir(workdir, cfg, stage_cls.name)
     try:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, OSError) as e:
         raise ConfigError(f"data.tokenizer: {e}") from None
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
@@ -67,122 +258,115 @@ def run_pretraining(cfg, args) -> int:
     n_proc, proc = jax.process_count(), jax.process_index()
     if tcfg.batch_size % n_proc:
         raise ConfigError(f"train.batch_size={tcfg.batch_size} does not divide over {n_proc} processes")
-    local_batch = tcfg.batch_size // n_proc
-    t0 = time.time()
-    try:
-        corpus = data_lib.load_corpus(cfg.data, tokenizer)
-    except (ValueError, KeyError, FileNotFoundError, UnicodeDecodeError) as e:
-        raise ConfigError(e.args[0] if e.args else str(e)) from None
-    baseline = corpus.unigram_baseline()
-    if lead:
-        print(f"data: {cfg.data.source} -> {len(corpus.train):,} train / {len(corpus.val):,} validation tokens "
-              f"from {corpus.num_files} files ({time.time() - t0:.1f}s); unigram baseline {baseline:.3f} nats/token")
-
     if cfg.model.param_dtype != "float32":
         if lead:
             print(f"training keeps float32 master weights (model.param_dtype={cfg.model.param_dtype} "
                   "is used for checkpoints exported to Hugging Face)")
         cfg = dataclasses.replace(cfg, model=cfg.model.replace(param_dtype="float32"))
     model = Transformer(cfg.model)
-    preset = cfg.mesh.rules
-    rules = activation_rules(preset)
     boxed = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, tcfg.seq_len), jnp.int32))
     tx, lr_schedule = make_optimizer(tcfg, boxed["params"])
+    reference = stage_cls.needs_reference(cfg)
     try:
-        state_sh = state_shardings(boxed, tx, mesh, preset)
+        state_sh = state_shardings(boxed, tx, mesh, cfg.mesh.rules, reference=reference)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    batch_sh = NamedSharding(mesh, P(("data", "fsdp", "expert")))
+    run = Run(cfg=cfg, workdir=workdir, lead=lead, mesh=mesh, rules=activation_rules(cfg.mesh.rules), model=model,
+              tokenizer=tokenizer, tx=tx, lr_schedule=lr_schedule, state_sh=state_sh,
+              batch_sh=NamedSharding(mesh, P(("data", "fsdp", "expert"))), local_batch=tcfg.batch_size // n_proc,
+              process_index=proc, process_count=n_proc)
 
     def init_state(rng):
         variables = unbox(model.init(rng, jnp.zeros((1, tcfg.seq_len), jnp.int32)))
         return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                          opt_state=tx.init(variables["params"]), moe_bias=variables.get("moe_bias", {}))
+                          opt_state=tx.init(variables["params"]), moe_bias=variables.get("moe_bias", {}),
+                          ref_params=variables["params"] if reference else {})
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
-    train_it = data_lib.train_iterator(corpus.train, tcfg.seq_len, local_batch, tcfg.seed, proc, n_proc)
-    start = ckpt.latest_step()
+    def state_from(variables):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                          opt_state=tx.init(variables["params"]), moe_bias=variables["moe_bias"],
+                          ref_params=variables["params"] if reference else {})
+
     with jax.set_mesh(mesh):
+        stage = stage_cls(run)
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
+        start = ckpt.latest_step()
         abstract_state = jax.eval_shape(init_state, jax.random.key(tcfg.seed))
         abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       abstract_state, state_sh)
         if start is not None:
             state, extra = ckpt.restore(start, abstract_state)
-            train_it.set_state(extra["data"])
-            if lead:
-                print(f"resumed from {ckpt.directory} at step {start}")
+            stage.set_data_state(extra["data"])
+            run.log(f"resumed from {ckpt.directory} at step {start}")
         else:
-            state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(tcfg.seed))
+            if cfg.init.workdir or cfg.init.hf:
+                state = jax.jit(state_from, out_shardings=state_sh)(_initial_variables(run, abstract_state))
+            else:
+                state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(tcfg.seed))
             start = 0
+        if lead:
+            os.makedirs(workdir, exist_ok=True)
+            with open(os.path.join(workdir, "config.yaml"), "w") as f:
+                yaml.safe_dump({"stage": stage.name, **dataclasses.asdict(cfg)}, f, sort_keys=False)
         metrics_log = MetricsLog(workdir, start if start else None) if lead else None
         if start >= tcfg.steps:
-            if lead:
-                print(f"already trained to step {start} (train.steps={tcfg.steps}); nothing to do")
+            run.log(f"already trained to step {start} (train.steps={tcfg.steps}); nothing to do")
             ckpt.close()
             return 0
-
-        train_step = jax.jit(make_train_step(model, tx, tcfg, lr_schedule, rules),
-                             in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                             donate_argnums=(0,))
-        eval_step = jax.jit(make_eval_step(model, rules),
-                            in_shardings=(state_sh.params, state_sh.moe_bias, batch_sh))
-        val = data_lib.eval_batches(corpus.val, tcfg.seq_len, local_batch, max(tcfg.eval_batches, 1), proc, n_proc)
-
-        def to_global(batch):
-            return {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in batch.items()}
-
-        def evaluate(state):
-            losses = [eval_step(state.params, state.moe_bias, to_global(b)) for b in val]
-            return float(np.mean(jax.device_get(losses)))
-
-        fpt = flops_per_token(cfg.model, tcfg.seq_len)
-        peak = (tcfg.peak_tflops or peak_tflops(jax.devices()[0])) * 1e12 * jax.device_count()
-        tokens_per_step = tcfg.batch_size * tcfg.seq_len
-        bar = tqdm(total=tcfg.steps, initial=start, disable=not lead, dynamic_ncols=True, mininterval=1.0,
-                   desc="pretrain")
-        last_time, last_step, val_loss = None, start, None
-        for step in range(start, tcfg.steps):
-            state, metrics = train_step(state, to_global(next(train_it)))
-            done = step + 1
-            if last_time is None:  # the first step includes compilation: time from its end
-                jax.block_until_ready(metrics)
-                last_time, last_step = time.time(), done
-            record = None
-            if done % tcfg.log_every == 0 or done == tcfg.steps:
-                metrics = jax.device_get(metrics)
-                now = time.time()
-                tps = tokens_per_step * (done - last_step) / max(now - last_time, 1e-9) if done > last_step else 0.0
-                last_time, last_step = now, done
-                record = {"step": done, **{k: float(v) for k, v in metrics.items()},
-                          "tokens_per_s": tps, "mfu": tps * fpt / peak}
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-            if tcfg.eval_batches and (done % tcfg.eval_every == 0 or done == tcfg.steps):
-                val_loss = evaluate(state)
-                record = record or {"step": done}
-                record["val_loss"] = val_loss
-                if lead:
-                    bar.write(f"step {done}: validation loss {val_loss:.4f} (unigram baseline {baseline:.4f})")
-            if record is not None and lead:
-                metrics_log.write(record)
-            if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
-                ckpt.save(done, state, {"data": train_it.get_state(), "step": done})
-            bar.update(1)
-        bar.close()
+        stage.compile()
+        state = _loop(run, stage, state, start, ckpt, metrics_log)
         ckpt.close()
         if lead:
-            plot = plot_curves(workdir, baseline)
-            summary = f"done: {tcfg.steps} steps; plot {plot}"
-            if val_loss is not None:
-                summary += f"; validation loss {val_loss:.4f} vs unigram baseline {baseline:.4f} nats/token"
-            print(summary)
+            plot = stage.plot()
+            print(f"done: {tcfg.steps} steps; plot {plot}" + (f"; {stage.summary(stage.last_eval)}"
+                                                                if stage.last_eval else ""))
         if tcfg.sample_tokens:
-            _print_sample(model, state, tokenizer, tcfg, lead)
+            _print_sample(run, stage, state)
     return 0
 
 
-def _print_sample(model, state, tokenizer, tcfg, lead: bool) -> None:
+def _loop(run: Run, stage: Stage, state: TrainState, start: int, ckpt: Checkpointer, metrics_log) -> TrainState:
+    tcfg = run.cfg.train
+    fpt = flops_per_token(run.cfg.model, tcfg.seq_len)
+    peak = (tcfg.peak_tflops or peak_tflops(jax.devices()[0])) * 1e12 * jax.device_count()
+    bar = tqdm(total=tcfg.steps, initial=start, disable=not run.lead, dynamic_ncols=True, mininterval=1.0,
+               desc=stage.name)
+    last_time, last_step = None, start
+    stage.last_eval = {}
+    for step in range(start, tcfg.steps):
+        state, metrics = stage.step(state, step)
+        done = step + 1
+        if last_time is None:  # the first step includes compilation: time from its end
+            jax.block_until_ready(metrics)
+            last_time, last_step = time.time(), done
+        record = None
+        if done % tcfg.log_every == 0 or done == tcfg.steps:
+            metrics = jax.device_get(metrics)
+            now = time.time()
+            tps = stage.tokens_per_step * (done - last_step) / max(now - last_time, 1e-9) if done > last_step else 0.0
+            last_time, last_step = now, done
+            record = {"step": done, **{k: float(v) for k, v in metrics.items()}, "tokens_per_s": tps,
+                      "mfu": tps * fpt / peak}
+            bar.set_postfix(**stage.progress(record), tok_s=f"{tps:,.0f}", refresh=False)
+        if tcfg.eval_every and (done % tcfg.eval_every == 0 or done == tcfg.steps):
+            stage.last_eval = stage.evaluate(state)
+            if stage.last_eval:
+                record = {**(record or {"step": done}), **stage.last_eval}
+                bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in stage.last_eval.items()))
+        if record is not None and run.lead:
+            metrics_log.write(record)
+        if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
+            ckpt.save(done, state, {"data": stage.data_state(), "step": done})
+        bar.update(1)
+    bar.close()
+    return state
+
+
+def _print_sample(run: Run, stage: Stage, state: TrainState) -> None:
     """Generates from the trained model (every process joins the gather; process 0 prints)."""
-    prompt = tokenizer.encode(tcfg.sample_prompt)
+    tcfg, tokenizer = run.cfg.train, run.tokenizer
+    text = stage.sample_prompt()
+    prompt = tokenizer.encode(text)
     if len(prompt) == 0:
         return
     variables = {"params": state.params}
@@ -191,9 +375,9 @@ def _print_sample(model, state, tokenizer, tcfg, lead: bool) -> None:
     if jax.process_count() > 1:
         variables = multihost_utils.process_allgather(variables, tiled=True)
     variables = jax.device_get(variables)
-    out = generate(model, variables, prompt[None], [len(prompt)], tcfg.sample_tokens, temperature=0.8,
-                   rng=jax.random.key(tcfg.seed), top_k=40)
-    if not lead:
+    stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
+    out = generate(run.model, variables, prompt[None], [len(prompt)], tcfg.sample_tokens, temperature=0.8,
+                   rng=jax.random.key(tcfg.seed), top_k=40, stop_tokens=stop)
+    if not run.lead:
         return
-    text = tokenizer.decode(np.asarray(out.tokens[0, :int(out.lengths[0])]))
-    print("sample:\n" + tcfg.sample_prompt + text)
+    print("sample:\n" + text + tokenizer.decode(np.asarray(out.tokens[0, :int(out.lengths[0])])))

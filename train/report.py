@@ -75,3 +75,34 @@ def plot_curves(workdir: str, baseline: float | None = None) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_grpo(workdir: str) -> str:
+    """Writes plots/grpo.png: reward, accuracy (rollouts and held-out greedy) and
+    completion length against the step. Returns the file path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(workdir)
+    series = lambda key: [(r["step"], r[key]) for r in records if key in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = [("reward", [("reward_mean", "reward (mean over rollouts)")]),
+              ("accuracy", [("accuracy", "rollout accuracy (sampled)"), ("format_rate", "rollout format rate"),
+                            ("test_accuracy", "held-out accuracy (greedy)")]),
+              ("completion length (tokens)", [("completion_len", "mean"), ("completion_len_max", "max")])]
+    for ax, (title, keys) in zip(axes, panels):
+        for key, label in keys:
+            points = series(key)
+            if points:
+                ax.plot(*zip(*points), "o-" if key.startswith("test_") else "-", label=label)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+    path = os.path.join(workdir, "plots", "grpo.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
