@@ -1,0 +1,180 @@
+"""The GRPO step: compiles once, learns on a fixed batch, equals one device on 8 fake
+devices; rollout and trainer log-probabilities agree; `python -m train grpo` runs,
+logs what it promises, resumes exactly and refuses bad configs in one line."""
+
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dsjax
+from dsjax.tokenizer import ByteTokenizer
+from eval import tasks
+from eval.sampling import complete, encode_prompts, prompt_width
+from sharding.mesh import MeshConfig, make_mesh
+from sharding.rules import activation_rules
+from train.__main__ import main
+from train.config import build_config
+from train.grpo import make_grpo_step, make_score, rollout_batch
+from train.optim import make_optimizer
+from train.steps import TrainState, state_shardings
+from tests.test_sharding import OVERRIDES
+from tests.test_train import SMALL
+
+B, T = 8, 24
+
+
+def _setup(extra=()):
+    cfg = build_config("grpo", OVERRIDES + ["grpo.beta=0.05", "grpo.epsilon_high=0.28", "train.lr=3e-3",
+                                            "train.warmup_steps=0"] + list(extra))
+    model = dsjax.Transformer(cfg.model)
+    boxed = model.init(jax.random.key(1), jnp.zeros((1, T), jnp.int32))
+    variables = dsjax.unbox(boxed)
+    tx, schedule = make_optimizer(cfg.train, boxed["params"])
+    ref = jax.tree.map(lambda p: p * 0.98, variables["params"])
+    state = TrainState(jnp.zeros((), jnp.int32), variables["params"], tx.init(variables["params"]),
+                       variables["moe_bias"], ref)
+    return cfg, model, boxed, tx, schedule, state
+
+
+def _batch(seed, model, state, temperature=1.0):
+    """A fixed GRPO batch: random prompts and completions of random lengths."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(2, 256, (B, T + 1)).astype(np.int32)
+    mask = np.zeros((B, T), bool)
+    for r in range(B):
+        start = rng.integers(2, 8)
+        mask[r, start:start + rng.integers(1, T - start)] = True
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask,
+             "advantages": rng.normal(0, 1, B).astype(np.float32), "rollout_logp": np.zeros((B, T), np.float32)}
+    score = jax.jit(make_score(model, temperature))
+    batch["ref_logp"] = np.asarray(score(state.ref_params, state.moe_bias, batch))
+    batch["old_logp"] = np.asarray(score(state.params, state.moe_bias, batch))
+    return batch
+
+
+def test_step_compiles_once_and_lowers_the_loss_on_a_fixed_batch():
+    cfg, model, _, tx, schedule, state = _setup()
+    step = make_grpo_step(model, tx, cfg.grpo, cfg.train, schedule, max_tokens=T, use_old=True)
+    step = jax.jit(chex.assert_max_traces(step, n=1))
+    fixed = _batch(0, model, state)
+    losses = []
+    for i in range(6):
+        state, metrics = step(state, fixed)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 0.05, losses
+    # Other completion lengths (masks) and advantages: the same compiled step.
+    for seed in (1, 2):
+        other = _batch(seed, model, state)
+        assert other["mask"].sum() != fixed["mask"].sum()
+        state, metrics = step(state, other)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["kl"]) > 0
+
+
+MESHES = [(dict(fsdp=8), "fsdp"), (dict(fsdp=2, expert=4), "fsdp")]
+
+
+@pytest.mark.parametrize("sizes, preset", MESHES, ids=[str(m[0]) for m in MESHES])
+def test_sharded_step_equals_one_device(sizes, preset):
+    cfg, model, boxed, tx, schedule, state = _setup(["grpo.moe_bias=update"])
+    batch = _batch(3, model, state)
+    make = lambda rules=(): make_grpo_step(model, tx, cfg.grpo, cfg.train, schedule, T, rules, use_old=True,
+                                           update_bias=True)
+    ref_state, ref_metrics = jax.jit(make())(state, batch)
+    mesh = make_mesh(MeshConfig(**{"fsdp": 1, **sizes, "rules": preset}))
+    state_sh = state_shardings(boxed, tx, mesh, preset, reference=True)
+    batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp", "expert")))
+    with jax.set_mesh(mesh):
+        step = jax.jit(make(activation_rules(preset)), in_shardings=(state_sh, batch_sh),
+                       out_shardings=(state_sh, None))
+        new_state, metrics = step(jax.device_put(state, state_sh), jax.device_put(batch, batch_sh))
+    for key in ("loss", "grad_norm", "kl", "entropy", "clip_frac", "max_vio"):
+        np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    # Adam turns a gradient's last-bit difference into up to lr of parameter change where
+    # the gradient is near zero: 1% of lr (3e-3) bounds it.
+    chex.assert_trees_all_close(jax.device_get(new_state.params), ref_state.params, atol=3e-5)
+    chex.assert_trees_all_close(jax.device_get(new_state.moe_bias), ref_state.moe_bias, atol=1e-7)
+
+
+def test_rollout_logprobs_match_the_trainer():
+    cfg = build_config("grpo", SMALL)
+    model = dsjax.Transformer(cfg.model)
+    variables = dsjax.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    problems = tasks.get("addition", 2).split("train", 6)
+    tok = ByteTokenizer()
+    width = prompt_width(tok, [p.prompt for p in problems])
+    comp = complete(dsjax.Transformer(cfg.model.replace(attn_impl="absorb")), variables, tok,
+                    [p.prompt for p in problems], width, max_new_tokens=20, temperature=1.0, rng=jax.random.key(3))
+    ids, lengths = encode_prompts(tok, [p.prompt for p in problems], width)
+    batch = rollout_batch(ids, lengths, comp, width + 20, np.zeros(6, np.float32))
+    assert batch["mask"].sum() == comp.lengths.sum() > 0
+    # The completion tokens sit where the mask says.
+    for r in range(6):
+        np.testing.assert_array_equal(batch["targets"][r][batch["mask"][r]], comp.tokens[r, :comp.lengths[r]])
+    logp = np.asarray(jax.jit(make_score(model, 1.0))(variables["params"], variables["moe_bias"], batch))
+    diff = np.abs(logp - batch["rollout_logp"])[batch["mask"]]
+    assert diff.max() < 1e-4, diff.max()
+
+
+def _grpo_args(workdir, *extra):
+    argv = ["grpo", "--workdir", str(workdir)]
+    for o in SMALL + ["model.moe_impl=dense", "train.log_every=1", "train.eval_every=2", "train.checkpoint_every=1", "train.sample_tokens=8",
+                      "grpo.prompts_per_step=4", "grpo.group_size=4", "grpo.max_new_tokens=12",
+                      "grpo.eval_problems=8", "grpo.train_problems=50", "mesh.fsdp=1", "mesh.data=8",
+                      "train.batch_size=8"] + list(extra):
+        argv += ["--set", o]
+    return argv
+
+
+def _records(workdir):
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_grpo_run_logs_plots_and_resumes_exactly(tmp_path, capsys):
+    full = tmp_path / "full"
+    assert main(_grpo_args(full, "train.steps=3", "grpo.dynamic_sampling=true", "grpo.mu=2",
+                           "grpo.minibatches=2")) == 0
+    records = _records(full)
+    for key in ("reward_mean", "reward_std", "accuracy", "format_rate", "kl", "clip_frac", "clip_frac_low",
+                "clip_frac_high", "entropy", "completion_len", "completion_len_max", "truncated_frac",
+                "frac_reward_zero_std", "rollout_logprob_diff", "max_vio", "rollout_s", "update_s",
+                "rollout_tokens_per_s", "reward/accuracy", "reward/format", "loss", "lr", "tokens_per_s"):
+        assert key in records[0], key
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert "test_accuracy" in records[1] and "test_accuracy" in records[2]
+    assert records[0]["rollout_logprob_diff"] < 1e-4
+    assert (full / "plots" / "grpo.png").stat().st_size > 10_000
+    out = capsys.readouterr().out
+    assert "held-out greedy accuracy" in out and "sample:" in out
+
+    part = tmp_path / "part"
+    assert main(_grpo_args(part, "train.steps=2", "grpo.dynamic_sampling=true", "grpo.mu=2",
+                           "grpo.minibatches=2")) == 0
+    assert main(_grpo_args(part, "train.steps=3", "grpo.dynamic_sampling=true", "grpo.mu=2",
+                           "grpo.minibatches=2")) == 0
+    assert "resumed from" in capsys.readouterr().out
+    a, b = _records(full), _records(part)
+    for key in ("loss", "reward_mean", "kl", "grad_norm"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["grpo.group_size=1"], "grpo.group_size must be at least 2"),
+    (["grpo.rewards=accuracy:1,brevity:0.5"], "unknown reward 'brevity'"),
+    (["grpo.task=chess"], "unknown task 'chess'"),
+    (["grpo.loss_agg=sum"], "grpo.loss_agg='sum' is not one of"),
+    (["grpo.minibatches=3"], "grpo.minibatches=3 does not divide the 128 completions"),
+    (["grpo.speculative=true", "model.num_nextn_predict_layers=0"], "grpo.speculative needs an MTP module"),
+])
+def test_bad_grpo_configs_exit_2_with_one_line(tmp_path, capsys, overrides, message):
+    argv = ["grpo", "--workdir", str(tmp_path / "wd")]
+    for o in overrides:
+        argv += ["--set", o]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "wd" / "config.yaml").exists()
