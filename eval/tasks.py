@@ -33,9 +33,12 @@ TEMPLATES = {
            "provides the user with the answer. The reasoning process and answer are enclosed within "
            "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process "
            "here </think> <answer> answer here </answer>. User: {question} Assistant:"),
-    "short": "{question}\n",
+    "short": "Q: {question} A: ",
 }
 SPLITS = ("train", "test")
+
+
+DOCUMENT_KINDS = ("answer", "work", "solution")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,15 +49,33 @@ class Problem:
       prompt: the text the model continues (the question in the task's template).
       question: the bare question.
       fields: what the rewards check, passed as `reward(prompt, completion, **fields)`.
-      solution: a well-formed, correct completion (`<think>work</think><answer>a</answer>`).
+      work: a worked solution in plain text (restating the question, then the steps).
+      answer: the answer as the <answer> block should hold it.
       key: the canonical key that decides the split.
     """
 
     prompt: str
     question: str
     fields: dict[str, Any]
-    solution: str
+    work: str
+    answer: str
     key: str
+
+    @property
+    def solution(self) -> str:
+        """A well-formed, correct completion: `<think>work</think><answer>answer</answer>`."""
+        return f"<think>{self.work}</think><answer>{self.answer}</answer>"
+
+    def document(self, kind: str) -> str:
+        """Pretraining text about this problem: 'answer' (the prompt and the bare answer),
+        'work' (the worked solution without tags) or 'solution' (prompt + tagged solution)."""
+        if kind == "answer":
+            return self.prompt + self.answer
+        if kind == "work":
+            return self.work
+        if kind == "solution":
+            return self.prompt + self.solution
+        raise ValueError(f"unknown document kind {kind!r}; kinds: {list(DOCUMENT_KINDS)}")
 
 
 def split_of(key: str, test_fraction: float) -> str:
@@ -63,16 +84,12 @@ def split_of(key: str, test_fraction: float) -> str:
     return "test" if h % 1_000_000 < test_fraction * 1_000_000 else "train"
 
 
-def format_completion(work: str, answer: str) -> str:
-    return f"<think>{work}</think><answer>{answer}</answer>"
-
-
 class Task(abc.ABC):
     """A problem generator with train/test splits; subclasses implement `_sample`."""
 
     name = "task"
 
-    def __init__(self, difficulty: int, template: str = "short", test_fraction: float = 0.1):
+    def __init__(self, difficulty: int, template: str = "short", test_fraction: float = 0.15):
         if template not in TEMPLATES:
             raise ValueError(f"unknown template {template!r}; templates: {sorted(TEMPLATES)}")
         if not 0 < test_fraction < 1:
@@ -82,13 +99,13 @@ class Task(abc.ABC):
         self.test_fraction = test_fraction
 
     @abc.abstractmethod
-    def _sample(self, rng: random.Random) -> tuple[str, str, dict[str, Any], str]:
-        """(key, question, fields, solution completion) of one random problem."""
+    def _sample(self, rng: random.Random) -> tuple[str, str, dict[str, Any], str, str]:
+        """(key, question, fields, work, answer) of one random problem."""
 
     def problem(self, rng: random.Random) -> Problem:
-        key, question, fields, solution = self._sample(rng)
+        key, question, fields, work, answer = self._sample(rng)
         return Problem(prompt=TEMPLATES[self.template].format(question=question), question=question,
-                       fields=fields, solution=solution, key=key)
+                       fields=fields, work=work, answer=answer, key=key)
 
     def split(self, split: str, n: int, seed: int = 0) -> list[Problem]:
         """`n` distinct problems of `split` ('train' or 'test'), the same for the same seed.
@@ -119,29 +136,34 @@ def _digits(rng: random.Random, d: int) -> int:
 
 
 def addition_work(a: int, b: int) -> str:
-    """Column addition, least significant digit first: '7+5=12 c1, 4+8+1=13 c1, 3+1=4'."""
+    """Column addition, least significant digit first, carry in explicit:
+    '347+85: 7+5+0=12,4+8+1=13,3+0+1=4 so 432'. Restating the operands next to the
+    steps keeps the digits a small model must read close to where it uses them."""
     steps, carry = [], 0
     xs, ys = str(a)[::-1], str(b)[::-1]
     for i in range(max(len(xs), len(ys))):
         x = int(xs[i]) if i < len(xs) else 0
         y = int(ys[i]) if i < len(ys) else 0
         s = x + y + carry
-        steps.append(f"{x}+{y}{'+1' if carry else ''}={s}")
+        steps.append(f"{x}+{y}+{carry}={s}")
         carry = s // 10
-    if carry:
-        steps.append("1")
-    return ", ".join(steps)
+    return f"{a}+{b}: {','.join(steps)} so {a + b}"
 
 
 def multiplication_work(a: int, b: int) -> str:
-    """Partial products of a by each digit of b (least significant first), then their sum."""
-    parts = []
-    for i, digit in enumerate(str(b)[::-1]):
-        parts.append(a * int(digit) * 10 ** i)
-    if len(parts) == 1:
-        return f"{a}*{b}={parts[0]}"
-    return ", ".join(f"{a}*{int(d) * 10 ** i}={p}" for i, (d, p) in enumerate(zip(str(b)[::-1], parts))) + \
-        f", sum {'+'.join(map(str, parts))}={a * b}"
+    """Long multiplication: by a one-digit b digit by digit with carries
+    ('47*6: 7*6+0=42,4*6+4=28 so 282'), else partial products by each digit of b and
+    their sum ('123*45: 123*5=615,123*40=4920,615+4920=5535 so 5535')."""
+    if b < 10:
+        steps, carry = [], 0
+        for x in str(a)[::-1]:
+            s = int(x) * b + carry
+            steps.append(f"{x}*{b}+{carry}={s}")
+            carry = s // 10
+        return f"{a}*{b}: {','.join(steps)} so {a * b}"
+    parts = [(int(d) * 10 ** i, a * int(d) * 10 ** i) for i, d in enumerate(str(b)[::-1])]
+    steps = [f"{a}*{m}={p}" for m, p in parts] + [f"{'+'.join(str(p) for _, p in parts)}={a * b}"]
+    return f"{a}*{b}: {','.join(steps)} so {a * b}"
 
 
 class Addition(Task):
@@ -157,8 +179,7 @@ class Addition(Task):
     def _sample(self, rng):
         a, b = _digits(rng, self.difficulty), _digits(rng, self.difficulty)
         answer = str(a + b)
-        return (f"add:{min(a, b)}:{max(a, b)}", f"{a}+{b}=", {"answer": answer},
-                format_completion(addition_work(a, b), answer))
+        return f"add:{min(a, b)}:{max(a, b)}", f"{a}+{b}=?", {"answer": answer}, addition_work(a, b), answer
 
 
 class Multiplication(Task):
@@ -176,8 +197,7 @@ class Multiplication(Task):
         a = _digits(rng, self.difficulty)
         b = rng.randint(2, 9) if self.difficulty <= 2 else _digits(rng, self.difficulty - 1)
         answer = str(a * b)
-        return (f"mul:{min(a, b)}:{max(a, b)}", f"{a}*{b}=", {"answer": answer},
-                format_completion(multiplication_work(a, b), answer))
+        return f"mul:{min(a, b)}:{max(a, b)}", f"{a}*{b}=?", {"answer": answer}, multiplication_work(a, b), answer
 
 
 class Countdown(Task):
@@ -203,8 +223,7 @@ class Countdown(Task):
         target, expression, steps = built
         question = f"Using the numbers {numbers}, create an equation that equals {target}."
         key = f"countdown:{sorted(numbers)}:{target}"
-        return (key, question, {"numbers": list(numbers), "target": int(target)},
-                format_completion(", ".join(steps), expression))
+        return key, question, {"numbers": list(numbers), "target": int(target)}, ",".join(steps), expression
 
 
 def _random_expression(rng: random.Random, numbers: list[int]):

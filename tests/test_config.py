@@ -95,3 +95,17 @@ def test_full_size_parameter_counts(name):
     assert abs(counts["total"] / total - 1) < 0.01, counts
     assert abs(counts["activated"] / activated - 1) < 0.025, counts
     assert all(x.dtype == jnp.bfloat16 or x.dtype == jnp.float32 for x in jax.tree.leaves(abstract))
+
+
+def test_packages_import_one_way():
+    """train -> eval -> dsjax, sharding: no package imports one above it."""
+    import ast
+
+    above = {"dsjax": {"train", "eval", "sharding"}, "sharding": {"train", "eval", "dsjax"}, "eval": {"train"}}
+    for package, forbidden in above.items():
+        for path in glob.glob(os.path.join(ROOT, package, "*.py")):
+            for node in ast.walk(ast.parse(open(path).read())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                for name in names:
+                    assert name.split(".")[0] not in forbidden, f"{path} imports {name}"

@@ -27,7 +27,7 @@ def test_splits_are_disjoint_seeded_and_solutions_score_one(name, difficulty):
     assert [p.key for p in task.split("train", n=300, seed=0)] == [p.key for p in train]
     score = rewards.combine("accuracy:1,format:0.5")
     for p in train[:50] + test[:50]:
-        assert p.prompt.startswith(p.question)
+        assert p.question in p.prompt
         assert score(p.prompt, p.solution, **p.fields) == (1.5, {"accuracy": 1.0, "format": 1.0}), p
         assert rewards.partial_credit(p.prompt, p.solution, **p.fields) == 0.0
 
@@ -45,10 +45,14 @@ def test_r1_template_and_small_split_error():
 
 
 def test_arithmetic_solutions_show_the_work():
-    assert tasks.addition_work(347, 85) == "7+5=12, 4+8+1=13, 3+0+1=4"
-    assert tasks.addition_work(95, 17) == "5+7=12, 9+1+1=11, 1"
-    assert tasks.multiplication_work(347, 6) == "347*6=2082"
-    assert tasks.multiplication_work(123, 45) == "123*5=615, 123*40=4920, sum 615+4920=5535"
+    assert tasks.addition_work(347, 85) == "347+85: 7+5+0=12,4+8+1=13,3+0+1=4 so 432"
+    assert tasks.addition_work(95, 17) == "95+17: 5+7+0=12,9+1+1=11 so 112"
+    assert tasks.multiplication_work(347, 6) == "347*6: 7*6+0=42,4*6+4=28,3*6+2=20 so 2082"
+    assert tasks.multiplication_work(123, 45) == "123*45: 123*5=615,123*40=4920,615+4920=5535 so 5535"
+    p = tasks.get("addition", 2).split("train", 1)[0]
+    assert p.prompt == f"Q: {p.question} A: " and p.question.endswith("=?")
+    assert p.document("answer") == p.prompt + p.answer and p.document("work") == p.work
+    assert p.document("solution") == p.prompt + p.solution == p.prompt + f"<think>{p.work}</think><answer>{p.answer}</answer>"
 
 
 @pytest.mark.parametrize("completion, fields, acc, fmt", [

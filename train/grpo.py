@@ -40,8 +40,8 @@ class GRPOConfig:
         template ('short' or R1's 'r1').
       train_problems: size of the pool of training problems drawn in order (then again).
       prompts_per_step / group_size: prompts per step and completions per prompt (G).
-      max_new_tokens / temperature / top_p / top_k: sampling (the stop token is the
-        tokenizer's EOS).
+      max_new_tokens / temperature / top_p / top_k: sampling.
+      stop_token: the token id that ends a completion (default: the tokenizer's EOS).
       rewards: weighted reward names, e.g. 'accuracy:1,format:0.1' (eval.rewards).
       overlong_buffer: tokens before max_new_tokens where DAPO's `overlong` reward falls.
       scale_rewards: advantage scaling, 'group' (GRPO), 'batch' or 'none' (Dr. GRPO).
@@ -71,6 +71,7 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    stop_token: int | None = None
     rewards: str = "accuracy:1,format:0.1"
     overlong_buffer: int = 0
     scale_rewards: str = "group"
@@ -204,8 +205,11 @@ class GRPOStage(Stage):
         cfg, g = run.cfg, run.cfg.grpo
         if run.process_count > 1:
             raise ConfigError("grpo runs in one process (any number of local devices) for now")
-        if run.tokenizer.eos_id is None:
-            raise ConfigError("grpo needs a tokenizer with an end-of-sequence token to stop rollouts")
+        self.stop = g.stop_token if g.stop_token is not None else run.tokenizer.eos_id
+        if self.stop is None:
+            raise ConfigError("grpo needs a stop token: the tokenizer has no end-of-sequence token; set grpo.stop_token")
+        if not 0 <= self.stop < cfg.model.vocab_size:
+            raise ConfigError(f"grpo.stop_token={self.stop} is outside the vocabulary of {cfg.model.vocab_size}")
         if g.speculative and cfg.model.num_nextn_predict_layers < 1:
             raise ConfigError("grpo.speculative needs an MTP module (model.num_nextn_predict_layers >= 1)")
         task = tasks.get(g.task, g.difficulty, template=g.template)
@@ -270,7 +274,8 @@ class GRPOStage(Stage):
             repeated = [p for p in problems for _ in range(g.group_size)]
             comp = complete(self.generator, self._variables(state), run.tokenizer, [p.prompt for p in repeated],
                             self.width, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                            top_k=g.top_k, rng=jax.random.fold_in(rng, rounds), speculative=g.speculative)
+                            top_k=g.top_k, rng=jax.random.fold_in(rng, rounds), speculative=g.speculative,
+                            stop_token=self.stop)
             scores = score(repeated, comp, self.reward_fn, max_tokens=g.max_new_tokens,
                            overlong_buffer=g.overlong_buffer, reward_seed=g.reward_seed)
             spread = scores["reward"].reshape(-1, g.group_size).std(axis=1) > 0
@@ -341,7 +346,7 @@ class GRPOStage(Stage):
         if not self.test:
             return {}
         got = evaluate(self.generator, self._variables(state), self.run.tokenizer, self.test,
-                       max_new_tokens=self.run.cfg.grpo.max_new_tokens, width=self.width)
+                       max_new_tokens=self.run.cfg.grpo.max_new_tokens, width=self.width, stop_token=self.stop)
         return {f"test_{k}": v for k, v in got.items()}
 
     def progress(self, record: dict) -> dict[str, str]:
