@@ -66,6 +66,12 @@ class Problem:
         """A well-formed, correct completion: `<think>work</think><answer>answer</answer>`."""
         return f"<think>{self.work}</think><answer>{self.answer}</answer>"
 
+    @property
+    def brief_solution(self) -> str:
+        """The same answer after a brief think: only the restated question ('34+58'), no steps."""
+        brief = self.work.split(":", 1)[0] if ":" in self.work else ""
+        return f"<think>{brief}</think><answer>{self.answer}</answer>"
+
     def document(self, kind: str) -> str:
         """Pretraining text about this problem: 'answer' (the prompt and the bare answer),
         'work' (the worked solution without tags) or 'solution' (prompt + tagged solution)."""

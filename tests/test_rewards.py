@@ -53,6 +53,10 @@ def test_arithmetic_solutions_show_the_work():
     assert p.prompt == f"Q: {p.question} A: " and p.question.endswith("=?")
     assert p.document("answer") == p.prompt + p.answer and p.document("work") == p.work
     assert p.document("solution") == p.prompt + p.solution == p.prompt + f"<think>{p.work}</think><answer>{p.answer}</answer>"
+    assert p.brief_solution == f"<think>{p.question[:-2]}</think><answer>{p.answer}</answer>"
+    assert rewards.accuracy(p.prompt, p.brief_solution, **p.fields) == 1.0
+    c = tasks.get("countdown", 3).split("train", 1)[0]
+    assert c.brief_solution == f"<think></think><answer>{c.answer}</answer>"
 
 
 @pytest.mark.parametrize("completion, fields, acc, fmt", [

@@ -195,6 +195,7 @@ class GRPOStage(Stage):
     """`python -m train grpo`: R1-Zero-style RL on a generated task with rule-based rewards."""
 
     name = "grpo"
+    eval_at_start = True
 
     @classmethod
     def needs_reference(cls, cfg) -> bool:

@@ -81,9 +81,11 @@ class Stage(abc.ABC):
 
     Attributes:
       tokens_per_step: tokens one step trains on (for tokens/s and MFU).
+      eval_at_start: evaluate before the first step too (logged as step 0).
     """
 
     name = "stage"
+    eval_at_start = False
 
     @classmethod
     def needs_reference(cls, cfg) -> bool:
@@ -333,6 +335,12 @@ def _loop(run: Run, stage: Stage, state: TrainState, start: int, ckpt: Checkpoin
                desc=stage.name)
     last_time, last_step = None, start
     stage.last_eval = {}
+    if start == 0 and stage.eval_at_start and tcfg.eval_every:
+        stage.last_eval = stage.evaluate(state)
+        if stage.last_eval:
+            bar.write("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in stage.last_eval.items()))
+            if run.lead:
+                metrics_log.write({"step": 0, **stage.last_eval})
     for step in range(start, tcfg.steps):
         state, metrics = stage.step(state, step)
         done = step + 1

@@ -1,0 +1,138 @@
+"""A toy DeepSeek-R1 on a 2-core CPU, in one command: pretraining on generated arithmetic,
+cold-start SFT on a few hundred formatted examples, then GRPO with rule-based rewards.
+
+    python bench/r1.py                 # about 25 minutes; prints one JSON line
+    python bench/r1.py --control       # the same GRPO schedule with a random accuracy reward
+
+Each stage is `python -m train` with a run config from configs/ (r1_pretrain, r1_sft, r1),
+in its own workdir under --workdir, so a second invocation (e.g. --control) reuses the
+finished pretraining and SFT runs. The greedy accuracy on held-out problems is measured
+on the SFT model (`start_accuracy`) and after GRPO (`end_accuracy`), with the format
+rate, the GRPO steps, the wall time and `rollout_share` (the fraction of the GRPO run
+spent generating rollouts).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import yaml  # noqa: E402
+
+# The generated pretraining corpus: documents about training-split problems, mixing the
+# bare answer, the worked solution in plain text and the tagged solution after the prompt.
+CORPUS = {"problems": 3000, "documents": 60_000, "mix": {"work": 0.65, "answer": 0.25, "solution": 0.10}}
+SFT_EXAMPLES = 500
+BRIEF_SHARE = 0.5  # cold-start examples that answer after a brief think, without the steps
+
+
+def write_data(directory: str, grpo_cfg: dict, corpus: dict, sft_examples: int, seed: int) -> tuple[str, str]:
+    """The pretraining corpus (JSONL, one document per line) and the cold-start SFT set,
+    both from the task's training split."""
+    import random
+
+    from eval import tasks
+
+    os.makedirs(directory, exist_ok=True)
+    task = tasks.get(grpo_cfg["task"], grpo_cfg["difficulty"], template=grpo_cfg.get("template", "short"))
+    corpus_path, sft_path = os.path.join(directory, "corpus.jsonl"), os.path.join(directory, "sft.jsonl")
+    if not os.path.exists(corpus_path):
+        problems = task.split("train", corpus["problems"], seed=seed)
+        kinds = [(k, w) for k, w in corpus["mix"].items()]
+        rng = random.Random(seed)
+        with open(corpus_path + ".tmp", "w") as f:
+            for _ in range(corpus["documents"]):
+                kind = rng.choices([k for k, _ in kinds], [w for _, w in kinds])[0]
+                f.write(json.dumps({"text": rng.choice(problems).document(kind)}) + "\n")
+        os.replace(corpus_path + ".tmp", corpus_path)
+    if not os.path.exists(sft_path):
+        problems = task.split("train", sft_examples, seed=seed + 1)
+        rng = random.Random(seed + 1)
+        with open(sft_path + ".tmp", "w") as f:
+            for p in problems:
+                response = p.brief_solution if rng.random() < BRIEF_SHARE else p.solution
+                f.write(json.dumps({"prompt": p.prompt, "response": response}) + "\n")
+        os.replace(sft_path + ".tmp", sft_path)
+    return corpus_path, sft_path
+
+
+def train(stage: str, config: str, workdir: str, *sets: str, init: str | None = None) -> float:
+    """Runs one `python -m train` stage (resuming or skipping a finished one); its wall time."""
+    cmd = [sys.executable, "-m", "train", stage, "--config", config, "--workdir", workdir]
+    if init:
+        cmd += ["--init", init]
+    for s in sets:
+        cmd += ["--set", s]
+    print("$ " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    start = time.time()
+    done = subprocess.run(cmd, cwd=ROOT, stdout=sys.stderr)
+    if done.returncode:
+        sys.exit(f"error: {stage} failed with status {done.returncode}")
+    return time.time() - start
+
+
+def held_out_accuracy(workdir: str, grpo_cfg: dict, n: int) -> dict:
+    """Greedy accuracy and format rate of the workdir's latest checkpoint on n test problems."""
+    import dataclasses
+
+    from dsjax.checkpoint import load_trained
+    from dsjax.tokenizer import load_tokenizer
+    from eval import sampling, tasks
+
+    model, variables, run = load_trained(workdir)
+    model = model.clone(cfg=dataclasses.replace(model.cfg, attn_impl="absorb"))
+    task = tasks.get(grpo_cfg["task"], grpo_cfg["difficulty"], template=grpo_cfg.get("template", "short"))
+    problems = task.split("test", n, seed=0)
+    return sampling.evaluate(model, variables, load_tokenizer(run["data"]["tokenizer"]), problems,
+                             max_new_tokens=grpo_cfg["max_new_tokens"], batch_size=250)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default="bench_r1", help="where the stages' workdirs and data go")
+    p.add_argument("--control", action="store_true",
+                   help="replace the accuracy reward by a random one (same schedule): the gain must vanish")
+    p.add_argument("--held-out", type=int, default=500, help="test problems for start/end accuracy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="grpo_sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra --set for the GRPO stage")
+    args = p.parse_args()
+    start = time.time()
+    with open(os.path.join(ROOT, "configs", "r1.yaml")) as f:
+        r1 = yaml.safe_load(f)
+    grpo_cfg = r1["grpo"]
+    workdir = os.path.abspath(args.workdir)
+    corpus, sft_data = write_data(os.path.join(workdir, "data"), grpo_cfg, CORPUS, SFT_EXAMPLES, args.seed)
+    train("pretrain", "r1_pretrain", os.path.join(workdir, "pretrain"), f"data.source={corpus}")
+    train("sft", "r1_sft", os.path.join(workdir, "sft"), f"data.source={sft_data}",
+          init=os.path.join(workdir, "pretrain"))
+    before = held_out_accuracy(os.path.join(workdir, "sft"), grpo_cfg, args.held_out)
+    print(f"SFT model: held-out greedy accuracy {before['accuracy']:.3f}, format {before['format_rate']:.3f}",
+          file=sys.stderr)
+    grpo_dir = os.path.join(workdir, "grpo_control" if args.control else "grpo")
+    sets = list(args.grpo_sets)
+    if args.control:
+        rewards = grpo_cfg["rewards"].replace("accuracy", "random")
+        sets.append(f"grpo.rewards={rewards}")
+    grpo_wall = train("grpo", "r1", grpo_dir, *sets, init=os.path.join(workdir, "sft"))
+    after = held_out_accuracy(grpo_dir, grpo_cfg, args.held_out)
+    records = [json.loads(line) for line in open(os.path.join(grpo_dir, "metrics.jsonl"))]
+    rollout = sum(r.get("rollout_s", 0.0) for r in records)
+    print(json.dumps({
+        "control": args.control, "task": f"{grpo_cfg['task']}:{grpo_cfg['difficulty']}",
+        "held_out": args.held_out, "start_accuracy": round(before["accuracy"], 4),
+        "end_accuracy": round(after["accuracy"], 4), "gain": round(after["accuracy"] - before["accuracy"], 4),
+        "start_format_rate": round(before["format_rate"], 4), "format_rate": round(after["format_rate"], 4),
+        "steps": max(r["step"] for r in records), "wall_s": round(time.time() - start, 1),
+        "grpo_wall_s": round(grpo_wall, 1), "rollout_share": round(rollout / max(grpo_wall, 1e-9), 3),
+        "final_train_reward": round(records[-1]["reward_mean"], 4)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
