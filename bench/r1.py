@@ -28,7 +28,7 @@ import yaml  # noqa: E402
 # bare answer, the worked solution in plain text and the tagged solution after the prompt.
 CORPUS = {"problems": 3000, "documents": 60_000, "mix": {"work": 0.65, "answer": 0.25, "solution": 0.10}}
 SFT_EXAMPLES = 500
-BRIEF_SHARE = 0.5  # cold-start examples that answer after a brief think, without the steps
+BRIEF_SHARE = 0.55  # cold-start examples that answer after a brief think, without the steps
 
 
 def write_data(directory: str, grpo_cfg: dict, corpus: dict, sft_examples: int, seed: int) -> tuple[str, str]:

@@ -5,6 +5,15 @@ DeepSeek directory.
 `python -m eval loss --checkpoint DIR [--batches N] [--set model.precision=fp8 ...]`
 prints one JSON line with the checkpoint's loss on its run's validation split.
 
+`python -m eval tasks (--checkpoint DIR | --hf DIR) --task NAME[:DIFFICULTY][,...]
+[--split test] [--problems N] [--samples K] [--temperature 0.6] [--top-p 0.95] [--out FILE]`
+scores reasoning as DeepSeek-R1 does: pass@1 over K samples, pass@k (unbiased), maj@K,
+format rate, lengths and tokens/s; one JSON line per task and a table.
+
+`python -m eval reject ... --split train --out SFT.jsonl [--shortest]` is rejection
+sampling: it keeps the correct, well-formed samples as `python -m train sft` JSONL and
+reports the acceptance rate per task.
+
 `--set model.KEY=VALUE` changes how the model computes (precision, dtype, attn_impl,
 moe_impl, remat_policy, param_dtype), never what it is.
 """
@@ -15,22 +24,37 @@ import argparse
 import os
 import sys
 
-TASKS = ("generate", "loss")
+TASKS = ("generate", "loss", "tasks", "reject")
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval", description="Evaluate and sample dsjax models.")
-    p.add_argument("task", choices=TASKS, help="what to run")
+    p.add_argument("task_name", metavar="task", choices=TASKS, help="what to run: " + ", ".join(TASKS))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a python -m train workdir (latest checkpoint)")
     src.add_argument("--hf", help="a Hugging Face DeepSeek-V2/V3 directory")
     p.add_argument("--prompt", help="generate: text to continue")
     p.add_argument("--tokenizer", default=None,
                    help="'bytes' or a tokenizer.json (default: the run's, or the HF directory's)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generate: 128; tasks/reject: the run's grpo.max_new_tokens, else 256")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 is greedy (default: generate 0, tasks/reject 0.6 as R1)")
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=None, help="default: generate 1.0, tasks/reject 0.95 as R1")
+    p.add_argument("--task", default=None,
+                   help="tasks/reject: NAME[:DIFFICULTY] (comma-separated for several; default: the run's grpo task)")
+    p.add_argument("--template", default=None, help="tasks/reject: prompt template (default: the run's, else 'r1')")
+    p.add_argument("--split", choices=("train", "test"), default=None,
+                   help="tasks/reject: problems from this split (default: tasks test, reject train)")
+    p.add_argument("--problems", type=int, default=500, help="tasks/reject: problems per task")
+    p.add_argument("--samples", type=int, default=None, help="tasks/reject: completions per problem (default 4 / 8)")
+    p.add_argument("--batch-size", type=int, default=256, help="tasks/reject: completions per generate call")
+    p.add_argument("--speculative", action="store_true", help="tasks/reject: draft with the MTP module")
+    p.add_argument("--out", default=None,
+                   help="tasks: JSONL of every completion with its rewards; reject: the SFT JSONL to write")
+    p.add_argument("--shortest", action="store_true", help="reject: keep only the shortest passing sample per problem")
+    p.add_argument("--no-dedup", action="store_true", help="reject: keep repeated (prompt, completion) pairs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attn-impl", choices=("absorb", "naive"), default="absorb")
     p.add_argument("--batches", type=int, default=None,
@@ -75,10 +99,101 @@ def _loss(args) -> int:
     return 0
 
 
+def _task_list(spec: str) -> list[tuple[str, int | None]]:
+    out = []
+    for item in spec.split(","):
+        name, _, difficulty = item.strip().partition(":")
+        try:
+            out.append((name, int(difficulty) if difficulty else None))
+        except ValueError:
+            raise ValueError(f"--task {item!r}: the difficulty after ':' must be an integer") from None
+    return out
+
+
+def reasoning(args) -> int:
+    """`tasks` (evaluation) and `reject` (rejection sampling into SFT JSONL)."""
+    import json
+
+    rejecting = args.task_name == "reject"
+    samples = args.samples if args.samples is not None else (8 if rejecting else 4)
+    temperature = 0.6 if args.temperature is None else args.temperature
+    top_p = 0.95 if args.top_p is None else args.top_p
+    if samples < 1 or args.problems < 1:
+        print(f"error: --samples and --problems must be at least 1, got {samples} and {args.problems}",
+              file=sys.stderr)
+        return 2
+    if temperature < 0 or not 0 < top_p <= 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
+        print("error: --temperature must be >= 0, --top-p in (0, 1] and --max-new-tokens positive", file=sys.stderr)
+        return 2
+    if rejecting and not args.out:
+        print("error: reject needs --out FILE.jsonl (the SFT data to write)", file=sys.stderr)
+        return 2
+    from eval import reasoning as rs
+    from eval import tasks as tasks_lib
+
+    run_grpo = {}
+    if args.checkpoint and os.path.isfile(os.path.join(args.checkpoint, "config.yaml")):
+        import yaml
+
+        with open(os.path.join(args.checkpoint, "config.yaml")) as f:
+            run_grpo = (yaml.safe_load(f) or {}).get("grpo", {})
+    try:
+        spec = args.task or (f"{run_grpo['task']}:{run_grpo['difficulty']}" if run_grpo else None)
+        if not spec:
+            raise ValueError("--task NAME[:DIFFICULTY] is needed (this checkpoint names no grpo task); "
+                             f"tasks: {tasks_lib.names()}")
+        template = args.template or run_grpo.get("template", "r1")
+        chosen = [(f"{n}:{tasks_lib.get(n, d, template=template).difficulty}", tasks_lib.get(n, d, template=template))
+                  for n, d in _task_list(spec)]
+        model, variables, tokenizer_spec = _load(args)
+        from dsjax.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_spec)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    max_new = args.max_new_tokens or int(run_grpo.get("max_new_tokens", 256))
+    split = args.split or ("train" if rejecting else "test")
+    rows, kept_all, records = {}, [], []
+    for name, task in chosen:
+        problems = task.split(split, args.problems, seed=args.seed)
+        groups, timing = rs.sample_problems(model, variables, tokenizer, problems, samples=samples,
+                                            max_new_tokens=max_new, temperature=temperature, top_p=top_p,
+                                            top_k=args.top_k, batch_size=args.batch_size, seed=args.seed,
+                                            speculative=args.speculative, progress=True)
+        row = rs.report(groups, timing)
+        if rejecting:
+            kept = rs.accepted(groups, shortest=args.shortest, dedup=not args.no_dedup)
+            kept_all += kept
+            row.update(acceptance=sum(s.correct and s.well_formed and not s.truncated for g in groups for s in g)
+                       / (len(problems) * samples),
+                       problems_covered=sum(any(s.correct and s.well_formed for s in g) for g in groups) / len(problems),
+                       kept=len(kept))
+        elif args.out:
+            records.append(groups)
+        rows[name] = row
+        print(json.dumps({"task": name, "split": split, "temperature": temperature, "top_p": top_p,
+                          "max_new_tokens": max_new, **{k: round(v, 4) if isinstance(v, float) else v
+                                                        for k, v in row.items()}}), flush=True)
+    if rejecting:
+        rs.write_sft(kept_all, args.out)
+        print(f"wrote {len(kept_all)} SFT examples to {args.out}", file=sys.stderr)
+    elif args.out:
+        rs.write_samples([g for groups in records for g in groups], args.out)
+        print(f"wrote {sum(len(g) for groups in records for g in groups)} completions to {args.out}", file=sys.stderr)
+    rs.print_table(rows)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.task == "loss":
+    if args.task_name == "loss":
         return _loss(args)
+    if args.task_name in ("tasks", "reject"):
+        return reasoning(args)
+    args.max_new_tokens = args.max_new_tokens or 128
+    args.temperature = args.temperature or 0.0
+    args.top_p = 1.0 if args.top_p is None else args.top_p
     if args.prompt is None:
         print("error: generate needs --prompt", file=sys.stderr)
         return 2

@@ -63,7 +63,7 @@ def parse_tags(completion: str) -> tuple[str, str] | None:
     return text[len(_TAGS[0]):starts[1]], text[starts[2] + len(_TAGS[2]):starts[3]]
 
 
-def _normalize_int(text: str) -> str | None:
+def normalize_int(text: str) -> str | None:
     """'-0042' -> '-42'; None unless an optionally signed integer of at most 64 characters."""
     s = text.strip()
     if not s or len(s) > _MAX_ANSWER:
@@ -92,7 +92,7 @@ def is_correct(given: str, /, **fields: Any) -> bool:
         value, used = parsed
         return sorted(used) == sorted(int(n) for n in fields["numbers"]) and value == int(fields["target"])
     if "answer" in fields:
-        got, want = _normalize_int(given), _normalize_int(str(fields["answer"]))
+        got, want = normalize_int(given), normalize_int(str(fields["answer"]))
         return got is not None and got == want
     raise ValueError("the problem has neither 'answer' nor 'numbers'/'target' fields")
 

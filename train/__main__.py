@@ -5,8 +5,10 @@ With no arguments: pretrains the tiny preset on the Python standard library's so
 plot and a generated sample. Running again on the same workdir resumes exactly.
 
 Stages: `pretrain`, `sft` (prompt/response JSONL, the loss on responses; configs/sft.yaml)
-and `grpo` (rollouts + rule-based rewards on a generated task; configs/grpo.yaml). Each
-reads `configs/<stage>.yaml` unless `--config` names another run config.
+`grpo` (rollouts + rule-based rewards on a generated task; configs/grpo.yaml) and
+`distill` (SFT of a student on a teacher's rejection-sampled generations;
+configs/distill.yaml). Each reads `configs/<stage>.yaml` unless `--config` names another
+run config.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-STAGES = ("pretrain", "sft", "grpo")
+STAGES = ("pretrain", "sft", "grpo", "distill")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,6 +78,9 @@ def _stage_class(stage: str):
     if stage == "grpo":
         from train.grpo import GRPOStage
         return GRPOStage
+    if stage == "distill":
+        from train.distill import DistillStage
+        return DistillStage
     from train.loop import PretrainStage
     return PretrainStage
 

@@ -13,6 +13,7 @@ import yaml
 from dsjax.config import _CONFIG_DIR, ConfigError, ModelConfig, apply_updates, load_model_config, parse_value
 from sharding.mesh import MeshConfig
 from dsjax.data import DataConfig
+from train.distill import DistillConfig
 from train.grpo import GRPOConfig
 from train.sft import SFTConfig
 
@@ -115,10 +116,12 @@ class RunConfig:
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
 
 
 _SECTIONS = {"train": TrainConfig, "data": DataConfig, "mesh": MeshConfig, "model": ModelConfig,
-             "init": InitConfig, "sft": SFTConfig, "grpo": GRPOConfig}
+             "init": InitConfig, "sft": SFTConfig, "grpo": GRPOConfig,
+             "distill": DistillConfig}
 
 
 def parse_set(item: str) -> tuple[str, str, Any]:
@@ -179,15 +182,24 @@ def build_config(config: str | None, overrides: list[str]) -> RunConfig:
         data = sections.setdefault("data", {})
         for key, value in source_data.items():
             data.setdefault(key, value)
+    distill = sections.get("distill", {})
+    if source is None and (distill.get("teacher") or distill.get("teacher_hf")):
+        # A student reads the teacher's text with the teacher's tokenizer unless told otherwise.
+        teacher = InitConfig(workdir=str(distill.get("teacher") or ""), hf=str(distill.get("teacher_hf") or ""))
+        _, teacher_data = _init_source(teacher, ("distill.teacher", "distill.teacher_hf"))
+        for key, value in teacher_data.items():
+            sections.setdefault("data", {}).setdefault(key, value)
     cfg = RunConfig(model=model, init=init)
     for section, values in sections.items():
         cfg = dataclasses.replace(cfg, **{section: apply_updates(section, getattr(cfg, section), values)})
     cfg.train.validate()
     cfg.grpo.validate()
+    cfg.distill.validate()
     return cfg
 
 
-def _init_source(init: InitConfig) -> tuple[ModelConfig | None, dict[str, Any]]:
+def _init_source(init: InitConfig, names: tuple[str, str] = ("init.workdir", "init.hf")
+                 ) -> tuple[ModelConfig | None, dict[str, Any]]:
     """The model config of `init.workdir` / `init.hf` and the data keys a run inherits
     from it (its tokenizer), or (None, {})."""
     import json
@@ -199,14 +211,14 @@ def _init_source(init: InitConfig) -> tuple[ModelConfig | None, dict[str, Any]]:
     if init.workdir:
         path = os.path.join(init.workdir, "config.yaml")
         if not os.path.isfile(path):
-            raise ConfigError(f"init.workdir: {init.workdir} is not a training workdir (no config.yaml)")
+            raise ConfigError(f"{names[0]}: {init.workdir} is not a training workdir (no config.yaml)")
         with open(path) as f:
             run = yaml.safe_load(f) or {}
         return config_from_dict(run["model"]), {"tokenizer": run.get("data", {}).get("tokenizer", "bytes")}
     if init.hf:
         path = os.path.join(init.hf, "config.json")
         if not os.path.isfile(path):
-            raise ConfigError(f"init.hf: {init.hf} has no config.json")
+            raise ConfigError(f"{names[1]}: {init.hf} has no config.json")
         with open(path) as f:
             model = ModelConfig.from_hf(json.load(f))
         tokenizer = os.path.join(init.hf, "tokenizer.json")
@@ -234,7 +246,7 @@ def describe_options() -> str:
     """Every key with its default, for --help."""
     lines = []
     defaults = RunConfig()
-    for section in ("train", "data", "mesh", "init", "sft", "grpo", "model"):
+    for section in ("train", "data", "mesh", "init", "sft", "grpo", "distill", "model"):
         obj = getattr(defaults, section)
         for f in dataclasses.fields(obj):
             lines.append(f"  {section}.{f.name} = {getattr(obj, f.name)!r}")

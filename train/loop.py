@@ -135,6 +135,17 @@ class SupervisedStage(Stage):
     batches: Any = None
     val: list = []
 
+    def __init__(self, run: Run):
+        super().__init__(run)
+        shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"] * run.mesh.shape["expert"]
+        if run.cfg.train.batch_size % shards:
+            raise ConfigError(f"train.batch_size={run.cfg.train.batch_size} does not divide over the {shards} "
+                              f"devices of the mesh's batch axes (data x fsdp x expert)")
+
+    def step_options(self) -> dict:
+        """Extra keyword arguments of train.steps.make_train_step (distillation's KL)."""
+        return {}
+
     def data_state(self) -> dict:
         return self.batches.get_state()
 
@@ -143,7 +154,8 @@ class SupervisedStage(Stage):
 
     def compile(self) -> None:
         run = self.run
-        self.train_step = jax.jit(make_train_step(run.model, run.tx, run.cfg.train, run.lr_schedule, run.rules),
+        self.train_step = jax.jit(make_train_step(run.model, run.tx, run.cfg.train, run.lr_schedule, run.rules,
+                                                  **self.step_options()),
                                   in_shardings=(run.state_sh, run.batch_sh), out_shardings=(run.state_sh, None),
                                   donate_argnums=(0,))
         self.eval_step = jax.jit(make_eval_step(run.model, run.rules),

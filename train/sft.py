@@ -221,20 +221,24 @@ class SFTStage(SupervisedStage):
     def __init__(self, run):
         super().__init__(run)
         cfg, tcfg = run.cfg, run.cfg.train
-        try:
-            paths = source_files(dataclasses.replace(cfg.data, file_pattern="*.jsonl"))
-        except FileNotFoundError as e:
-            raise ConfigError(str(e)) from None
+        paths = self.sources()
         train, val, skipped, self.first_prompt = load_sft(paths, cfg.sft, run.tokenizer, tcfg.seq_len,
                                                           cfg.data.val_fraction)
         self.batches = sft_iterator(train, run.local_batch, tcfg.seed, run.process_index, run.process_count)
         self.val = val_batches(val, run.local_batch, tcfg.eval_batches, run.process_index, run.process_count)
         scored = int(train.loss[:, 1:].sum())
-        run.log(f"data: {cfg.data.source} -> {train.examples} train examples in {len(train)} windows of "
+        run.log(f"data: {','.join(paths)} -> {train.examples} train examples in {len(train)} windows of "
                 f"{tcfg.seq_len + 1} tokens ({scored:,} response tokens), "
                 f"{val.examples if val else 0} validation examples"
                 + (f"; skipped {skipped} malformed lines" if skipped else "")
                 + (f"; truncated {train.truncated} long examples" if train.truncated else ""))
+
+    def sources(self) -> list[str]:
+        """The JSONL files to read (data.source)."""
+        try:
+            return source_files(dataclasses.replace(self.run.cfg.data, file_pattern="*.jsonl"))
+        except FileNotFoundError as e:
+            raise ConfigError(str(e)) from None
 
     def sample_prompt(self) -> str:
         return self.first_prompt

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsjax.losses import cross_entropy, model_variables, mtp_cross_entropy
+from dsjax.losses import cross_entropy, masked_mean, model_variables, mtp_cross_entropy
 from dsjax.model import ModelOutput, Transformer, unbox
 from sharding.rules import tree_shardings
 
@@ -76,11 +76,14 @@ def schedules(tcfg):
 
 
 def make_train_step(model: Transformer, tx: optax.GradientTransformation, tcfg,
-                    lr_schedule: Callable, rules=()) -> Callable:
+                    lr_schedule: Callable, rules=(), kl_weight: float = 0.0, kl_temperature: float = 1.0) -> Callable:
     """Returns train_step(state, batch) -> (state, metrics), to be jitted by the caller.
 
     `batch`: `inputs`, `targets` int32 [B, T]; for packed SFT windows also `positions`,
-    `segment_ids` [B, T] and `mask` bool [B, T] (the targets that are scored).
+    `segment_ids` [B, T] and `mask` bool [B, T] (the targets that are scored). With
+    `kl_weight` (distillation) the batch carries a teacher's `teacher_logprobs` [B, T, V]
+    (log-softmax at `kl_temperature`) and the loss adds kl_weight x KL(teacher || student)
+    averaged over the scored tokens.
     """
     cfg = model.cfg
     mtp_lambda, gamma = schedules(tcfg)
@@ -100,17 +103,25 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation, tcfg,
         if out.mtp_balance_loss is not None:
             balance = balance + out.mtp_balance_loss.sum()
         loss = ce + mtp_lambda(step) * mtp + tcfg.balance_alpha * balance
-        return loss, (out, ce, mtp, balance)
+        kl = 0.0
+        if kl_weight:
+            teacher = batch["teacher_logprobs"]
+            student = jax.nn.log_softmax(out.logits.astype(jnp.float32) / kl_temperature)
+            kl = masked_mean(jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1), mask)
+            loss = loss + kl_weight * kl
+        return loss, (out, ce, mtp, balance, kl)
 
     def train_step(state: TrainState, batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (out, ce, mtp, balance)), grads = grad_fn(state.params, state.moe_bias, batch, state.step)
+        (loss, (out, ce, mtp, balance, kl)), grads = grad_fn(state.params, state.moe_bias, batch, state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         moe_bias = update_moe_bias(state.moe_bias, out, gamma(state.step)) if state.moe_bias else state.moe_bias
         metrics = {"loss": loss, "ce": ce, "mtp_loss": jnp.asarray(mtp, jnp.float32),
                    "balance_loss": jnp.asarray(balance, jnp.float32), "grad_norm": optax.tree_utils.tree_norm(grads),
                    "lr": lr_schedule(state.step)}
+        if kl_weight:
+            metrics["distill_kl"] = kl
         if cfg.num_moe_layers:
             metrics["max_vio"] = max_violation(out.expert_loads)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, moe_bias=moe_bias), metrics
