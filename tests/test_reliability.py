@@ -107,3 +107,24 @@ def test_a_run_that_keeps_diverging_stops_with_finite_checkpoints(tmp_path, caps
     model, variables, _ = dsjax.load_trained(str(workdir))
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(variables))
     ckpt.close()
+
+
+def test_no_code_runs_untrusted_data():
+    """No eval/exec/pickle/unsafe YAML on model output, datasets or checkpoints: the library,
+    the entry points and the benchmarks read data with json, safetensors, orbax and
+    yaml.safe_load only (a scan of the source; `.eval()` on a torch module is a method)."""
+    import re
+
+    pattern = re.compile(r"(?<![.\w])(eval|exec)\(|(?<!def )(?<![.\w])compile\(|pickle|literal_eval|marshal\.|yaml\.load\(|yaml\.unsafe_load"
+                         r"|torch\.load|allow_pickle\s*=\s*True|__import__\(")
+    hits = []
+    for package in ("dsjax", "train", "eval", "sharding", "bench"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, package)):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(dirpath, name)
+                    for n, line in enumerate(open(path, encoding="utf-8"), 1):
+                        code = line.split("#", 1)[0]
+                        if pattern.search(code):
+                            hits.append(f"{os.path.relpath(path, ROOT)}:{n}: {line.strip()}")
+    assert not hits, "\n".join(hits)
