@@ -19,7 +19,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dsjax.checkpoint import load_trained  # noqa: E402
-from dsjax.generate import generate  # noqa: E402
+from dsjax.decoding import generate  # noqa: E402
 from dsjax.tokenizer import load_tokenizer  # noqa: E402
 from dsjax.data import DataConfig, load_corpus  # noqa: E402
 

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
 import dsjax  # noqa: E402
-from dsjax.generate import generate  # noqa: E402
+from dsjax.decoding import generate  # noqa: E402
 
 
 def main():

@@ -7,11 +7,14 @@ Dimension legend, used in every einsum and shape comment:
   F expert hidden (moe_intermediate_size), G expert groups, L layers, N tokens (B*T).
 """
 
+from dsjax.checkpoint import load_trained
 from dsjax.config import ConfigError, ModelConfig, RopeScaling, load_model_config, preset_names
+from dsjax.decoding import GenerateOutput, generate, generate_stream
 from dsjax.hf import from_pretrained, save_pretrained
 from dsjax.model import ModelOutput, Transformer, unbox
 
 __all__ = [
     "ConfigError", "ModelConfig", "RopeScaling", "load_model_config", "preset_names",
     "from_pretrained", "save_pretrained", "ModelOutput", "Transformer", "unbox",
+    "generate", "generate_stream", "GenerateOutput", "load_trained",
 ]

@@ -80,17 +80,22 @@ def restore_variables(directory: str, target: dict, step: int | None = None) -> 
     return {"params": out["params"], "moe_bias": out.get("moe_bias") or {}}, int(step)
 
 
-def load_trained(workdir: str, step: int | None = None):
-    """The model and its variables from a `python -m train` workdir.
+def load_trained(workdir: str, step: int | None = None, shardings: Any = None):
+    """The model and its variables from a `python -m train` workdir, on this machine's devices.
 
-    Reads `config.yaml` (the resolved run config) and the latest (or given) checkpoint.
+    Reads `config.yaml` (the resolved run config) and the latest (or given) checkpoint's
+    parameters and router bias only (not the optimizer moments), whatever the device
+    count or mesh that wrote it: onto the first local device, or onto `shardings` (a
+    sharding for every leaf, or a pytree of them matching {'params', 'moe_bias'}).
     Returns (Transformer, {'params', 'moe_bias'}, run config dict with the restored step
-    added as 'checkpoint_step').
+    added as 'checkpoint_step'). Raises FileNotFoundError with a one-line message.
+
+        model, variables, run = dsjax.load_trained("workdir")
     """
     import yaml
 
     from dsjax.config import config_from_dict
-    from dsjax.model import Transformer
+    from dsjax.model import Transformer, unbox
 
     config_path = os.path.join(workdir, "config.yaml")
     if not os.path.exists(config_path):
@@ -101,13 +106,14 @@ def load_trained(workdir: str, step: int | None = None):
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir} has no checkpoints/")
-    mngr = ocp.CheckpointManager(os.path.abspath(directory))
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{directory} holds no finished checkpoint")
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    mngr.close()
-    variables = {"params": state["params"]}
-    if state.get("moe_bias"):
-        variables["moe_bias"] = state["moe_bias"]
+    abstract = unbox(jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), "int32")))
+    abstract = {"params": abstract["params"], "moe_bias": abstract.get("moe_bias", {})}
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, abstract)
+    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
+    variables, step = restore_variables(directory, target, step)
+    if not variables["moe_bias"]:
+        variables.pop("moe_bias")
     return model, variables, {**run, "checkpoint_step": int(step)}

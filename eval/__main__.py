@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import jax
 
-    from dsjax.generate import generate_stream
+    from dsjax.decoding import generate_stream
     from dsjax.tokenizer import load_tokenizer
 
     try:

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from dsjax.generate import generate
+from dsjax.decoding import generate
 from eval import rewards as rewards_lib
 from eval.tasks import Problem
 

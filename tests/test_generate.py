@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import dsjax
-from dsjax import generate as gen_lib
-from dsjax.generate import generate, sampling_logprobs, speculative_accept
+from dsjax import decoding as gen_lib
+from dsjax.decoding import generate, sampling_logprobs, speculative_accept
 from dsjax.model import cache_bytes
 from train.config import build_config
 from train.optim import make_optimizer
@@ -174,7 +174,7 @@ def test_stream_matches_batched_and_cli(random_model, tmp_path):
     import subprocess
     import sys
 
-    from dsjax.generate import generate_stream
+    from dsjax.decoding import generate_stream
     from tests.test_train import ROOT
 
     cfg, variables = random_model
@@ -198,3 +198,21 @@ def test_stream_matches_batched_and_cli(random_model, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "eval", "generate", "--hf", str(tmp_path / "nope"),
                               "--prompt", "x"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_generate_is_called_as_the_readme_shows():
+    """`dsjax.generate` is the function of README.md and DESIGN.md, on `model.init`'s output."""
+    import dsjax
+
+    cfg = dsjax.load_model_config("tiny")
+    model = dsjax.Transformer(cfg.replace(attn_impl="absorb", moe_impl="ragged"))
+    tokens = jnp.asarray([[5, 6, 7, 8], [9, 10, 0, 0]], jnp.int32)
+    variables = model.init(jax.random.key(0), tokens)
+    prompts, prompt_lengths, eos_id = tokens, jnp.asarray([4, 2], jnp.int32), cfg.eos_token_id
+    gen = dsjax.generate(model, variables, prompts, prompt_lengths, max_new_tokens=32,
+                         temperature=0.0, rng=None, speculative=False,
+                         top_k=0, top_p=1.0, stop_tokens=(eos_id,))
+    assert gen.tokens.shape == gen.logprobs.shape == (2, 32) and gen.lengths.shape == (2,)
+    assert float(gen.tokens_per_forward) == 1.0  # no drafts without speculative=True
+    logits = model.apply(variables, tokens).logits
+    assert [int(gen.tokens[0, 0]), int(gen.tokens[1, 0])] == [int(logits[0, 3].argmax()), int(logits[1, 1].argmax())]

@@ -112,7 +112,7 @@ def test_eval_tasks_at_temperature_0_is_greedy_generate(tmp_path, capsys):
     width = prompt_width(tok, [p.prompt for p in problems])
     ids, lengths = encode_prompts(tok, [p.prompt for p in problems], width)
     absorb = dsjax.Transformer(model.cfg.replace(attn_impl="absorb"))
-    gen = dsjax.generate.generate(absorb, variables, ids, lengths, 6, temperature=0.0, stop_tokens=(tok.eos_id,),
+    gen = dsjax.generate(absorb, variables, ids, lengths, 6, temperature=0.0, stop_tokens=(tok.eos_id,),
                                   prompt_bucket=width)
     want = []
     for row, n in enumerate(np.asarray(gen.lengths)):

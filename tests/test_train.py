@@ -276,6 +276,29 @@ def test_run_outputs_eval_loss_and_exact_resume_after_sigkill(tmp_path, capsys):
                            timeout=600)
     assert again.returncode == 0 and "already trained to step 150" in again.stdout
 
+    # Preemption: SIGTERM mid-run saves the current step (not a multiple of checkpoint_every)
+    # and exits 0 promptly; running again resumes to the same losses.
+    termed = tmp_path / "termed"
+    proc = subprocess.Popen(_train_cmd(termed, *extra), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (termed / "metrics.jsonl").exists() and max(_losses(termed), default=0) >= 33:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the signal"
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and time.time() - sent < 30, (proc.returncode, out[-2000:])
+    saved = max(int(d) for d in os.listdir(termed / "checkpoints") if d.isdigit())
+    assert saved == max(_losses(termed)) >= 33, saved  # the step it stopped at, between checkpoints
+    assert f"SIGTERM: saved step {saved}" in out
+    resumed = subprocess.run(_train_cmd(termed, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _losses(termed) == a
+
 
 @pytest.mark.parametrize("dtype, remat", [("bfloat16", "dots"), ("float32", "full")])
 def test_bf16_compute_and_remat_policies_train(step_setup, dtype, remat):

@@ -99,13 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dry_run:
         return dry_run(cfg, args)
-    try:
-        from train.loop import run_stage
+    from train.loop import RunStopped, run_stage
 
+    try:
         return run_stage(cfg, args, _stage_class(args.stage))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

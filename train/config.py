@@ -40,6 +40,9 @@ class TrainConfig:
         this fraction of the steps (V3: 0.001, 0 for the last tokens).
       sample_tokens / sample_prompt: text generated at the end (0: none).
       peak_tflops: peak device TFLOP/s for MFU (0: from the device kind).
+      max_bad_steps: a step whose loss or gradients are not finite is skipped (parameters,
+        optimizer state and router bias unchanged; `skipped` in the metrics); this many in
+        a row stop the run.
     """
 
     steps: int = 500
@@ -71,10 +74,11 @@ class TrainConfig:
     sample_tokens: int = 200
     sample_prompt: str = "def "
     peak_tflops: float = 0.0
+    max_bad_steps: int = 5
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every",
-                     "keep_checkpoints", "step_decay_every"):
+                     "keep_checkpoints", "step_decay_every", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_batches", "sample_tokens", "weight_decay", "grad_clip",

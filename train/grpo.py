@@ -28,7 +28,7 @@ from eval.sampling import Completions, complete, encode_prompts, evaluate, promp
 from train.grpo_loss import AGGREGATIONS, IMPORTANCE, SCALES, group_advantages, policy_loss
 from train.loop import Run, Stage
 from train.report import plot_grpo
-from train.steps import max_violation, schedules, update_moe_bias
+from train.steps import guarded, max_violation, schedules, update_moe_bias
 
 MOE_BIAS_MODES = ("frozen", "update")
 
@@ -161,7 +161,8 @@ def make_grpo_step(model, tx, g: GRPOConfig, tcfg, lr_schedule, max_tokens: int,
         metrics.update(loss=loss, grad_norm=optax.tree_utils.tree_norm(grads), lr=lr_schedule(state.step))
         if out.expert_loads is not None:
             metrics["max_vio"] = max_violation(out.expert_loads)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, moe_bias=moe_bias), metrics
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, moe_bias=moe_bias)
+        return guarded(state, new, loss, grads, metrics)
 
     return grpo_step
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from dsjax import data as data_lib
 from dsjax.checkpoint import Checkpointer, restore_variables
 from dsjax.config import ConfigError, config_from_dict
-from dsjax.generate import generate
+from dsjax.decoding import generate
 from dsjax.losses import make_eval_step
 from dsjax.model import Transformer, unbox
 from dsjax.tokenizer import load_tokenizer
@@ -328,8 +328,11 @@ def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
             ckpt.close()
             return 0
         stage.compile()
-        state = _loop(run, stage, state, start, ckpt, metrics_log)
-        ckpt.close()
+        flag: dict = {"signal": None}
+        state, stopped = _with_stop_signals(flag, lambda: _loop(run, stage, state, start, ckpt, metrics_log, flag))
+        ckpt.close()  # waits for the async save
+        if stopped:
+            return 0
         if lead:
             plot = stage.plot()
             print(f"done: {tcfg.steps} steps; plot {plot}" + (f"; {stage.summary(stage.last_eval)}"
@@ -339,8 +342,24 @@ def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
     return 0
 
 
-def _loop(run: Run, stage: Stage, state: TrainState, start: int, ckpt: Checkpointer, metrics_log) -> TrainState:
+class RunStopped(Exception):
+    """A run that cannot go on (non-finite steps in a row): one line for the user, exit 1."""
+
+
+def _stop_requested(run: Run, flag: dict) -> bool:
+    """Whether a signal asked this run to stop (any process, in multi-process runs)."""
+    mine = flag["signal"] is not None
+    if run.process_count > 1:
+        return bool(np.asarray(multihost_utils.process_allgather(np.int32(mine))).any())
+    return mine
+
+
+def _loop(run: Run, stage: Stage, state: TrainState, start: int, ckpt: Checkpointer, metrics_log,
+          flag: dict | None = None) -> tuple[TrainState, bool]:
+    """Runs the steps; returns (state, whether a signal stopped it early after a save)."""
     tcfg = run.cfg.train
+    flag = flag if flag is not None else {"signal": None}
+    bad = 0
     fpt = flops_per_token(run.cfg.model, tcfg.seq_len)
     peak = (tcfg.peak_tflops or peak_tflops(jax.devices()[0])) * 1e12 * jax.device_count()
     bar = tqdm(total=tcfg.steps, initial=start, disable=not run.lead, dynamic_ncols=True, mininterval=1.0,
@@ -356,6 +375,7 @@ def _loop(run: Run, stage: Stage, state: TrainState, start: int, ckpt: Checkpoin
     for step in range(start, tcfg.steps):
         state, metrics = stage.step(state, step)
         done = step + 1
+        bad = bad + 1 if float(jax.device_get(metrics["skipped"])) > 0 else 0
         if last_time is None:  # the first step includes compilation: time from its end
             jax.block_until_ready(metrics)
             last_time, last_step = time.time(), done
@@ -375,11 +395,43 @@ def _loop(run: Run, stage: Stage, state: TrainState, start: int, ckpt: Checkpoin
                 bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in stage.last_eval.items()))
         if record is not None and run.lead:
             metrics_log.write(record)
-        if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
+        if bad >= tcfg.max_bad_steps:
+            bar.close()
+            raise RunStopped(f"the loss or gradients were not finite for {bad} steps in a row (steps "
+                             f"{done - bad + 1} to {done}; each was skipped); stopping. The latest checkpoint "
+                             f"(step {ckpt.latest_step()}) holds only finite values")
+        stopping = _stop_requested(run, flag)
+        if done % tcfg.checkpoint_every == 0 or done == tcfg.steps or stopping:
             ckpt.save(done, state, {"data": stage.data_state(), "step": done})
         bar.update(1)
+        if stopping:
+            bar.close()
+            run.log(f"{flag['signal'] or 'a signal on another process'}: saved step {done}; "
+                    f"run the same command again to resume")
+            return state, True
     bar.close()
-    return state
+    return state, False
+
+
+def _with_stop_signals(flag: dict, body):
+    """Runs body() with SIGTERM and SIGINT recorded in flag['signal'] (the loop saves and
+    stops after the current step) instead of killing the process."""
+    import signal
+
+    def record(signum, _frame):
+        flag["signal"] = signal.Signals(signum).name
+
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, record)
+    except ValueError:  # not the main thread: signals stay as they were
+        pass
+    try:
+        return body()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _print_sample(run: Run, stage: Stage, state: TrainState) -> None:

@@ -75,6 +75,18 @@ def schedules(tcfg):
     return mtp_lambda, gamma
 
 
+def guarded(old: "TrainState", new: "TrainState", loss, grads, metrics: dict) -> tuple["TrainState", dict]:
+    """`new` when the loss, every gradient and every updated parameter are finite, else
+    `old` with only the step advanced (a NaN or Inf never reaches the parameters, the
+    optimizer state or the router bias); metrics get `skipped` (1.0 for a skipped step)."""
+    leaves = jax.tree.leaves(grads) + jax.tree.leaves(new.params) + jax.tree.leaves(new.moe_bias)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)  # noqa: E731
+    state = new.replace(params=keep(new.params, old.params), opt_state=keep(new.opt_state, old.opt_state),
+                        moe_bias=keep(new.moe_bias, old.moe_bias))
+    return state, {**metrics, "skipped": 1.0 - finite.astype(jnp.float32)}
+
+
 def make_train_step(model: Transformer, tx: optax.GradientTransformation, tcfg,
                     lr_schedule: Callable, rules=(), kl_weight: float = 0.0, kl_temperature: float = 1.0) -> Callable:
     """Returns train_step(state, batch) -> (state, metrics), to be jitted by the caller.
@@ -124,7 +136,8 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation, tcfg,
             metrics["distill_kl"] = kl
         if cfg.num_moe_layers:
             metrics["max_vio"] = max_violation(out.expert_loads)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, moe_bias=moe_bias), metrics
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, moe_bias=moe_bias)
+        return guarded(state, new, loss, grads, metrics)
 
     return train_step
 

@@ -1,0 +1,130 @@
+"""Reliability: checkpoints move between device counts and layouts; the public entry
+points work as documented."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+import dsjax
+from sharding.rules import tree_shardings
+from train.__main__ import main as train_main
+from tests.test_train import SMALL
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_checkpoint_from_8_devices_loads_on_1_and_2_with_the_same_logits(tmp_path):
+    workdir = tmp_path / "run"
+    argv = ["--workdir", str(workdir)]
+    for o in SMALL + ["model.moe_impl=ragged", "mesh.fsdp=4", "mesh.expert=2", "train.batch_size=8",
+                      "train.steps=2", "train.checkpoint_every=2", "train.eval_every=2", "train.sample_tokens=0",
+                      "train.bias_update_speed=0.01"]:
+        argv += ["--set", o]
+    assert train_main(argv) == 0
+    logged = [json.loads(line) for line in open(workdir / "metrics.jsonl")][-1]["val_loss"]
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(2, 250, (2, 16)), jnp.int32)
+    model, one, run = dsjax.load_trained(str(workdir))  # one device, no optimizer state
+    assert run["checkpoint_step"] == 2 and set(one) == {"params", "moe_bias"}
+    assert {leaf.sharding.device_set.pop().id for leaf in jax.tree.leaves(one)} == {0}
+    assert any(float(jnp.abs(b).max()) > 0 for b in jax.tree.leaves(one["moe_bias"]))  # the bias came along
+
+    mesh = Mesh(np.asarray(jax.devices()[:2]).reshape(1, 2, 1, 1), ("data", "fsdp", "expert", "tensor"))
+    boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    shardings = tree_shardings({"params": boxed["params"], "moe_bias": boxed["moe_bias"]}, mesh, "fsdp")
+    _, two, _ = dsjax.load_trained(str(workdir), shardings=shardings)
+    assert any(len(leaf.sharding.device_set) == 2 and not leaf.sharding.is_fully_replicated
+               for leaf in jax.tree.leaves(two))
+    a = model.apply(one, tokens).logits
+    with jax.set_mesh(mesh):
+        b = jax.jit(model.apply)(two, tokens).logits
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+    # python -m eval in a one-device process reads it too: the validation loss the 8-device run logged.
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    done = subprocess.run([sys.executable, "-m", "eval", "loss", "--checkpoint", str(workdir)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert abs(json.loads(done.stdout.strip().splitlines()[-1])["val_loss"] - logged) < 1e-5
+
+
+def test_a_non_finite_step_changes_nothing():
+    """A poisoned batch (NaN teacher log-probs under distillation's KL) is skipped: params,
+    optimizer state and router bias stay bit for bit; the metrics say so."""
+    from train.config import build_config
+    from train.optim import make_optimizer
+    from train.steps import TrainState, make_train_step
+
+    cfg = build_config(None, SMALL + ["train.bias_update_speed=0.01", "train.warmup_steps=0"])
+    model = dsjax.Transformer(cfg.model)
+    boxed = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    variables = dsjax.unbox(boxed)
+    tx, schedule = make_optimizer(cfg.train, boxed["params"])
+    state = TrainState(jnp.zeros((), jnp.int32), variables["params"], tx.init(variables["params"]),
+                       variables["moe_bias"])
+    tokens = np.random.default_rng(0).integers(2, 250, (2, 9)).astype(np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones((2, 8), bool)}
+    step = jax.jit(make_train_step(model, tx, cfg.train, schedule, kl_weight=1.0))
+    logp = jax.nn.log_softmax(model.apply(variables, batch["inputs"]).logits)
+    good, m_good = step(state, dict(batch, teacher_logprobs=logp))
+    bad, m_bad = step(state, dict(batch, teacher_logprobs=logp.at[0, 3, 7].set(jnp.nan)))
+    assert float(m_good["skipped"]) == 0.0 and float(m_bad["skipped"]) == 1.0
+    assert not np.isfinite(float(m_bad["loss"]))
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), (bad.params, bad.opt_state, bad.moe_bias),
+                        (state.params, state.opt_state, state.moe_bias))
+    assert all(jax.tree.leaves(same))
+    assert int(bad.step) == 1
+    moved = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), good.params, state.params)
+    assert not all(jax.tree.leaves(moved))  # the good step did update
+
+
+def test_a_run_that_keeps_diverging_stops_with_finite_checkpoints(tmp_path, capsys):
+    """A learning rate of 1e30 sends the parameters to 1e30 after one step, then every loss
+    is NaN: each bad step is skipped and the fifth in a row stops the run (status 1, one
+    line naming the steps); what was saved holds only finite numbers."""
+    from dsjax.checkpoint import Checkpointer
+
+    workdir = tmp_path / "run"
+    argv = ["--workdir", str(workdir)]
+    for o in SMALL + ["train.lr=1e30", "train.warmup_steps=0", "train.steps=20", "train.checkpoint_every=1",
+                      "train.sample_tokens=0", "train.batch_size=8", "train.max_bad_steps=5"]:
+        argv += ["--set", o]
+    assert train_main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: the loss or gradients were not finite for 5 steps in a row"), err
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert [r["skipped"] for r in records][-5:] == [1.0] * 5
+    ckpt = Checkpointer(str(workdir / "checkpoints"))
+    steps = ckpt.all_steps()
+    assert steps, "nothing was saved"
+    model, variables, _ = dsjax.load_trained(str(workdir))
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(variables))
+    ckpt.close()
+
+
+def test_no_code_runs_untrusted_data():
+    """No eval/exec/pickle/unsafe YAML on model output, datasets or checkpoints: the library,
+    the entry points and the benchmarks read data with json, safetensors, orbax and
+    yaml.safe_load only (a scan of the source; `.eval()` on a torch module is a method)."""
+    import re
+
+    pattern = re.compile(r"(?<![.\w])(eval|exec)\(|(?<!def )(?<![.\w])compile\(|pickle|literal_eval|marshal\.|yaml\.load\(|yaml\.unsafe_load"
+                         r"|torch\.load|allow_pickle\s*=\s*True|__import__\(")
+    hits = []
+    for package in ("dsjax", "train", "eval", "sharding", "bench"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, package)):
+            for name in files:
+                if name.endswith(".py"):
+                    path = os.path.join(dirpath, name)
+                    for n, line in enumerate(open(path, encoding="utf-8"), 1):
+                        code = line.split("#", 1)[0]
+                        if pattern.search(code):
+                            hits.append(f"{os.path.relpath(path, ROOT)}:{n}: {line.strip()}")
+    assert not hits, "\n".join(hits)
