@@ -32,7 +32,10 @@ class HFTokenizer:
             path = os.path.join(path, "tokenizer.json")
         if not os.path.exists(path):
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
-        self._tok = Tokenizer.from_file(path)
+        try:
+            self._tok = Tokenizer.from_file(path)
+        except Exception as e:  # the tokenizers library raises a bare Exception on bad files
+            raise ValueError(f"{path} is not a Hugging Face tokenizer.json ({str(e).splitlines()[0]})") from None
         self.name = path
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         vocab = self._tok.get_vocab(with_added_tokens=True)
