@@ -284,16 +284,26 @@ def _stream_step(model, variables, cache, token, position):
 
 def generate_stream(model: Transformer, variables, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                     rng=None, *, top_k: int = 0, top_p: float = 1.0, stop_tokens=()):
-    """Yields the tokens of one continuation as they are decoded (for interactive use).
+    """An iterator over the tokens of one continuation as they are decoded (interactive use).
 
     prompt: int [P]. Same sampling options as `generate`; one jitted step per token.
+    Raises ValueError at the call (not at the first token) when prompt + max_new_tokens
+    exceed the context.
     """
     prompt = np.asarray(prompt, np.int32).reshape(1, -1)
+    cfg = model.cfg
+    if prompt.shape[1] + max_new_tokens > cfg.max_position_embeddings and cfg.rope_scaling is None:
+        raise ValueError(f"the prompt ({prompt.shape[1]} tokens) + max_new_tokens {max_new_tokens} exceeds the "
+                         f"model's max_position_embeddings={cfg.max_position_embeddings}")
     if prompt.shape[1] < 1:
         raise ValueError("the prompt is empty")
     if temperature > 0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs an explicit rng key")
     variables = {k: v for k, v in variables.items() if k != "cache"}
+    return _stream(model, variables, prompt, max_new_tokens, temperature, rng, top_k, top_p, stop_tokens)
+
+
+def _stream(model, variables, prompt, max_new_tokens, temperature, rng, top_k, top_p, stop_tokens):
     logits, cache = _stream_prefill(model, variables, jnp.asarray(prompt), prompt.shape[1] + max_new_tokens)
     rng = jax.random.key(0) if rng is None else rng
     for i in range(max_new_tokens):

@@ -216,12 +216,17 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the prompt encodes to no tokens", file=sys.stderr)
         return 2
     stop = tuple(t for t in (tokenizer.eos_id,) if t is not None)
+    try:
+        tokens = generate_stream(model, variables, prompt, args.max_new_tokens, args.temperature,
+                                 jax.random.key(args.seed), top_k=args.top_k, top_p=args.top_p, stop_tokens=stop)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     emitted: list[int] = []
     shown = ""
-    for token in generate_stream(model, variables, prompt, args.max_new_tokens, args.temperature,
-                                 jax.random.key(args.seed), top_k=args.top_k, top_p=args.top_p, stop_tokens=stop):
+    for token in tokens:
         if token in stop:
             break
         emitted.append(token)

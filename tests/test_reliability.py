@@ -13,6 +13,9 @@ from jax.sharding import Mesh
 
 import dsjax
 from sharding.rules import tree_shardings
+import pytest
+
+from eval.__main__ import main as eval_main
 from train.__main__ import main as train_main
 from tests.test_train import SMALL
 
@@ -128,3 +131,94 @@ def test_no_code_runs_untrusted_data():
                         if pattern.search(code):
                             hits.append(f"{os.path.relpath(path, ROOT)}:{n}: {line.strip()}")
     assert not hits, "\n".join(hits)
+
+
+# ----------------------------------------------------------------------------- bad input
+def _bad_inputs(root):
+    """Files for the bad-input table: an HF checkpoint (good, truncated, missing a tensor),
+    a workdir of another model, data files and a tokenizer that do not load."""
+    import yaml
+    from safetensors.numpy import load_file, save_file
+
+    from train.config import build_config
+
+    cfg = build_config(None, SMALL).model
+    model = dsjax.Transformer(cfg.replace(max_position_embeddings=64))
+    variables = dsjax.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    hf = root / "hf"
+    dsjax.save_pretrained(model, variables, str(hf))
+    (shard,) = [f for f in os.listdir(hf) if f.endswith(".safetensors")]
+    for name, edit in (("hf_truncated", "truncate"), ("hf_missing", "drop")):
+        import shutil
+
+        shutil.copytree(hf, root / name)
+        path = root / name / shard
+        if edit == "truncate":
+            data = path.read_bytes()
+            path.write_bytes(data[:len(data) // 2])
+        else:
+            tensors = load_file(str(path))
+            tensors.pop(sorted(k for k in tensors if k.endswith("mlp.gate.weight"))[0])
+            save_file(tensors, str(path))
+    other = root / "other_model"
+    other.mkdir()
+    run = build_config(None, SMALL + ["model.hidden_size=32"])
+    import dataclasses
+
+    with open(other / "config.yaml", "w") as f:
+        yaml.safe_dump({"stage": "pretrain", **dataclasses.asdict(run)}, f, sort_keys=False)
+    (root / "afile").write_text("x")
+    (root / "empty.txt").write_text("")
+    (root / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\nnot json\n')
+    (root / "tok.json").write_text("{")
+
+
+BAD_TRAIN = [
+    (["--set", "train.stepz=3"], "unknown config key train.stepz"),
+    (["--set", "train.steps=abc"], "train.steps='abc' is not a valid int"),
+    (["--set", "model.num_attention_heads=3", "--set", "mesh.tensor=2", "--set", "mesh.fsdp=4",
+      "--set", "mesh.rules=fsdp_tp"], "does not divide"),
+    (["--set", "mesh.fsdp=3"], "mesh"),
+    (["--set", "train.batch_size=4"], "train.batch_size=4 does not divide over the 8 devices"),
+    (["--set", "data.source={root}/nothing"], "is no file, folder or matching glob"),
+    (["--set", "data.source={root}/empty.txt"], "need documents for both training and validation"),
+    (["sft", "--set", "data.source={root}/bad.jsonl"], "bad.jsonl:2: not valid JSON"),
+    (["--set", "data.tokenizer={root}/tok.json"], "is not a Hugging Face tokenizer.json"),
+    (["--workdir", "{root}/afile"], "is a file, not a directory"),
+    (["--workdir", "{root}/other_model"], "holds a different model"),
+    (["sft", "--init", "{root}/other_model", "--set", "model.hidden_size=64"], "holds a different model"),
+    (["sft", "--set", "init.hf={root}/hf_truncated"], "init.hf"),
+    (["sft", "--set", "init.hf={root}/hf_missing"], "missing tensor"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    _bad_inputs(root)
+    return root
+
+
+@pytest.mark.parametrize("argv, message", BAD_TRAIN, ids=[m for _, m in BAD_TRAIN])
+def test_bad_input_is_one_line_status_2_and_overwrites_nothing(bad_root, capsys, argv, message):
+    argv = [a.replace("{root}", str(bad_root)) for a in argv]
+    if "--workdir" not in argv:
+        argv += ["--workdir", str(bad_root / "wd")]
+    sets = [a for o in SMALL + ["train.batch_size=8", "train.sample_tokens=0", "train.steps=1"]
+            for a in ("--set", o) if not any(o.split("=")[0] + "=" in x for x in argv)]
+    if "data.source" not in " ".join(argv) and argv[0] == "sft":
+        sets += ["--set", f"data.source={bad_root}/bad.jsonl", "--set", "sft.strict=false"]
+    before = {p: p.read_bytes() for p in bad_root.rglob("*") if p.is_file()}
+    assert train_main(argv + sets) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and "Traceback" not in err, err
+    after = {p: p.read_bytes() for p in bad_root.rglob("*") if p.is_file()}
+    assert after == before  # nothing written, nothing overwritten
+    assert not (bad_root / "wd").exists()
+
+
+def test_a_prompt_longer_than_the_context_is_one_line(bad_root, capsys):
+    argv = ["generate", "--hf", str(bad_root / "hf"), "--tokenizer", "bytes", "--prompt", "x" * 100]
+    assert eval_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "max_position_embeddings=64" in err and "\n" not in err, err

@@ -303,8 +303,10 @@ def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
 
     with jax.set_mesh(mesh):
         stage = stage_cls(run)
-        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tcfg.keep_checkpoints)
-        start = ckpt.latest_step()
+        ckpt_dir = os.path.join(workdir, "checkpoints")
+        # Created only once the initial state exists, so a bad init source writes nothing.
+        ckpt = Checkpointer(ckpt_dir, keep=tcfg.keep_checkpoints) if os.path.isdir(ckpt_dir) else None
+        start = ckpt.latest_step() if ckpt else None
         abstract_state = jax.eval_shape(init_state, jax.random.key(tcfg.seed))
         abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       abstract_state, state_sh)
@@ -318,6 +320,8 @@ def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
             else:
                 state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(tcfg.seed))
             start = 0
+        if ckpt is None:
+            ckpt = Checkpointer(ckpt_dir, keep=tcfg.keep_checkpoints)
         if lead:
             os.makedirs(workdir, exist_ok=True)
             with open(os.path.join(workdir, "config.yaml"), "w") as f:
