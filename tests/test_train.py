@@ -299,6 +299,30 @@ def test_run_outputs_eval_loss_and_exact_resume_after_sigkill(tmp_path, capsys):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _losses(termed) == a
 
+    # SIGKILL while an async checkpoint is being written (a checkpoint every step): the
+    # partial one is never used; the next start resumes from the last complete one.
+    torn = tmp_path / "torn"
+    cmd = _train_cmd(torn, *extra, "train.checkpoint_every=1")
+    for attempt in range(5):
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        partial = []
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            names = os.listdir(torn / "checkpoints") if (torn / "checkpoints").exists() else []
+            partial = [n for n in names if not n.isdigit()]
+            if partial and max(_losses(torn), default=0) >= 20 + 10 * attempt:
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait()
+        if partial and any(not n.isdigit() for n in os.listdir(torn / "checkpoints")):
+            break  # killed mid-write: a partial checkpoint is on disk
+    else:
+        pytest.fail("never caught an async checkpoint write in progress")
+    resumed = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    assert _losses(torn) == a
+
 
 @pytest.mark.parametrize("dtype, remat", [("bfloat16", "dots"), ("float32", "full")])
 def test_bf16_compute_and_remat_policies_train(step_setup, dtype, remat):
