@@ -80,3 +80,25 @@ def test_two_processes_match_one_and_checkpoints_cross_over(tmp_path):
     curve, val = _curve(tmp_path / "one_then_two")
     np.testing.assert_allclose(curve, one, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(val, one_val, rtol=1e-5)
+
+
+def test_when_one_process_dies_the_other_stops_with_one_line(tmp_path):
+    import time
+
+    port = _free_port()
+    workdir = tmp_path / "run"
+    procs = [subprocess.Popen(_cmd(workdir, 400) + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                                                    "--process-id", str(i)],
+                              cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+            (workdir / "metrics.jsonl").exists() and sum(1 for _ in open(workdir / "metrics.jsonl")) >= 6):
+        time.sleep(0.1)
+    procs[1].kill()
+    killed = time.time()
+    out = procs[0].communicate(timeout=240)[0]
+    procs[1].wait()
+    assert procs[0].returncode == 1 and time.time() - killed < 120, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert "another process of this run stopped" in last and "Traceback" not in out, out[-3000:]

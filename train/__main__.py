@@ -109,6 +109,21 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # noqa: BLE001
+        import jax
+
+        if jax.process_count() < 2 or not isinstance(e, jax.errors.JaxRuntimeError):
+            raise
+        # A collective failed: another process of this run died. Say so in one line and
+        # leave at once: jax.distributed's shutdown barrier would wait for the dead peer.
+        import os
+
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: process {jax.process_index()}: another process of this run stopped ({first[:200]}); "
+              f"exiting. Start every process again to resume from the last checkpoint", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":
