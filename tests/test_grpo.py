@@ -178,3 +178,38 @@ def test_bad_grpo_configs_exit_2_with_one_line(tmp_path, capsys, overrides, mess
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err, err
     assert not (tmp_path / "wd" / "config.yaml").exists()
+
+
+def test_sigint_during_grpo_saves_the_step_and_resumes(tmp_path):
+    """Preemption of a GRPO run: a real subprocess and a real SIGINT."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_train import ROOT
+
+    workdir = tmp_path / "wd"
+    def cmd(steps):
+        return [sys.executable, "-m", "train"] + _grpo_args(workdir, f"train.steps={steps}",
+                                                            "train.checkpoint_every=100", "train.eval_every=100")
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.Popen(cmd(40), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (workdir / "metrics.jsonl").exists() and max((r["step"] for r in _records(workdir)), default=0) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the signal"
+    proc.send_signal(signal.SIGINT)
+    sent = time.time()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and time.time() - sent < 60, out[-2000:]
+    saved = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    assert 2 <= saved < 40 and f"SIGINT: saved step {saved}" in out
+    resumed = subprocess.run(cmd(saved + 1), cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"at step {saved}" in resumed.stdout
+    assert max(r["step"] for r in _records(workdir)) == saved + 1
