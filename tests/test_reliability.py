@@ -49,13 +49,14 @@ def test_checkpoint_from_8_devices_loads_on_1_and_2_with_the_same_logits(tmp_pat
         b = jax.jit(model.apply)(two, tokens).logits
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
-    # python -m eval in a one-device process reads it too: the validation loss the 8-device run logged.
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    done = subprocess.run([sys.executable, "-m", "eval", "loss", "--checkpoint", str(workdir)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert abs(json.loads(done.stdout.strip().splitlines()[-1])["val_loss"] - logged) < 1e-5
+    # python -m eval in a one-device and a two-device process reads it too: the validation
+    # loss the 8-device run logged.
+    for devices in (1, 2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        done = subprocess.run([sys.executable, "-m", "eval", "loss", "--checkpoint", str(workdir)], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert abs(json.loads(done.stdout.strip().splitlines()[-1])["val_loss"] - logged) < 1e-5, devices
 
 
 def test_a_non_finite_step_changes_nothing():
