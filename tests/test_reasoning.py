@@ -170,12 +170,14 @@ def test_distill_trains_a_dense_student_with_a_kl_to_the_teacher(tmp_path, capsy
     assert "kept no sample" in err.splitlines()[-1] and "Traceback" not in err, err
 
 
-def test_distill_kl_is_zero_when_the_student_is_the_teacher():
+def distill_step_setup(extra=()):
+    """A SMALL model's state, a fixed batch and the jitted train step with the distillation
+    KL (weight 1): (model, variables, state, batch, step)."""
     from train.config import build_config
     from train.optim import make_optimizer
     from train.steps import TrainState, make_train_step
 
-    cfg = build_config(None, SMALL)
+    cfg = build_config(None, SMALL + list(extra))
     model = dsjax.Transformer(cfg.model)
     boxed = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     variables = dsjax.unbox(boxed)
@@ -184,8 +186,13 @@ def test_distill_kl_is_zero_when_the_student_is_the_teacher():
                        variables["moe_bias"])
     tokens = np.random.default_rng(0).integers(2, 250, (2, 9)).astype(np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones((2, 8), bool)}
-    logits = model.apply(variables, batch["inputs"]).logits
     step = jax.jit(make_train_step(model, tx, cfg.train, schedule, kl_weight=1.0))
+    return model, variables, state, batch, step
+
+
+def test_distill_kl_is_zero_when_the_student_is_the_teacher():
+    model, variables, state, batch, step = distill_step_setup()
+    logits = model.apply(variables, batch["inputs"]).logits
     _, same = step(state, dict(batch, teacher_logprobs=jax.nn.log_softmax(logits)))
     _, other = step(state, dict(batch, teacher_logprobs=jax.nn.log_softmax(logits * 2.0)))
     assert abs(float(same["distill_kl"])) < 1e-5 and float(other["distill_kl"]) > 1e-3

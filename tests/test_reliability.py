@@ -62,20 +62,10 @@ def test_checkpoint_from_8_devices_loads_on_1_and_2_with_the_same_logits(tmp_pat
 def test_a_non_finite_step_changes_nothing():
     """A poisoned batch (NaN teacher log-probs under distillation's KL) is skipped: params,
     optimizer state and router bias stay bit for bit; the metrics say so."""
-    from train.config import build_config
-    from train.optim import make_optimizer
-    from train.steps import TrainState, make_train_step
+    from tests.test_reasoning import distill_step_setup
 
-    cfg = build_config(None, SMALL + ["train.bias_update_speed=0.01", "train.warmup_steps=0"])
-    model = dsjax.Transformer(cfg.model)
-    boxed = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-    variables = dsjax.unbox(boxed)
-    tx, schedule = make_optimizer(cfg.train, boxed["params"])
-    state = TrainState(jnp.zeros((), jnp.int32), variables["params"], tx.init(variables["params"]),
-                       variables["moe_bias"])
-    tokens = np.random.default_rng(0).integers(2, 250, (2, 9)).astype(np.int32)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones((2, 8), bool)}
-    step = jax.jit(make_train_step(model, tx, cfg.train, schedule, kl_weight=1.0))
+    model, variables, state, batch, step = distill_step_setup(["train.bias_update_speed=0.01",
+                                                               "train.warmup_steps=0"])
     logp = jax.nn.log_softmax(model.apply(variables, batch["inputs"]).logits)
     good, m_good = step(state, dict(batch, teacher_logprobs=logp))
     bad, m_bad = step(state, dict(batch, teacher_logprobs=logp.at[0, 3, 7].set(jnp.nan)))
