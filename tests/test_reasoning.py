@@ -83,20 +83,21 @@ def test_report_and_rejection_sampling_keep_exactly_the_passing_samples(tmp_path
     assert packed.examples == 3 and packed.loss.any()
 
 
-def _hf_model(tmp_path):
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
     """A tiny random DeepSeek-V3 checkpoint in the Hugging Face layout (bytes tokenizer)."""
     from train.config import build_config
 
     cfg = build_config(None, SMALL).model
     model = dsjax.Transformer(cfg)
     variables = dsjax.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-    out = str(tmp_path / "hf")
+    out = str(tmp_path_factory.mktemp("hf") / "hf")
     dsjax.save_pretrained(model, variables, out)
     return out, model, variables
 
 
-def test_eval_tasks_at_temperature_0_is_greedy_generate(tmp_path, capsys):
-    hf, model, variables = _hf_model(tmp_path)
+def test_eval_tasks_at_temperature_0_is_greedy_generate(tmp_path, capsys, hf_model):
+    hf, model, variables = hf_model
     out = tmp_path / "completions.jsonl"
     argv = ["tasks", "--hf", hf, "--tokenizer", "bytes", "--task", "addition:2", "--problems", "3",
             "--samples", "2", "--temperature", "0", "--max-new-tokens", "6", "--out", str(out)]
@@ -127,8 +128,8 @@ def test_eval_tasks_at_temperature_0_is_greedy_generate(tmp_path, capsys):
     (["tasks", "--task", "addition", "--samples", "0"], "--samples and --problems must be at least 1"),
     (["reject", "--task", "addition"], "reject needs --out"),
 ])
-def test_bad_eval_tasks_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
-    hf, _, _ = _hf_model(tmp_path)
+def test_bad_eval_tasks_input_exits_2_with_one_line(capsys, argv, message, hf_model):
+    hf, _, _ = hf_model
     assert eval_main(argv + ["--hf", hf, "--tokenizer", "bytes"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err, err
@@ -148,8 +149,8 @@ def _distill_args(workdir, *extra):
     return argv
 
 
-def test_distill_trains_a_dense_student_with_a_kl_to_the_teacher(tmp_path, capsys):
-    hf, _, _ = _hf_model(tmp_path)
+def test_distill_trains_a_dense_student_with_a_kl_to_the_teacher(tmp_path, capsys, hf_model):
+    hf, _, _ = hf_model
     data = tmp_path / "teacher.jsonl"
     with open(data, "w") as f:
         for p in tasks.get("addition", 2).split("train", 12, seed=0):
