@@ -20,6 +20,7 @@ import yaml
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 ATTN_IMPLS = ("naive", "absorb")
+ATTN_KERNELS = ("dense", "blockwise")
 MOE_IMPLS = ("dense", "ragged")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -106,6 +107,10 @@ class ModelConfig:
       tie_word_embeddings: share the embedding with the output head.
       bos_token_id / eos_token_id: special token ids.
       attn_impl: 'naive' (expand K/V per head) or 'absorb' (attend in the latent space).
+      attn_kernel: how the naive form's softmax(q k^T) v runs over a sequence: 'dense'
+        (the float32 scores [B, H, T, S] materialized) or 'blockwise' (online softmax over
+        512-token blocks with a recomputing backward pass, dsjax/attention.py: the scores
+        are never all live). Cached decoding (prefill included) uses the dense form.
       moe_impl: 'dense' (every expert on every token, reference) or 'ragged' (dropless
         sort + grouped GEMM with jax.lax.ragged_dot).
       dtype: activation/compute dtype; param_dtype: storage dtype of parameters.
@@ -149,6 +154,7 @@ class ModelConfig:
     model_type: str = "deepseek_v3"
     # dsjax implementation choices (not HF keys).
     attn_impl: str = "naive"
+    attn_kernel: str = "dense"
     moe_impl: str = "ragged"
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -177,7 +183,7 @@ class ModelConfig:
             raise ConfigError(f"q_lora_rank must be positive or null, got {self.q_lora_rank}")
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
-        choices = {"attn_impl": ATTN_IMPLS, "moe_impl": MOE_IMPLS, "scoring_func": SCORING_FUNCS,
+        choices = {"attn_impl": ATTN_IMPLS, "attn_kernel": ATTN_KERNELS, "moe_impl": MOE_IMPLS, "scoring_func": SCORING_FUNCS,
                    "topk_method": TOPK_METHODS, "remat_policy": REMAT_POLICIES,
                    "dtype": DTYPES, "param_dtype": DTYPES, "precision": PRECISIONS}
         for name, allowed in choices.items():
@@ -390,7 +396,7 @@ def override_model(model: ModelConfig, overrides: list[str], allowed: tuple[str,
 
 # The fields that choose how the model computes, not what it is: they leave the parameters'
 # shapes and meaning alone, so a trained checkpoint can be run under any of their values.
-IMPL_FIELDS = ("attn_impl", "moe_impl", "dtype", "param_dtype", "remat_policy", "precision")
+IMPL_FIELDS = ("attn_impl", "attn_kernel", "moe_impl", "dtype", "param_dtype", "remat_policy", "precision")
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsjax.attention import blockwise_attention
 from dsjax.config import ModelConfig
 from dsjax.layers import RMSNorm, dtype_of, linear, param
 from dsjax.rope import apply_rope
@@ -105,9 +106,14 @@ class MLA(nn.Module):
         k_rope = jnp.broadcast_to(k_pe[:, :, None, :], k_pe.shape[:2] + (k_nope.shape[2], k_pe.shape[-1]))
         return jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1), v
 
-    def attend_expanded(self, q, k, v, mask) -> jnp.ndarray:
+    def attend_expanded(self, q, k, v, mask, decode: bool = False) -> jnp.ndarray:
         """Naive attention. q: [B, T, H, K + R]; k: [B, S, H, K + R]; v: [B, S, H, V] -> [B, T, D]."""
         dt = dtype_of(self.cfg.dtype)
+        if self.cfg.attn_kernel == "blockwise" and not decode:
+            with jax.named_scope("blockwise_attention"):
+                o = blockwise_attention(q, k, v, mask, self.cfg.softmax_scale).astype(dt)
+            o = nn.with_logical_constraint(o, ("batch", "seq", "heads", "head_dim"))
+            return linear(self.cfg, o, self.wo, contract=2)
         with jax.named_scope("naive_attention"):
             scores = jnp.einsum("bthk,bshk->bhts", q, k)
             probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(dt)
@@ -152,4 +158,4 @@ class MLA(nn.Module):
         if decode:
             k, v = self.cache_k(k, positions), self.cache_v(v, positions)
             mask = causal(k.shape[1])
-        return self.attend_expanded(jnp.concatenate([q_nope, q_pe], -1), k, v, mask)
+        return self.attend_expanded(jnp.concatenate([q_nope, q_pe], -1), k, v, mask, decode)

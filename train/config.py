@@ -42,7 +42,7 @@ class TrainConfig:
       peak_tflops: peak device TFLOP/s for MFU (0: from the device kind).
       max_bad_steps: a step whose loss or gradients are not finite is skipped (parameters,
         optimizer state and router bias unchanged; `skipped` in the metrics); this many in
-        a row stop the run.
+        a row stop the run at the next log or checkpoint step.
     """
 
     steps: int = 500

@@ -350,10 +350,13 @@ class RunStopped(Exception):
     """A run that cannot go on (non-finite steps in a row): one line for the user, exit 1."""
 
 
-def _stop_requested(run: Run, flag: dict) -> bool:
-    """Whether a signal asked this run to stop (any process, in multi-process runs)."""
+def _stop_requested(run: Run, flag: dict, synced: bool) -> bool:
+    """Whether a signal asked this run to stop. Several processes agree on it (one small
+    all-gather) only on steps where the host syncs anyway (`synced`)."""
     mine = flag["signal"] is not None
     if run.process_count > 1:
+        if not synced:
+            return False
         return bool(np.asarray(multihost_utils.process_allgather(np.int32(mine))).any())
     return mine
 
@@ -363,7 +366,7 @@ def _loop(run: Run, stage: Stage, state: TrainState, start: int, ckpt: Checkpoin
     """Runs the steps; returns (state, whether a signal stopped it early after a save)."""
     tcfg = run.cfg.train
     flag = flag if flag is not None else {"signal": None}
-    bad = 0
+    bad = jnp.zeros((), jnp.int32)
     fpt = flops_per_token(run.cfg.model, tcfg.seq_len)
     peak = (tcfg.peak_tflops or peak_tflops(jax.devices()[0])) * 1e12 * jax.device_count()
     bar = tqdm(total=tcfg.steps, initial=start, disable=not run.lead, dynamic_ncols=True, mininterval=1.0,
@@ -379,7 +382,8 @@ def _loop(run: Run, stage: Stage, state: TrainState, start: int, ckpt: Checkpoin
     for step in range(start, tcfg.steps):
         state, metrics = stage.step(state, step)
         done = step + 1
-        bad = bad + 1 if float(jax.device_get(metrics["skipped"])) > 0 else 0
+        # Counted on the device (no host round trip per step), read when the host syncs anyway.
+        bad = jnp.where(jnp.asarray(metrics["skipped"]) > 0, bad + 1, 0)
         if last_time is None:  # the first step includes compilation: time from its end
             jax.block_until_ready(metrics)
             last_time, last_step = time.time(), done
@@ -399,13 +403,16 @@ def _loop(run: Run, stage: Stage, state: TrainState, start: int, ckpt: Checkpoin
                 bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in stage.last_eval.items()))
         if record is not None and run.lead:
             metrics_log.write(record)
-        if bad >= tcfg.max_bad_steps:
-            bar.close()
-            raise RunStopped(f"the loss or gradients were not finite for {bad} steps in a row (steps "
-                             f"{done - bad + 1} to {done}; each was skipped); stopping. The latest checkpoint "
-                             f"(step {ckpt.latest_step()}) holds only finite values")
-        stopping = _stop_requested(run, flag)
-        if done % tcfg.checkpoint_every == 0 or done == tcfg.steps or stopping:
+        saving = done % tcfg.checkpoint_every == 0 or done == tcfg.steps
+        if record is not None or saving:
+            n_bad = int(bad)
+            if n_bad >= tcfg.max_bad_steps:
+                bar.close()
+                raise RunStopped(f"the loss or gradients were not finite for {n_bad} steps in a row (steps "
+                                 f"{done - n_bad + 1} to {done}; each was skipped); stopping. The latest "
+                                 f"checkpoint (step {ckpt.latest_step()}) holds only finite values")
+        stopping = _stop_requested(run, flag, synced=record is not None or saving)
+        if saving or stopping:
             ckpt.save(done, state, {"data": stage.data_state(), "step": done})
         bar.update(1)
         if stopping:

@@ -1,0 +1,158 @@
+"""Blockwise attention in plain JAX: the online softmax of FlashAttention (Dao et al.,
+2022), forward and backward, so the float32 scores [B, H, T, S] are never all live at
+once. Runs on every backend (CPU included); it is MLA's `model.attn_kernel=blockwise`.
+
+The forward pass walks key blocks with a running max and sum per query row and keeps
+only the output and its log-sum-exp; the backward pass recomputes each block's
+probabilities from them (a custom VJP), so memory grows with T x (block + head dims),
+not T x S. Masked scores are set to -1e30 as the dense softmax does, so the two agree on
+every row that attends to at least one key (causal masks have no other kind).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30
+
+
+def _pad(x, axis: int, multiple: int):
+    n = x.shape[axis]
+    extra = -n % multiple
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths)
+
+
+def _blocks(x, axis: int, size: int):
+    """[..., N, ...] -> [N / size, ..., size, ...] (blocks first, for lax.scan)."""
+    shape = x.shape[:axis] + (x.shape[axis] // size, size) + x.shape[axis + 1:]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _unblock(x, axis: int):
+    """Inverse of _blocks: [N / size, ..., size, ...] -> [..., N, ...]."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def _scores(qb, kb, mb, scale):
+    """qb [B, bq, H, K], kb [B, bk, H, K], mb [B, bq, bk] -> float32 [B, H, bq, bk]."""
+    s = jnp.einsum("bthk,bshk->bhts", qb, kb, preferred_element_type=jnp.float32) * scale
+    return jnp.where(mb[:, None], s, _NEG)
+
+
+def _forward(q, k, v, mask, scale, bq, bk):
+    """Padded, blocked inputs -> (o [B, T, H, V] float32, lse [B, H, T])."""
+    kbs, vbs = _blocks(k, 1, bk), _blocks(v, 1, bk)
+
+    def one_query_block(args):
+        qb, mq = args  # [B, bq, H, K], [B, bq, S]
+        mqb = _blocks(mq, 2, bk)  # [nk, B, bq, bk]
+        B, _, H, _ = qb.shape
+        init = (jnp.full((B, H, qb.shape[1]), -jnp.inf, jnp.float32), jnp.zeros((B, H, qb.shape[1]), jnp.float32),
+                jnp.zeros((B, H, qb.shape[1], v.shape[-1]), jnp.float32))
+
+        def step(carry, blk):
+            m, l, acc = carry
+            kb, vb, mb = blk
+            s = _scores(qb, kb, mb, scale)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None])
+            fix = jnp.exp(m - m_new)
+            acc = acc * fix[..., None] + jnp.einsum("bhts,bshv->bhtv", p.astype(vb.dtype), vb,
+                                                    preferred_element_type=jnp.float32)
+            return (m_new, l * fix + p.sum(-1), acc), None
+
+        (m, l, acc), _ = jax.lax.scan(step, init, (kbs, vbs, mqb))
+        return jnp.einsum("bhtv->bthv", acc / l[..., None]), m + jnp.log(l)
+
+    o, lse = jax.lax.map(one_query_block, (_blocks(q, 1, bq), _blocks(mask, 1, bq)))
+    return _unblock(o, 1), _unblock(lse, 2)  # [B, T, H, V], [B, H, T]
+
+
+def _backward(q, k, v, mask, o, lse, do, scale, bq, bk):
+    """Gradients of the padded inputs, recomputing each block's probabilities."""
+    delta = jnp.einsum("bthv,bthv->bht", do.astype(jnp.float32), o)  # [B, H, T]
+    qbs, dobs, mqs = _blocks(q, 1, bq), _blocks(do, 1, bq), _blocks(mask, 1, bq)
+    lses, deltas = _blocks(lse, 2, bq), _blocks(delta, 2, bq)
+
+    def probs(qb, kb, mb, lse_b):
+        return jnp.exp(_scores(qb, kb, mb, scale) - lse_b[..., None])  # [B, H, bq, bk]
+
+    def key_block(args):  # dk, dv of one key block: a scan over the query blocks
+        kb, vb, j = args
+
+        def step(carry, blk):
+            dk, dv = carry
+            qb, dob, mq, lse_b, delta_b = blk
+            mb = jax.lax.dynamic_slice_in_dim(mq, j * bk, bk, axis=2)
+            p = probs(qb, kb, mb, lse_b)
+            dv = dv + jnp.einsum("bhts,bthv->bshv", p, dob, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bthv,bshv->bhts", dob, vb, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_b[..., None])
+            dk = dk + jnp.einsum("bhts,bthk->bshk", ds, qb, preferred_element_type=jnp.float32) * scale
+            return (dk, dv), None
+
+        init = (jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
+        (dk, dv), _ = jax.lax.scan(step, init, (qbs, dobs, mqs, lses, deltas))
+        return dk, dv
+
+    nk = k.shape[1] // bk
+    dk, dv = jax.lax.map(key_block, (_blocks(k, 1, bk), _blocks(v, 1, bk), jnp.arange(nk)))
+
+    kbs, vbs = _blocks(k, 1, bk), _blocks(v, 1, bk)
+
+    def query_block(args):  # dq of one query block: a scan over the key blocks
+        qb, dob, mq, lse_b, delta_b = args
+        mqb = _blocks(mq, 2, bk)
+
+        def step(dq, blk):
+            kb, vb, mb = blk
+            p = probs(qb, kb, mb, lse_b)
+            dp = jnp.einsum("bthv,bshv->bhts", dob, vb, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_b[..., None])
+            return dq + jnp.einsum("bhts,bshk->bthk", ds, kb, preferred_element_type=jnp.float32) * scale, None
+
+        dq, _ = jax.lax.scan(step, jnp.zeros(qb.shape, jnp.float32), (kbs, vbs, mqb))
+        return dq
+
+    dq = jax.lax.map(query_block, (qbs, dobs, mqs, lses, deltas))
+    return _unblock(dq, 1), _unblock(dk, 1), _unblock(dv, 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q, k, v, mask, scale, bq, bk):
+    return _forward(q, k, v, mask, scale, bq, bk)[0]
+
+
+def _attention_fwd(q, k, v, mask, scale, bq, bk):
+    o, lse = _forward(q, k, v, mask, scale, bq, bk)
+    return o, (q, k, v, mask, o, lse)
+
+
+def _attention_bwd(scale, bq, bk, res, do):
+    q, k, v, mask, o, lse = res
+    dq, dk, dv = _backward(q, k, v, mask, o, lse, do, scale, bq, bk)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def blockwise_attention(q, k, v, mask, scale: float, block_q: int = 512, block_k: int = 512) -> jnp.ndarray:
+    """softmax(q k^T * scale, masked) v without materializing the scores.
+
+    q: [B, T, H, K]; k: [B, S, H, K]; v: [B, S, H, V]; mask: bool [B, T, S] (True attends).
+    Returns float32 [B, T, H, V]. T and S are padded to the block sizes internally.
+    """
+    T, S = q.shape[1], k.shape[1]
+    bq, bk = min(block_q, T), min(block_k, S)
+    qp, kp, vp = _pad(q, 1, bq), _pad(k, 1, bk), _pad(v, 1, bk)
+    mp = _pad(_pad(mask, 1, bq), 2, bk)
+    return _attention(qp, kp, vp, mp, float(scale), bq, bk)[:, :T]
