@@ -12,14 +12,27 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# In-process runs (python -m train's main() called by the tests) recompile the same train,
+# eval and generate programs run after run; a persistent compilation cache for this
+# process too lets the second run of a program load it instead of compiling again.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+_CACHE = tempfile.mkdtemp(prefix="dsjax_jit_cache_")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
 def subprocess_jit_cache(tmp_path_factory):
     """The `python -m train` / `python -m eval` subprocesses of the tests share JAX's
-    persistent compilation cache, so a program compiled by one run is loaded by the next
-    (this process read its JAX settings at import and does not use it)."""
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jit_cache"))
+    persistent compilation cache with this process, so a program compiled by one run is
+    loaded by the next."""
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"

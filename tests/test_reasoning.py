@@ -171,14 +171,15 @@ def test_distill_trains_a_dense_student_with_a_kl_to_the_teacher(tmp_path, capsy
     assert "kept no sample" in err.splitlines()[-1] and "Traceback" not in err, err
 
 
-def distill_step_setup(extra=()):
+def distill_step_setup():
     """A SMALL model's state, a fixed batch and the jitted train step with the distillation
-    KL (weight 1): (model, variables, state, batch, step)."""
+    KL (weight 1), the router bias moving and no warmup: (model, variables, state, batch,
+    step). One program for every test that uses it (the compilation cache loads it)."""
     from train.config import build_config
     from train.optim import make_optimizer
     from train.steps import TrainState, make_train_step
 
-    cfg = build_config(None, SMALL + list(extra))
+    cfg = build_config(None, SMALL + ["train.bias_update_speed=0.01", "train.warmup_steps=0"])
     model = dsjax.Transformer(cfg.model)
     boxed = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     variables = dsjax.unbox(boxed)

@@ -49,9 +49,9 @@ def test_checkpoint_from_8_devices_loads_on_1_and_2_with_the_same_logits(tmp_pat
         b = jax.jit(model.apply)(two, tokens).logits
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
-    # python -m eval in a one-device and a two-device process reads it too: the validation
-    # loss the 8-device run logged.
-    for devices in (1, 2):
+    # python -m eval in a two-device process reads it too: the validation loss the 8-device
+    # run logged (the library read it on one device above).
+    for devices in (2,):
         env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
         done = subprocess.run([sys.executable, "-m", "eval", "loss", "--checkpoint", str(workdir)], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=600)
@@ -64,8 +64,7 @@ def test_a_non_finite_step_changes_nothing():
     optimizer state and router bias stay bit for bit; the metrics say so."""
     from tests.test_reasoning import distill_step_setup
 
-    model, variables, state, batch, step = distill_step_setup(["train.bias_update_speed=0.01",
-                                                               "train.warmup_steps=0"])
+    model, variables, state, batch, step = distill_step_setup()
     logp = jax.nn.log_softmax(model.apply(variables, batch["inputs"]).logits)
     good, m_good = step(state, dict(batch, teacher_logprobs=logp))
     bad, m_bad = step(state, dict(batch, teacher_logprobs=logp.at[0, 3, 7].set(jnp.nan)))

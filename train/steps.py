@@ -62,15 +62,19 @@ def update_moe_bias(moe_bias: dict, out: ModelOutput, gamma) -> dict:
 
 
 def schedules(tcfg):
-    """(mtp lambda, bias gamma) as functions of the step, for use inside jit."""
-    switch = int(tcfg.mtp_lambda_switch * tcfg.steps)
-    stop = int(tcfg.bias_update_stop * tcfg.steps)
+    """(mtp lambda, bias gamma) as functions of the step, for use inside jit. A switch at
+    1.0 (never) leaves train.steps out of the program, so runs that differ only in their
+    length compile the same step (and share the compilation cache)."""
+    switch = int(tcfg.mtp_lambda_switch * tcfg.steps) if tcfg.mtp_lambda_switch < 1 else None
+    stop = int(tcfg.bias_update_stop * tcfg.steps) if tcfg.bias_update_stop < 1 else None
 
     def mtp_lambda(step):
-        return jnp.where(step < switch, tcfg.mtp_lambda, tcfg.mtp_lambda_final)
+        return jnp.asarray(tcfg.mtp_lambda) if switch is None else jnp.where(
+            step < switch, tcfg.mtp_lambda, tcfg.mtp_lambda_final)
 
     def gamma(step):
-        return jnp.where(step < stop, tcfg.bias_update_speed, 0.0)
+        return jnp.asarray(tcfg.bias_update_speed) if stop is None else jnp.where(
+            step < stop, tcfg.bias_update_speed, 0.0)
 
     return mtp_lambda, gamma
 
