@@ -333,8 +333,11 @@ def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
             return 0
         stage.compile()
         flag: dict = {"signal": None}
-        state, stopped = _with_stop_signals(flag, lambda: _loop(run, stage, state, start, ckpt, metrics_log, flag))
-        ckpt.close()  # waits for the async save
+        try:
+            state, stopped = _with_stop_signals(flag, lambda: _loop(run, stage, state, start, ckpt, metrics_log,
+                                                                    flag))
+        finally:
+            ckpt.close()  # waits for the async save, also when the run stops on an error
         if stopped:
             return 0
         if lead:
