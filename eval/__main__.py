@@ -99,17 +99,6 @@ def _loss(args) -> int:
     return 0
 
 
-def _task_list(spec: str) -> list[tuple[str, int | None]]:
-    out = []
-    for item in spec.split(","):
-        name, _, difficulty = item.strip().partition(":")
-        try:
-            out.append((name, int(difficulty) if difficulty else None))
-        except ValueError:
-            raise ValueError(f"--task {item!r}: the difficulty after ':' must be an integer") from None
-    return out
-
-
 def reasoning(args) -> int:
     """`tasks` (evaluation) and `reject` (rejection sampling into SFT JSONL)."""
     import json
@@ -143,8 +132,7 @@ def reasoning(args) -> int:
             raise ValueError("--task NAME[:DIFFICULTY] is needed (this checkpoint names no grpo task); "
                              f"tasks: {tasks_lib.names()}")
         template = args.template or run_grpo.get("template", "r1")
-        chosen = [(f"{n}:{tasks_lib.get(n, d, template=template).difficulty}", tasks_lib.get(n, d, template=template))
-                  for n, d in _task_list(spec)]
+        chosen = tasks_lib.parse_spec(spec, template)
         model, variables, tokenizer_spec = _load(args)
         from dsjax.tokenizer import load_tokenizer
 
@@ -165,8 +153,7 @@ def reasoning(args) -> int:
         if rejecting:
             kept = rs.accepted(groups, shortest=args.shortest, dedup=not args.no_dedup)
             kept_all += kept
-            row.update(acceptance=sum(s.correct and s.well_formed and not s.truncated for g in groups for s in g)
-                       / (len(problems) * samples),
+            row.update(acceptance=len(rs.accepted(groups, dedup=False)) / (len(problems) * samples),
                        problems_covered=sum(any(s.correct and s.well_formed for s in g) for g in groups) / len(problems),
                        kept=len(kept))
         elif args.out:

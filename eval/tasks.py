@@ -273,6 +273,21 @@ def get(name: str, difficulty: int | None = None, template: str = "short", **kw)
     return _TASKS[name](template=template, **kw)
 
 
+def parse_spec(spec: str, template: str = "short") -> list[tuple[str, Task]]:
+    """'addition:2,countdown' -> [('addition:2', Task), ('countdown:3', Task)] (the
+    difficulty after ':' is optional); ValueError naming a bad item or an unknown task."""
+    out = []
+    for item in spec.split(","):
+        name, _, difficulty = item.strip().partition(":")
+        try:
+            level = int(difficulty) if difficulty else None
+        except ValueError:
+            raise ValueError(f"task {item!r}: the difficulty after ':' must be an integer") from None
+        task = get(name, level, template=template)
+        out.append((f"{name}:{task.difficulty}", task))
+    return out
+
+
 def evaluate_expression(text: str, max_len: int = 256, max_depth: int = 32) -> tuple[Fraction, list[int]] | None:
     """Value and numbers of an arithmetic expression with + - * / and parentheses, or None.
 

@@ -116,10 +116,12 @@ def sample_teacher(run, d: DistillConfig, path: str) -> dict:
     model, variables = load_teacher(d)
     model = model.clone(cfg=model.cfg.replace(attn_impl="absorb"))
     kept, stats = [], {}
-    for item in spec.split(","):
-        name, _, difficulty = item.strip().partition(":")
+    try:
+        specs = tasks_lib.parse_spec(spec, template)
+    except ValueError as e:
+        raise ConfigError(f"distill.task: {e}") from None
+    for label, task in specs:
         try:
-            task = tasks_lib.get(name, int(difficulty) if difficulty else None, template=template)
             problems = task.split("train", d.problems, seed=run.cfg.train.seed)
         except ValueError as e:
             raise ConfigError(f"distill.task: {e}") from None
@@ -129,10 +131,10 @@ def sample_teacher(run, d: DistillConfig, path: str) -> dict:
         passing = rs.accepted(groups, shortest=False, dedup=False)
         chosen = rs.accepted(groups, shortest=d.shortest, dedup=True)
         kept += chosen
-        stats[f"{name}:{task.difficulty}"] = {
+        stats[label] = {
             "acceptance": len(passing) / (len(problems) * d.samples), "kept": len(chosen),
             "teacher_pass@1": rs.report(groups)["pass@1"], "seconds": timing["seconds"]}
-        run.log(f"rejection sampling {name}:{task.difficulty}: {len(passing)} of {len(problems) * d.samples} "
+        run.log(f"rejection sampling {label}: {len(passing)} of {len(problems) * d.samples} "
                 f"samples pass ({len(passing) / (len(problems) * d.samples):.1%}); kept {len(chosen)}")
     if not kept:
         raise ConfigError("rejection sampling kept no sample: the teacher solves none of the problems")
