@@ -21,7 +21,7 @@ _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 ATTN_IMPLS = ("naive", "absorb")
 ATTN_KERNELS = ("dense", "blockwise")
-MOE_IMPLS = ("dense", "ragged")
+MOE_IMPLS = ("auto", "dense", "ragged")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -111,8 +111,12 @@ class ModelConfig:
         (the float32 scores [B, H, T, S] materialized) or 'blockwise' (online softmax over
         512-token blocks with a recomputing backward pass, dsjax/attention.py: the scores
         are never all live). Cached decoding (prefill included) uses the dense form.
-      moe_impl: 'dense' (every expert on every token, reference) or 'ragged' (dropless
-        sort + grouped GEMM with jax.lax.ragged_dot).
+      moe_impl: 'dense' (every expert on every token, reference), 'ragged' (dropless
+        sort + grouped GEMM with jax.lax.ragged_dot), or 'auto' (default): dense on a CPU,
+        ragged on GPUs and TPUs (`moe_dispatch`). XLA's CPU backend runs ragged_dot as a
+        masked GEMM over every expert, so there the dense form does no more arithmetic and
+        skips the sort; elsewhere the grouped GEMM computes only the routed copies. Expert
+        parallelism (experts split over a mesh axis) always runs the grouped GEMMs.
       dtype: activation/compute dtype; param_dtype: storage dtype of parameters.
       remat_policy: activation checkpointing of each decoder layer.
       precision: 'default', or 'fp8' for DeepSeek-V3's FP8 recipe in the linear layers of
@@ -155,7 +159,7 @@ class ModelConfig:
     # dsjax implementation choices (not HF keys).
     attn_impl: str = "naive"
     attn_kernel: str = "dense"
-    moe_impl: str = "ragged"
+    moe_impl: str = "auto"
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"
@@ -229,6 +233,15 @@ class ModelConfig:
     @property
     def num_moe_layers(self) -> int:
         return self.num_hidden_layers - self.num_dense_layers
+
+    def moe_dispatch(self, backend: str | None = None) -> str:
+        """'dense' or 'ragged': `moe_impl` with 'auto' resolved for `backend` (default: the
+        one JAX runs on): dense on a CPU, ragged on GPUs and TPUs."""
+        if self.moe_impl != "auto":
+            return self.moe_impl
+        import jax
+
+        return "dense" if (backend or jax.default_backend()) == "cpu" else "ragged"
 
     @property
     def experts_per_group(self) -> int:

@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the per-device memory plan of the layout and exit (allocates nothing)")
     p.add_argument("--devices", type=int, default=None, help="devices for --dry-run (default: those present)")
     p.add_argument("--device-memory-gib", type=float, default=80.0, help="memory per device for --dry-run")
+    p.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default=None,
+                   help="platform --dry-run plans for, which picks model.moe_impl=auto's dispatch "
+                        "(default: the one present)")
     return p
 
 
@@ -53,14 +56,14 @@ def dry_run(cfg, args) -> int:
 
     devices = args.devices or jax.device_count()
     try:
-        plan = memory_plan(cfg, devices, args.device_memory_gib)
+        plan = memory_plan(cfg, devices, args.device_memory_gib, args.backend)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     counts = param_counts(cfg.model)
     print(f"model: {counts['total'] / 1e9:.2f}B parameters ({counts['activated'] / 1e9:.2f}B activated) "
           f"+ {counts['mtp'] / 1e9:.2f}B MTP; batch {cfg.train.batch_size} x {cfg.train.seq_len} tokens; "
-          f"{devices} devices, rules {cfg.mesh.rules!r}")
+          f"{devices} devices, rules {cfg.mesh.rules!r}, MoE dispatch {plan.dispatch!r}")
     print(plan.table())
     if not plan.fits:
         print(f"error: the layout needs {plan.total / 2**30:.1f} GiB per device but a device has "

@@ -31,6 +31,7 @@ class MemoryPlan:
     mesh: dict[str, int]
     rows: dict[str, int]  # name -> bytes per device
     capacity: int
+    dispatch: str  # the routed experts' dispatch planned for ('dense', 'ragged', 'expert-parallel')
 
     @property
     def total(self) -> int:
@@ -48,24 +49,37 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def _layer_activation_values(cfg, seq_len: int, moe: bool, tensor: int) -> tuple[float, float]:
+def _layer_activation_values(cfg, seq_len: int, moe: bool, tensor: int, dispatch: str,
+                              expert_parallel: bool) -> tuple[float, float]:
     """(all intermediates, matmul outputs) per token of one layer, in values (not bytes);
-    the float32 attention scores are counted twice to weigh 4 bytes against 2."""
+    the float32 attention scores are counted twice to weigh 4 bytes against 2. The routed
+    experts count what the dispatch in force keeps: the dense form every expert's hidden
+    units, the grouped GEMMs the k copies', and the expert-parallel exchange only the
+    copies it sends and gets back (its backward pass moves them again and recomputes)."""
     D, H, T = cfg.hidden_size, cfg.num_attention_heads / tensor, seq_len
     K, R, V, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     q = (cfg.q_lora_rank or 0) + H * (K + R)
     kv = (C + R) + H * (K + V)
-    scores = 2 * H * T  # float32
+    scores = 0 if cfg.attn_kernel == "blockwise" else 2 * H * T  # float32
     if moe:
-        ffn = cfg.num_experts_per_tok * (D + 3 * cfg.moe_intermediate_size) + 3 * cfg.shared_intermediate_size / tensor
+        k, E, F = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.moe_intermediate_size
+        if expert_parallel:
+            routed = 2 * k * D
+        elif dispatch == "dense":  # per expert unit: x W1, x W3, SiLU's two factors, the gated
+            routed = 7 * E * F / tensor + E  # product, its combine-weighted copy, and one more
+
+        else:
+            routed = k * (2 * D + 3 * F / tensor)
+        ffn = routed + 3 * cfg.shared_intermediate_size / tensor
     else:
         ffn = 3 * cfg.intermediate_size / tensor
     dots = q + kv + scores + H * V + D + ffn
     return dots + 6 * D, dots
 
 
-def memory_plan(run_cfg, num_devices: int, device_memory_gib: float) -> MemoryPlan:
-    """Per-device memory of training `run_cfg` on `num_devices` devices (no allocation)."""
+def memory_plan(run_cfg, num_devices: int, device_memory_gib: float, backend: str | None = None) -> MemoryPlan:
+    """Per-device memory of training `run_cfg` on `num_devices` devices of `backend`
+    (default: the one JAX runs on; it picks the MoE dispatch), allocating nothing."""
     cfg = run_cfg.model.replace(param_dtype="float32")
     tcfg = run_cfg.train
     sizes = run_cfg.mesh.sizes(num_devices)
@@ -79,8 +93,11 @@ def memory_plan(run_cfg, num_devices: int, device_memory_gib: float) -> MemoryPl
                          f"{batch_split} devices")
     tokens = tcfg.batch_size // batch_split * tcfg.seq_len
     act_bytes = jnp.dtype(cfg.dtype).itemsize
-    dense_all, dense_dots = _layer_activation_values(cfg, tcfg.seq_len, False, sizes["tensor"])
-    moe_all, moe_dots = _layer_activation_values(cfg, tcfg.seq_len, True, sizes["tensor"])
+    dispatch = cfg.moe_dispatch(backend)
+    expert_parallel = sizes["expert"] > 1 and preset != "dp"
+    dense_all, dense_dots = _layer_activation_values(cfg, tcfg.seq_len, False, sizes["tensor"], dispatch, False)
+    moe_all, moe_dots = _layer_activation_values(cfg, tcfg.seq_len, True, sizes["tensor"], dispatch,
+                                                 expert_parallel)
     L_dense, L_moe = cfg.num_dense_layers, cfg.num_moe_layers + cfg.num_nextn_predict_layers
     if cfg.remat_policy == "none":
         per_token = L_dense * dense_all + L_moe * moe_all
@@ -89,7 +106,8 @@ def memory_plan(run_cfg, num_devices: int, device_memory_gib: float) -> MemoryPl
     else:
         per_token = L_dense * dense_dots + L_moe * moe_dots
     vocab_split = sizes["tensor"] if preset == "fsdp_tp" else 1
-    logits = tokens * cfg.vocab_size / vocab_split * 4 * (1 + cfg.num_nextn_predict_layers)
+    # Per head, float32: the logits, their exponentials and their gradient.
+    logits = 3 * tokens * cfg.vocab_size / vocab_split * 4 * (1 + cfg.num_nextn_predict_layers)
     rows = {
         "parameters (fp32)": params,
         "gradients (fp32)": params,
@@ -97,4 +115,5 @@ def memory_plan(run_cfg, num_devices: int, device_memory_gib: float) -> MemoryPl
         "router bias": bias,
         f"activations ({cfg.remat_policy})": int(tokens * per_token * act_bytes + logits),
     }
-    return MemoryPlan({a: sizes[a] for a in AXES}, rows, int(device_memory_gib * GiB))
+    return MemoryPlan({a: sizes[a] for a in AXES}, rows, int(device_memory_gib * GiB),
+                      "expert-parallel" if expert_parallel else dispatch)
