@@ -32,7 +32,8 @@ from train.config import TrainConfig  # noqa: E402
 from train.optim import make_optimizer  # noqa: E402
 from train.steps import TrainState, make_train_step  # noqa: E402
 
-_FP8_GEMM = re.compile(r"(stablehlo\.dot_general|chlo\.ragged_dot).* : \(tensor<[^>]*xf8E4M3FN>, tensor<[^>]*xf8E4M3FN>")
+_FP8_GEMM = re.compile(r"(stablehlo\.dot_general|chlo\.ragged_dot).* : "
+                       r"\(tensor<[^>]*xf8E4M3FN>, tensor<[^>]*xf8E4M3FN>")
 
 
 def fp8_dots(text: str) -> dict:

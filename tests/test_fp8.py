@@ -176,7 +176,8 @@ def test_native_fp8_gemms_lower_to_fp8_dots_without_partial_products(platform):
     grouped = lambda x, w: jnp.sum(fp8_ragged_dot(x, w, sizes, gemm="native"))
     partials = [f"{b}x{m}x{n}xf32" for b, m, n in ((3, M, N), (2, M, K), (2, K, N), (G * 3, M, N))]
     for fn, grouped_op in ((dense, "dot_general"), (grouped, "ragged_dot" if platform == "cuda" else "dot_general")):
-        text = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).trace(x, w).lower(lowering_platforms=(platform,)).as_text()
+        step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+        text = step.trace(x, w).lower(lowering_platforms=(platform,)).as_text()
         gemms = _gemms(text)
         for op, operands, result in gemms:
             assert all(t.endswith("xf8E4M3FN") for t in operands) and result.endswith("xf32"), (op, operands, result)
@@ -198,7 +199,8 @@ def test_native_fp8_gemms_match_emulated():
     # here: its values and gradients equal the emulated path's up to float32 summation order.
     # Dense: 3 blocks of K. Grouped: ragged groups, an empty one, rows past the groups, and
     # 9 row tiles + 5 groups = 14 Wgrad pieces (more than one UNROLL of the loop).
-    x, w, dy = _inputs("outliers", (200, 384)), _inputs("random", (384, 160), seed=5) * 0.05, _inputs("random", (200, 160))
+    x, w = _inputs("outliers", (200, 384)), _inputs("random", (384, 160), seed=5) * 0.05
+    dy = _inputs("random", (200, 160))
     gx, gw, gdy, sizes = _grouped_case([70, 0, 600, 33, 300], K=128, N=128, seed=3)
     cases = {"dense": (fp8_matmul, x, w, dy),
              "grouped": (lambda x, w, gemm: fp8_ragged_dot(x, w, sizes, gemm=gemm), gx, gw, gdy)}
