@@ -27,6 +27,7 @@ TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 PRECISIONS = ("default", "fp8")
+FP8_GEMMS = ("auto", "native", "emulated")
 
 # HF keys that carry no information for the model math; accepted and dropped by from_hf.
 _IGNORED_HF_KEYS = frozenset({
@@ -122,6 +123,10 @@ class ModelConfig:
       precision: 'default', or 'fp8' for DeepSeek-V3's FP8 recipe in the linear layers of
         MLA, the MLPs, the experts and the MTP blocks (dsjax/fp8.py); the embedding, output
         head, router, norms and attention softmax keep their precision.
+      fp8_gemm: how the FP8 GEMMs multiply: 'native' (E4M3 operands, float32 results,
+        one GEMM per 128-wide contraction block), 'emulated' (exact float32 copies of the
+        E4M3 values in one GEMM: the same sums in another order) or 'auto' (native off the
+        CPU, emulated on it).
     """
 
     vocab_size: int = 129280
@@ -164,6 +169,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     precision: str = "default"
+    fp8_gemm: str = "auto"
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self):
@@ -189,7 +195,8 @@ class ModelConfig:
             raise ConfigError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
         choices = {"attn_impl": ATTN_IMPLS, "attn_kernel": ATTN_KERNELS, "moe_impl": MOE_IMPLS, "scoring_func": SCORING_FUNCS,
                    "topk_method": TOPK_METHODS, "remat_policy": REMAT_POLICIES,
-                   "dtype": DTYPES, "param_dtype": DTYPES, "precision": PRECISIONS}
+                   "dtype": DTYPES, "param_dtype": DTYPES, "precision": PRECISIONS,
+                   "fp8_gemm": FP8_GEMMS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
@@ -409,7 +416,8 @@ def override_model(model: ModelConfig, overrides: list[str], allowed: tuple[str,
 
 # The fields that choose how the model computes, not what it is: they leave the parameters'
 # shapes and meaning alone, so a trained checkpoint can be run under any of their values.
-IMPL_FIELDS = ("attn_impl", "attn_kernel", "moe_impl", "dtype", "param_dtype", "remat_policy", "precision")
+IMPL_FIELDS = ("attn_impl", "attn_kernel", "moe_impl", "dtype", "param_dtype", "remat_policy", "precision",
+               "fp8_gemm")
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -1,6 +1,9 @@
 """FP8 recipe: tile/block quantization error and locality, the blockwise GEMM, and the
 custom_vjp's gradients."""
 
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,19 +136,81 @@ def test_fp8_grouped_gemm_gradients():
         assert float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)) < 0.05
 
 
-@pytest.mark.parametrize("fp8_dot", [True, False])
-def test_blockwise_dot_accumulates_each_block_with_its_scales(fp8_dot):
+@pytest.mark.parametrize("gemm", ["native", "emulated"])
+def test_blockwise_dot_accumulates_each_block_with_its_scales(gemm):
     qa = jnp.ones((2, 256), jnp.float8_e4m3fn)
     qb = jnp.ones((256, 3), jnp.float8_e4m3fn)
     sa = jnp.asarray([[1.0, 2.0], [0.5, 0.0]])
     sb = jnp.asarray([[1.0, 1.0, 3.0], [1.0, 2.0, 1.0]])
-    out = blockwise_dot(qa, sa, qb, sb, fp8_dot=fp8_dot)
+    out = blockwise_dot(qa, sa, qb, sb, gemm=gemm)
     np.testing.assert_allclose(out, [[128 * (1 + 2), 128 * (1 + 4), 128 * (3 + 2)], [64, 64, 192]])
     # Both ways agree on random FP8 operands and scales (float32 summation order aside).
     qa, sa = quantize_tiles(_inputs("outliers", (64, 384)))
     qb, sb = quantize_tiles(_inputs("random", (96, 384), seed=2))
-    other = blockwise_dot(qa, sa, qb.T, sb.T, fp8_dot=not fp8_dot)
-    np.testing.assert_allclose(blockwise_dot(qa, sa, qb.T, sb.T, fp8_dot=fp8_dot), other, rtol=1e-5, atol=1e-3)
+    other = blockwise_dot(qa, sa, qb.T, sb.T, gemm="emulated" if gemm == "native" else "native")
+    np.testing.assert_allclose(blockwise_dot(qa, sa, qb.T, sb.T, gemm=gemm), other, rtol=1e-5, atol=1e-3)
+
+
+_GEMM_TYPES = re.compile(r"(?:stablehlo\.dot_general|chlo\.ragged_dot).* : \((.*)\) -> tensor<([^>]*)>")
+
+
+def _gemms(text):
+    """(op, operand types, result type) of every dot_general and ragged_dot in StableHLO text."""
+    out = []
+    for line in text.splitlines():
+        m = _GEMM_TYPES.search(line)
+        if m:
+            op = "ragged_dot" if "chlo.ragged_dot" in line else "dot_general"
+            out.append((op, re.findall(r"tensor<([^>]*)>", m.group(1))[:2], m.group(2)))
+    return out
+
+
+@pytest.mark.parametrize("platform", ["cpu", "cuda"])
+def test_native_fp8_gemms_lower_to_fp8_dots_without_partial_products(platform):
+    # Forced 'native', lowered (not compiled) for the CPU and for a GPU: every GEMM of the
+    # forward and backward passes multiplies E4M3 operands into float32, and no op makes
+    # the [blocks, rows, columns] float32 partial products of a one-shot blockwise GEMM.
+    M, K, N, G = 200, 384, 256, 4  # 3 blocks of K, 2 of N, 2 of M (padded to 256)
+    x, w, sizes = jnp.zeros((M, K)), jnp.zeros((G, K, N)), jnp.asarray([70, 0, 100, 30], jnp.int32)
+    dense = lambda x, w: jnp.sum(fp8_matmul(x, w[0], gemm="native"))
+    grouped = lambda x, w: jnp.sum(fp8_ragged_dot(x, w, sizes, gemm="native"))
+    partials = [f"{b}x{m}x{n}xf32" for b, m, n in ((3, M, N), (2, M, K), (2, K, N), (G * 3, M, N))]
+    for fn, grouped_op in ((dense, "dot_general"), (grouped, "ragged_dot" if platform == "cuda" else "dot_general")):
+        step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+        text = step.trace(x, w).lower(lowering_platforms=(platform,)).as_text()
+        gemms = _gemms(text)
+        for op, operands, result in gemms:
+            assert all(t.endswith("xf8E4M3FN") for t in operands) and result.endswith("xf32"), (op, operands, result)
+        # Fprop [M, N], Dgrad [M, K], Wgrad [K, N]; the grouped Fprop and Dgrad as ragged_dots.
+        results = {(op, result) for op, _, result in gemms}
+        assert {(grouped_op, f"{M}x{N}xf32"), (grouped_op, f"{M}x{K}xf32"), ("dot_general", f"{K}x{N}xf32")} <= results
+        assert not [p for p in partials if p in text], partials
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _value_and_vjp(fn, x, w, dy):
+    """(fn(x, w), dx, dw) for the cotangent dy."""
+    y, vjp = jax.vjp(fn, x, w)
+    return (y,) + vjp(dy)
+
+
+def test_native_fp8_gemms_match_emulated():
+    # XLA's CPU runs dot_general and ragged_dot on E4M3 operands, so the native path runs
+    # here: its values and gradients equal the emulated path's up to float32 summation order.
+    # Dense: 3 blocks of K. Grouped: ragged groups, an empty one, rows past the groups, and
+    # 9 row tiles + 5 groups = 14 Wgrad pieces (more than one UNROLL of the loop).
+    x, w = _inputs("outliers", (200, 384)), _inputs("random", (384, 160), seed=5) * 0.05
+    dy = _inputs("random", (200, 160))
+    gx, gw, gdy, sizes = _grouped_case([70, 0, 600, 33, 300], K=128, N=128, seed=3)
+    cases = {"dense": (fp8_matmul, x, w, dy),
+             "grouped": (lambda x, w, gemm: fp8_ragged_dot(x, w, sizes, gemm=gemm), gx, gw, gdy)}
+    for name, (fn, x, w, dy) in cases.items():
+        out = {gemm: _value_and_vjp(functools.partial(fn, gemm=gemm), x, w, dy) for gemm in ("native", "emulated")}
+        for got, ref, what in zip(out["native"], out["emulated"], ("y", "dx", "dw")):
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()),
+                                       err_msg=f"{name} {what}")
+    np.testing.assert_array_equal(out["native"][0][1003:], 0)  # rows past the groups
+    np.testing.assert_array_equal(out["native"][1][1003:], 0)
 
 
 def test_fp8_export_round_trip(tmp_path):
@@ -250,3 +315,26 @@ def test_fp8_forward_is_causal_and_keeps_rows_apart():
     assert float(jnp.abs(later[:, 16:] - ref[:, 16:]).max()) > 0
     other_row = logits(tokens.at[1].set(9))
     np.testing.assert_array_equal(other_row[0], ref[0])
+
+
+def test_fp8_gemm_switch_reaches_the_layers_and_experts():
+    # model.fp8_gemm picks the path of every FP8 product of the model: 'native' lowers the
+    # linear layers to FP8 dot_generals and the routed experts to FP8 ragged_dots (GPU
+    # lowering), 'emulated' multiplies no FP8 operands anywhere.
+    import dsjax
+    from dsjax.config import ConfigError
+    from tests.test_sharding import OVERRIDES
+    from train.config import build_config
+
+    cfg = build_config("pretrain", OVERRIDES + ["model.hidden_size=128", "model.precision=fp8"]).model
+    assert "fp8_gemm" not in cfg.to_hf()
+    with pytest.raises(ConfigError, match="fp8_gemm"):
+        cfg.replace(fp8_gemm="fast")
+    tokens = jnp.zeros((2, 16), jnp.int32)
+    variables = jax.eval_shape(dsjax.Transformer(cfg).init, jax.random.key(0), tokens)
+    found = {}
+    for gemm in ("native", "emulated"):
+        model = dsjax.Transformer(cfg.replace(fp8_gemm=gemm))
+        text = jax.jit(model.apply).trace(dsjax.unbox(variables), tokens).lower(lowering_platforms=("cuda",)).as_text()
+        found[gemm] = {op for op, operands, _ in _gemms(text) if all(t.endswith("xf8E4M3FN") for t in operands)}
+    assert found == {"native": {"dot_general", "ragged_dot"}, "emulated": set()}

@@ -60,7 +60,7 @@ def test_rounds_follow_the_pair_capacity():
     # devices 0 and 1), each source sends 8 copies to each of them: ceil(8 / 3) = 3 rounds.
     x, weights, indices, w1, w3, w2 = _inputs(skew=True)
     mesh = make_mesh(MeshConfig(fsdp=1, expert=8))
-    ex = moe._Exchange("expert", None, 8, int(moe.EP_CAPACITY * 16 / 8), False, False)
+    ex = moe._Exchange("expert", None, 8, int(moe.EP_CAPACITY * 16 / 8), None, False)
     assert ex.pair == 3
 
     def count(indices):

@@ -1,0 +1,104 @@
+"""The GPU check of the FP8 recipe: FP8 vs BF16 train steps on this machine's first device.
+
+Builds one model, compiles the full train step (forward, backward, AdamW, bias update)
+in BF16 and with `precision=fp8`, times `--steps` steps of each after a warm-up, and
+prints one JSON line: backend and device, compile seconds, seconds per step, tokens/s,
+the FP8 speed-up over BF16, both final losses (finite), each program's temporary memory,
+and the GEMMs of the FP8 program that take E4M3 operands (`fp8_dots`: dot_general for the
+linear layers, ragged_dot for the experts on GPUs/TPUs; CPUs lower ragged_dot to
+dot_general). `--fp8-gemm auto` is native off the CPU (dsjax.fp8), so on a GPU
+`fp8_lowered_to_f8_dots` must be true.
+
+    python bench/gpu_check.py [--preset small] [--batch 8] [--seq 512] [--moe-impl ragged] [--steps 10]
+    python bench/gpu_check.py --preset tiny --batch 2 --seq 64 --steps 2   # on a CPU
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import dsjax  # noqa: E402
+from dsjax.fp8 import native_gemm  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
+from train.optim import make_optimizer  # noqa: E402
+from train.steps import TrainState, make_train_step  # noqa: E402
+
+_FP8_GEMM = re.compile(r"(stablehlo\.dot_general|chlo\.ragged_dot).* : "
+                       r"\(tensor<[^>]*xf8E4M3FN>, tensor<[^>]*xf8E4M3FN>")
+
+
+def fp8_dots(text: str) -> dict:
+    """GEMM ops with two E4M3 operands in StableHLO text, by kind."""
+    found = [m.group(1).split(".")[1] for m in map(_FP8_GEMM.search, text.splitlines()) if m]
+    return {kind: found.count(kind) for kind in ("dot_general", "ragged_dot")}
+
+
+def time_steps(cfg, tcfg, batch, steps):
+    """Compiles and times the train step of `cfg`: a dict of figures."""
+    model = dsjax.Transformer(cfg)
+    boxed = jax.jit(model.init)(jax.random.key(0), batch["inputs"][:1])
+    v = dsjax.unbox(boxed)
+    tx, schedule = make_optimizer(tcfg, boxed["params"])
+    state = TrainState(jnp.zeros((), jnp.int32), v["params"], tx.init(v["params"]), v.get("moe_bias", {}))
+    step = jax.jit(make_train_step(model, tx, tcfg, schedule), donate_argnums=0)
+    start = time.perf_counter()
+    lowered = step.lower(state, batch)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    state, metrics = compiled(state, batch)  # warm-up
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    memory = compiled.memory_analysis()
+    return {"compile_s": compile_s, "step_s": (time.perf_counter() - start) / steps, "loss": float(metrics["loss"]),
+            "temp_mb": None if memory is None else memory.temp_size_in_bytes / 2**20,
+            "fp8_dots": fp8_dots(lowered.as_text())}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--moe-impl", default="ragged", choices=("dense", "ragged"))
+    p.add_argument("--fp8-gemm", default="auto", choices=("auto", "native", "emulated"))
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args()
+    cfg = dsjax.load_model_config(args.preset).replace(moe_impl=args.moe_impl, dtype="bfloat16",
+                                                       fp8_gemm=args.fp8_gemm)
+    tcfg = TrainConfig(steps=1000, batch_size=args.batch, seq_len=args.seq)
+    tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1), 2, cfg.vocab_size)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    out = {"name": "gpu_check", "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+           "preset": args.preset, "batch": args.batch, "seq": args.seq, "moe_impl": args.moe_impl,
+           "fp8_gemm": "native" if native_gemm(args.fp8_gemm) else "emulated", "steps": args.steps}
+    runs = {}
+    for name, precision in (("bf16", "default"), ("fp8", "fp8")):
+        print(f"[gpu_check] {name}: compiling and timing {args.steps} steps", file=sys.stderr, flush=True)
+        runs[name] = r = time_steps(cfg.replace(precision=precision), tcfg, batch, args.steps)
+        out.update({f"{name}_compile_s": round(r["compile_s"], 2), f"{name}_step_s": round(r["step_s"], 5),
+                    f"{name}_tokens_per_s": round(args.batch * args.seq / r["step_s"]),
+                    f"{name}_loss": round(r["loss"], 4),
+                    f"{name}_temp_mb": None if r["temp_mb"] is None else round(r["temp_mb"], 1)})
+    out["fp8_speedup"] = round(runs["bf16"]["step_s"] / runs["fp8"]["step_s"], 3)
+    out["losses_finite"] = all(math.isfinite(r["loss"]) for r in runs.values())
+    dots = out["fp8_dots"] = runs["fp8"]["fp8_dots"]
+    # Linear layers and experts both on E4M3 operands (a CPU lowers ragged_dot to dot_general).
+    out["fp8_lowered_to_f8_dots"] = dots["dot_general"] > 0 and (
+        dots["ragged_dot"] > 0 or args.moe_impl == "dense" or out["backend"] == "cpu")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
