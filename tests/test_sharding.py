@@ -128,11 +128,12 @@ def _dry_run(*args):
 
 
 def test_dry_run_memory_plan():
-    ok = _dry_run("--devices", "256", "--set", "model.preset=deepseek-v3-671b", "--set", "mesh.fsdp=32",
+    ok = _dry_run("--devices", "256", "--backend", "gpu", "--set", "model.preset=deepseek-v3-671b", "--set", "mesh.fsdp=32",
                   "--set", "mesh.expert=8", "--set", "model.remat_policy=full", "--set", "train.batch_size=256",
                   "--set", "train.seq_len=4096")
     assert ok.returncode == 0, ok.stderr
-    for row in ("parameters (fp32)", "gradients (fp32)", "AdamW moments (fp32)", "activations (full)", "fits"):
+    for row in ("parameters (fp32)", "gradients (fp32)", "AdamW moments (fp32)", "activations (full)", "fits",
+                "MoE dispatch 'expert-parallel'"):
         assert row in ok.stdout
     params = float(ok.stdout.split("parameters (fp32)")[1].split()[0])
     assert 10.0 < params < 13.0  # 682.6B fp32 parameters over 256 devices, attention repeated 8x
@@ -158,3 +159,20 @@ def test_expert_parallel_dispatch_is_chosen(sizes, preset, expected):
     mesh = make_mesh(MeshConfig(**{"fsdp": 1, **sizes, "rules": preset}))
     with jax.set_mesh(mesh), nn.logical_axis_rules(activation_rules(preset)):
         assert expert_parallel_axes() == expected
+
+
+def test_dry_run_plan_agrees_with_the_compiled_step():
+    # The plan of `small` on 8 devices (fsdp=8, the CPU's dense dispatch) against XLA's
+    # memory_analysis of the same compiled train step: arguments (parameters, AdamW
+    # moments, batch) plus temporaries (gradients, activations, gathered weights).
+    import dataclasses
+
+    from bench.scale import analyse
+    from train.plan import memory_plan
+
+    cfg = build_config("pretrain", ["model.preset=small", "train.batch_size=16", "train.seq_len=256"])
+    compiled = analyse(cfg, dict(fsdp=8), 8)
+    plan = memory_plan(dataclasses.replace(cfg, mesh=MeshConfig(fsdp=8)), 8, 80)
+    assert plan.dispatch == "dense"
+    ratio = plan.total / (compiled["argument_bytes"] + compiled["temp_bytes"])
+    assert 0.75 <= ratio <= 1.25, ratio
