@@ -126,16 +126,13 @@ def _batch_rules(rules, mesh, rows: int):
     """`rules` with `batch` mapped only to the mesh axes (in order) that split `rows` rows
     evenly, and the PartitionSpec of a [rows, ...] array under them. A batch that does not
     divide an axis is replicated over it (e.g. one prompt: replicated everywhere)."""
-    kept: list[str] = []
-    for name, axes in rules:
-        if name != "batch" or kept:
-            continue
-        split = 1
-        for a in (axes,) if isinstance(axes, str) else tuple(axes or ()):
-            size = mesh.shape.get(a, 1)
-            if size > 1 and rows % (split * size) == 0:
-                kept.append(a)
-                split *= size
+    batch = next((axes for name, axes in rules if name == "batch"), None)
+    kept, split = [], 1
+    for a in (batch,) if isinstance(batch, str) else tuple(batch or ()):
+        size = mesh.shape.get(a, 1)
+        if size > 1 and rows % (split * size) == 0:
+            kept.append(a)
+            split *= size
     adapted = tuple((name, tuple(kept) or None) if name == "batch" else
                     (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
     return adapted, PartitionSpec(tuple(kept) or None)

@@ -462,6 +462,6 @@ def _print_sample(run: Run, stage: Stage, state: TrainState) -> None:
     stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
     out = generate(run.model, variables, prompt[None], [len(prompt)], tcfg.sample_tokens, temperature=0.8,
                    rng=jax.random.key(tcfg.seed), top_k=40, stop_tokens=stop, mesh=run.mesh, rules=run.rules)
-    if not run.lead:
-        return
-    print("sample:\n" + text + tokenizer.decode(np.asarray(out.tokens[0, :int(out.lengths[0])])))
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)  # replicated: every process reads its copy
+    if run.lead:
+        print("sample:\n" + text + tokenizer.decode(tokens[0, :int(lengths[0])]))
