@@ -12,16 +12,27 @@ draft in one forward pass. A draft is kept when it agrees (greedy) or by the sta
 accept/reject rule (sampling: accept with probability min(1, p/q), else resample from
 max(0, p - q)), so the output distribution is the main model's; a rejected draft's cache
 slot is simply overwritten later.
+
+Under a mesh (the `mesh` argument, or the one set with `jax.set_mesh`) generation runs
+where the parameters are: they keep their shardings (nothing is gathered onto one
+device or the host), the prompts are split over the `batch` mesh axes of the
+logical-axis rules where the batch divides them (replicated over the others), the cache
+is created sharded by its logical axes, and the model's own sharding constraints and its
+expert-parallel MoE apply as in training. The outputs are replicated, small [B, N]
+arrays every process can read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dsjax.model import Transformer, init_cache
 
@@ -111,6 +122,58 @@ def _emit(buffers, idx, active, token, logp):
     return (tokens.at[rows, col].set(token, mode="drop"), logprobs.at[rows, col].set(logp, mode="drop"))
 
 
+def _batch_rules(rules, mesh, rows: int):
+    """`rules` with `batch` mapped only to the mesh axes (in order) that split `rows` rows
+    evenly, and the PartitionSpec of a [rows, ...] array under them. A batch that does not
+    divide an axis is replicated over it (e.g. one prompt: replicated everywhere)."""
+    batch = next((axes for name, axes in rules if name == "batch"), None)
+    kept, split = [], 1
+    for a in (batch,) if isinstance(batch, str) else tuple(batch or ()):
+        size = mesh.shape.get(a, 1)
+        if size > 1 and rows % (split * size) == 0:
+            kept.append(a)
+            split *= size
+    adapted = tuple((name, tuple(kept) or None) if name == "batch" else
+                    (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+    return adapted, PartitionSpec(tuple(kept) or None)
+
+
+def _on_mesh(tree, mesh):
+    """Arrays already on `mesh`'s devices keep their shardings; arrays committed elsewhere
+    (e.g. loaded onto one device) are replicated onto the mesh, so one jit takes them all."""
+    devices = set(mesh.devices.flat)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(x):
+        if isinstance(x, jax.Array) and x.committed and x.sharding.device_set != devices:
+            return jax.device_put(x, replicated)
+        return x
+
+    return jax.tree.map(place, tree)
+
+
+def _put(x: np.ndarray, sharding):
+    """A host array onto `sharding` (every process passes the same value)."""
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _placement(mesh, rules, rows: int):
+    """(mesh or None, static rules, PartitionSpec of the rows) for a generation call."""
+    mesh = jax.sharding.get_mesh() if mesh is None else mesh
+    if mesh.empty:
+        return None, (), None
+    rules = nn.get_logical_axis_rules() if rules is None else rules
+    rules, spec = _batch_rules(tuple(rules), mesh, rows)
+    return mesh, rules, spec
+
+
+def _replicated(tree):
+    """Outputs replicated across the active mesh (any process can read them)."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, PartitionSpec()), tree)
+
+
 def _prefill(decoder, variables, cache, prompts):
     B, P = prompts.shape
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
@@ -118,9 +181,22 @@ def _prefill(decoder, variables, cache, prompts):
     return out, mutated["cache"], positions
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "greedy", "top_k", "top_p", "stop_tokens"))
-def _generate_plain(model, variables, prompts, lengths, rng, temperature, *, max_new_tokens, greedy, top_k, top_p,
-                    stop_tokens):
+_STATIC = ("model", "max_new_tokens", "greedy", "top_k", "top_p", "stop_tokens", "rules")
+
+
+def _jit_under_rules(body):
+    """`body` jitted, run under its static logical-axis `rules` (part of the jit cache key:
+    the rules are read while tracing), with its output replicated."""
+
+    def run(model, variables, prompts, lengths, rng, temperature, *, rules, **static):
+        with nn.logical_axis_rules(rules):
+            return _replicated(body(model, variables, prompts, lengths, rng, temperature, **static))
+
+    return jax.jit(run, static_argnames=_STATIC)
+
+
+def _plain(model, variables, prompts, lengths, rng, temperature, *, max_new_tokens, greedy, top_k, top_p,
+           stop_tokens):
     B, P = prompts.shape
     N = max_new_tokens
     decoder = model.clone(decode=True)
@@ -152,9 +228,8 @@ def _generate_plain(model, variables, prompts, lengths, rng, temperature, *, max
     return GenerateOutput(s["bufs"][0], s["bufs"][1], s["count"], s["forwards"], zero, zero)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "greedy", "top_k", "top_p", "stop_tokens"))
-def _generate_speculative(model, variables, prompts, lengths, rng, temperature, *, max_new_tokens, greedy, top_k,
-                          top_p, stop_tokens):
+def _speculative(model, variables, prompts, lengths, rng, temperature, *, max_new_tokens, greedy, top_k, top_p,
+                 stop_tokens):
     B, P = prompts.shape
     N = max_new_tokens
     decoder = model.clone(decode=True)
@@ -221,13 +296,18 @@ def _generate_speculative(model, variables, prompts, lengths, rng, temperature, 
     return GenerateOutput(s["bufs"][0], s["bufs"][1], s["count"], s["forwards"], s["drafted"], s["accepted"])
 
 
+_generate_plain = _jit_under_rules(_plain)
+_generate_speculative = _jit_under_rules(_speculative)
+
+
 def generate(model: Transformer, variables, prompts, prompt_lengths, max_new_tokens: int = 32,
              temperature: float = 0.0, rng=None, speculative: bool = False, *, top_k: int = 0,
-             top_p: float = 1.0, stop_tokens=(), prompt_bucket: int = 64) -> GenerateOutput:
+             top_p: float = 1.0, stop_tokens=(), prompt_bucket: int = 64, mesh=None, rules=None) -> GenerateOutput:
     """Generates continuations of a batch of prompts.
 
     Args:
-      model, variables: a Transformer and its {'params', 'moe_bias'}.
+      model, variables: a Transformer and its {'params', 'moe_bias'}, used where they are
+        (sharded parameters stay sharded; arrays off the mesh are replicated onto it).
       prompts: int [B, P], right-padded; prompt_lengths: int [B], each in [1, P].
       max_new_tokens: N, tokens to generate per row.
       temperature: 0 for greedy decoding; otherwise sampling with `top_k` (0: off) and
@@ -236,8 +316,14 @@ def generate(model: Transformer, variables, prompts, prompt_lengths, max_new_tok
       stop_tokens: ids that end a row (kept in the output, counted in its length).
       prompt_bucket: prompts are padded to a multiple of this, so a new prompt length
         only recompiles when it crosses a bucket.
+      mesh: the jax.sharding.Mesh to run on (default: the one set with `jax.set_mesh`, if
+        any; with neither, the devices of the inputs).
+      rules: the logical-axis rules of the run, e.g. `sharding.activation_rules("fsdp")`
+        (default: those of an enclosing `nn.logical_axis_rules`). Their `batch` axes split
+        the rows where B divides them.
     Returns:
-      GenerateOutput with tokens [B, N], logprobs [B, N], lengths [B] and counters.
+      GenerateOutput with tokens [B, N], logprobs [B, N], lengths [B] and counters
+      (replicated over the mesh).
     """
     cfg = model.cfg
     prompts = np.asarray(prompts, np.int32)
@@ -261,34 +347,43 @@ def generate(model: Transformer, variables, prompts, prompt_lengths, max_new_tok
     padded = np.zeros((prompts.shape[0], P), np.int32)
     padded[:, :prompts.shape[1]] = prompts
     variables = {k: v for k, v in variables.items() if k != "cache"}
+    rng = rng if rng is not None else jax.random.key(0)
+    mesh, rules, rows = _placement(mesh, rules, prompts.shape[0])
+    if mesh is None:
+        padded, lengths = jnp.asarray(padded), jnp.asarray(lengths)
+    else:
+        padded, lengths = _put(padded, NamedSharding(mesh, rows)), _put(lengths, NamedSharding(mesh, rows))
+        variables, rng = _on_mesh(variables, mesh), _on_mesh(rng, mesh)
     fn = _generate_speculative if speculative else _generate_plain
-    return fn(model, variables, jnp.asarray(padded), jnp.asarray(lengths),
-              rng if rng is not None else jax.random.key(0), jnp.float32(max(temperature, 1e-6)),
-              max_new_tokens=max_new_tokens, greedy=temperature == 0, top_k=int(top_k), top_p=float(top_p),
-              stop_tokens=tuple(int(t) for t in stop_tokens))
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        return fn(model, variables, padded, lengths, rng, jnp.float32(max(temperature, 1e-6)),
+                  max_new_tokens=max_new_tokens, greedy=temperature == 0, top_k=int(top_k), top_p=float(top_p),
+                  stop_tokens=tuple(int(t) for t in stop_tokens), rules=rules)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_len"))
-def _stream_prefill(model, variables, prompt, max_len):
-    decoder = model.clone(decode=True)
-    out, cache, _ = _prefill(decoder, variables, init_cache(model, 1, max_len), prompt)
-    return out.logits[0, -1], cache
+@functools.partial(jax.jit, static_argnames=("model", "max_len", "rules"))
+def _stream_prefill(model, variables, prompt, max_len, rules):
+    with nn.logical_axis_rules(rules):
+        decoder = model.clone(decode=True)
+        out, cache, _ = _prefill(decoder, variables, init_cache(model, 1, max_len), prompt)
+    return _replicated(out.logits[0, -1]), cache
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _stream_step(model, variables, cache, token, position):
-    out, mutated = model.clone(decode=True).apply({**variables, "cache": cache}, token[None, None],
-                                                  position[None, None], mtp=False, mutable=["cache"])
-    return out.logits[0, 0], mutated["cache"]
+@functools.partial(jax.jit, static_argnames=("model", "rules"))
+def _stream_step(model, variables, cache, token, position, rules):
+    with nn.logical_axis_rules(rules):
+        out, mutated = model.clone(decode=True).apply({**variables, "cache": cache}, token[None, None],
+                                                      position[None, None], mtp=False, mutable=["cache"])
+    return _replicated(out.logits[0, 0]), mutated["cache"]
 
 
 def generate_stream(model: Transformer, variables, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
-                    rng=None, *, top_k: int = 0, top_p: float = 1.0, stop_tokens=()):
+                    rng=None, *, top_k: int = 0, top_p: float = 1.0, stop_tokens=(), mesh=None, rules=None):
     """An iterator over the tokens of one continuation as they are decoded (interactive use).
 
-    prompt: int [P]. Same sampling options as `generate`; one jitted step per token.
-    Raises ValueError at the call (not at the first token) when prompt + max_new_tokens
-    exceed the context.
+    prompt: int [P]. Same sampling and `mesh`/`rules` options as `generate`; one jitted
+    step per token. Raises ValueError at the call (not at the first token) when prompt +
+    max_new_tokens exceed the context.
     """
     prompt = np.asarray(prompt, np.int32).reshape(1, -1)
     cfg = model.cfg
@@ -300,11 +395,18 @@ def generate_stream(model: Transformer, variables, prompt, max_new_tokens: int =
     if temperature > 0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs an explicit rng key")
     variables = {k: v for k, v in variables.items() if k != "cache"}
-    return _stream(model, variables, prompt, max_new_tokens, temperature, rng, top_k, top_p, stop_tokens)
+    mesh, rules, _ = _placement(mesh, rules, 1)
+    if mesh is not None:
+        variables = _on_mesh(variables, mesh)
+    return _stream(model, variables, prompt, max_new_tokens, temperature, rng, top_k, top_p, stop_tokens, mesh,
+                   rules)
 
 
-def _stream(model, variables, prompt, max_new_tokens, temperature, rng, top_k, top_p, stop_tokens):
-    logits, cache = _stream_prefill(model, variables, jnp.asarray(prompt), prompt.shape[1] + max_new_tokens)
+def _stream(model, variables, prompt, max_new_tokens, temperature, rng, top_k, top_p, stop_tokens, mesh, rules):
+    on_mesh = lambda: contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)  # noqa: E731
+    with on_mesh():
+        logits, cache = _stream_prefill(model, variables, jnp.asarray(prompt), prompt.shape[1] + max_new_tokens,
+                                        rules=rules)
     rng = jax.random.key(0) if rng is None else rng
     for i in range(max_new_tokens):
         rng, sub = jax.random.split(rng)
@@ -313,4 +415,6 @@ def _stream(model, variables, prompt, max_new_tokens, temperature, rng, top_k, t
         yield token
         if token in stop_tokens:
             return
-        logits, cache = _stream_step(model, variables, cache, jnp.int32(token), jnp.int32(prompt.shape[1] + i))
+        with on_mesh():
+            logits, cache = _stream_step(model, variables, cache, jnp.int32(token), jnp.int32(prompt.shape[1] + i),
+                                         rules=rules)

@@ -32,17 +32,22 @@ def masked_softmax(scores: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
 
 
 class CacheSlot(nn.Module):
-    """One decode-cache array [B, S, ...] in the `cache` collection.
+    """One decode-cache array [B, S, ...] in the `cache` collection, with the logical axis
+    `names` of its dimensions (so a sharded run places it as the activations it holds).
 
     Writes value [B, T, ...] at positions [B, T] and returns the whole cache. At init
     (tokens [B, S]) it creates the cache with S slots.
     """
 
+    names: tuple[str, ...]
+
     @nn.compact
     def __call__(self, value: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
-        var = self.variable("cache", "value", jnp.zeros, value.shape, value.dtype)
+        var = self.variable("cache", "value", nn.with_logical_partitioning(jnp.zeros, self.names), value.shape,
+                            value.dtype)
         rows = jnp.arange(value.shape[0])[:, None]
-        var.value = var.value.at[rows, positions].set(value.astype(var.value.dtype))
+        var.value = nn.with_logical_constraint(var.value.at[rows, positions].set(value.astype(var.value.dtype)),
+                                               self.names)
         return var.value
 
 
@@ -66,9 +71,11 @@ class MLA(nn.Module):
         self.wkv_b = param(self, "wkv_b", (C, H, K + V), ("kv_lora", "heads", "head_dim"))
         self.wo = param(self, "wo", (H, V, D), ("heads", "head_dim", "embed"))
         if cfg.attn_impl == "absorb":
-            self.cache_c_kv, self.cache_k_pe = CacheSlot(), CacheSlot()
+            self.cache_c_kv = CacheSlot(("batch", "seq", "kv_lora"))
+            self.cache_k_pe = CacheSlot(("batch", "seq", "head_dim"))
         else:
-            self.cache_k, self.cache_v = CacheSlot(), CacheSlot()
+            heads = ("batch", "seq", "heads", "head_dim")
+            self.cache_k, self.cache_v = CacheSlot(heads), CacheSlot(heads)
 
     def queries(self, x: jnp.ndarray, cos, sin) -> tuple[jnp.ndarray, jnp.ndarray]:
         """x: [B, T, D] -> (q_nope [B, T, H, K], q_pe [B, T, H, R] roped)."""

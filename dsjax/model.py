@@ -162,10 +162,21 @@ class Transformer(nn.Module):
 
 
 def init_cache(model: Transformer, batch: int, max_len: int) -> dict:
-    """A zeroed `cache` collection for `batch` rows of `max_len` slots (decode mode)."""
+    """A zeroed `cache` collection for `batch` rows of `max_len` slots (decode mode).
+
+    Under a mesh and logical-axis rules (`nn.logical_axis_rules`) each array is
+    constrained to its logical axes (`layers`, `batch`, `seq`, ...), so inside jit the
+    cache is created already sharded, batch over the batch axes.
+    """
     decoder = model.clone(decode=True)
-    shapes = jax.eval_shape(decoder.init, jax.random.key(0), jnp.zeros((batch, max_len), jnp.int32))["cache"]
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), unbox(shapes))
+    boxed = jax.eval_shape(decoder.init, jax.random.key(0), jnp.zeros((batch, max_len), jnp.int32))["cache"]
+
+    def zeros(leaf):
+        if isinstance(leaf, nn.LogicallyPartitioned):
+            return nn.with_logical_constraint(jnp.zeros(leaf.value.shape, leaf.value.dtype), leaf.names)
+        return jnp.zeros(leaf.shape, leaf.dtype)
+
+    return jax.tree.map(zeros, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def cache_bytes(model: Transformer, batch: int, max_len: int, mtp: bool = False) -> int:

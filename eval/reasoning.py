@@ -79,10 +79,10 @@ def sample_problems(model, variables, tokenizer, problems: Sequence[Problem], *,
                     max_new_tokens: int, temperature: float = 0.6, top_p: float = 1.0, top_k: int = 0,
                     batch_size: int = 256, seed: int = 0, speculative: bool = False,
                     rewards: str = "accuracy:1,format:0.1", stop_token: int | None = None,
-                    progress: bool = False) -> tuple[list[list[Sample]], dict[str, float]]:
+                    progress: bool = False, mesh=None, rules=None) -> tuple[list[list[Sample]], dict[str, float]]:
     """`samples` completions of every problem, scored; ([problem][sample], timing) where
     timing holds `seconds`, `generated_tokens` and `tokens_per_s`. With temperature 0
-    every sample is the greedy completion (ask for one)."""
+    every sample is the greedy completion (ask for one). `mesh`/`rules` as `dsjax.generate`."""
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
     reward_fn = rewards_lib.combine(rewards)
@@ -103,7 +103,7 @@ def sample_problems(model, variables, tokenizer, problems: Sequence[Problem], *,
         comp = complete(model, variables, tokenizer, [p.prompt for _, p in padded], width,
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                         rng=jax.random.fold_in(rng, b) if temperature > 0 else None, speculative=speculative,
-                        stop_token=stop_token)
+                        stop_token=stop_token, mesh=mesh, rules=rules)
         for j, (i, problem) in enumerate(chunk):
             n = int(comp.lengths[j])
             fields = dict(problem.fields, completion_tokens=n, max_tokens=max_new_tokens)

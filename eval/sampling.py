@@ -61,14 +61,16 @@ def prompt_width(tokenizer, prompts: Sequence[str], multiple: int = 16) -> int:
 
 def complete(model, variables, tokenizer, prompts: Sequence[str], width: int, *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, rng=None,
-             speculative: bool = False, stop_token: int | None = None) -> Completions:
+             speculative: bool = False, stop_token: int | None = None, mesh=None, rules=None) -> Completions:
     """One completion per prompt (repeat a prompt for several samples), ending at
-    `stop_token` (default: the tokenizer's EOS)."""
+    `stop_token` (default: the tokenizer's EOS). `mesh`/`rules` as `dsjax.generate`: the
+    parameters are used where they are (sharded), only the completions come to the host."""
     ids, lengths = encode_prompts(tokenizer, prompts, width)
     stop_token = tokenizer.eos_id if stop_token is None else stop_token
     stop = () if stop_token is None else (int(stop_token),)
     out = generate(model, variables, ids, lengths, max_new_tokens, temperature=temperature, rng=rng,
-                   speculative=speculative, top_k=top_k, top_p=top_p, stop_tokens=stop, prompt_bucket=width)
+                   speculative=speculative, top_k=top_k, top_p=top_p, stop_tokens=stop, prompt_bucket=width,
+                   mesh=mesh, rules=rules)
     tokens, logprobs, lens = jax.device_get((out.tokens, out.logprobs, out.lengths))
     tokens, lens = np.asarray(tokens), np.asarray(lens)
     ended = np.zeros(len(lens), bool)
@@ -102,10 +104,12 @@ def score(problems: Sequence[Problem], completions: Completions, reward_fn: Call
 
 
 def evaluate(model, variables, tokenizer, problems: Sequence[Problem], *, max_new_tokens: int,
-             batch_size: int = 256, width: int | None = None, stop_token: int | None = None) -> dict[str, float]:
+             batch_size: int = 256, width: int | None = None, stop_token: int | None = None, mesh=None,
+             rules=None) -> dict[str, float]:
     """Greedy accuracy, format rate and mean completion length over `problems`.
 
-    Runs in batches of `batch_size` rows (the last padded with repeats, so one compile).
+    Runs in batches of `batch_size` rows (the last padded with repeats, so one compile),
+    on `mesh` with `rules` as `complete`.
     """
     prompts = [p.prompt for p in problems]
     width = width or prompt_width(tokenizer, prompts)
@@ -115,7 +119,7 @@ def evaluate(model, variables, tokenizer, problems: Sequence[Problem], *, max_ne
         chunk = list(problems[start:start + batch_size])
         padded = chunk + [chunk[0]] * (batch_size - len(chunk))
         comp = complete(model, variables, tokenizer, [p.prompt for p in padded], width,
-                        max_new_tokens=max_new_tokens, stop_token=stop_token)
+                        max_new_tokens=max_new_tokens, stop_token=stop_token, mesh=mesh, rules=rules)
         scores = score(padded, comp, lambda *a, **k: (0.0, {}))
         acc += list(scores["accuracy"][:len(chunk)])
         fmt += list(scores["format"][:len(chunk)])

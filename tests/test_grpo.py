@@ -134,10 +134,36 @@ def _records(workdir):
     return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
-def test_grpo_run_logs_plots_and_resumes_exactly(tmp_path, capsys):
+def _watch_generate(monkeypatch) -> list:
+    """Wraps dsjax.generate where the run calls it (rollouts, evaluation, the end-of-run
+    sample): its variables must be the run's device arrays on the mesh, and nothing may
+    come to the host while it runs. Returns the calls' mesh and rules."""
+    import eval.sampling
+    import train.loop
+    from dsjax import decoding
+    from tests.test_generate_sharded import no_host_copies
+
+    calls = []
+
+    def watched(model, variables, *args, **kwargs):
+        for x in jax.tree.leaves(variables):
+            assert isinstance(x, jax.Array) and len(x.sharding.device_set) == 8, type(x)
+        calls.append((kwargs.get("mesh"), kwargs.get("rules")))
+        with no_host_copies():
+            return decoding.generate(model, variables, *args, **kwargs)
+
+    monkeypatch.setattr(eval.sampling, "generate", watched)
+    monkeypatch.setattr(train.loop, "generate", watched)
+    return calls
+
+
+def test_grpo_run_logs_plots_and_resumes_exactly(tmp_path, capsys, monkeypatch):
     full = tmp_path / "full"
+    calls = _watch_generate(monkeypatch)
     assert main(_grpo_args(full, "train.steps=3", "grpo.dynamic_sampling=true", "grpo.mu=2",
                            "grpo.minibatches=2")) == 0
+    # Rollouts, evaluations and the sample ran on the run's mesh with its rules.
+    assert len(calls) > 4 and all(mesh is not None and mesh.size == 8 and rules for mesh, rules in calls)
     records = _records(full)
     for key in ("reward_mean", "reward_std", "accuracy", "format_rate", "kl", "clip_frac", "clip_frac_low",
                 "clip_frac_high", "entropy", "completion_len", "completion_len_max", "truncated_frac",

@@ -127,7 +127,8 @@ def sample_teacher(run, d: DistillConfig, path: str) -> dict:
             raise ConfigError(f"distill.task: {e}") from None
         groups, timing = rs.sample_problems(model, variables, run.tokenizer, problems, samples=d.samples,
                                             max_new_tokens=max_new, temperature=d.temperature, top_p=d.top_p,
-                                            seed=run.cfg.train.seed, progress=run.lead)
+                                            seed=run.cfg.train.seed, progress=run.lead, mesh=run.mesh,
+                                            rules=run.rules)
         passing = rs.accepted(groups, shortest=False, dedup=False)
         chosen = rs.accepted(groups, shortest=d.shortest, dedup=True)
         kept += chosen

@@ -277,7 +277,7 @@ class GRPOStage(Stage):
             comp = complete(self.generator, self._variables(state), run.tokenizer, [p.prompt for p in repeated],
                             self.width, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                             top_k=g.top_k, rng=jax.random.fold_in(rng, rounds), speculative=g.speculative,
-                            stop_token=self.stop)
+                            stop_token=self.stop, mesh=run.mesh, rules=run.rules)
             scores = score(repeated, comp, self.reward_fn, max_tokens=g.max_new_tokens,
                            overlong_buffer=g.overlong_buffer, reward_seed=g.reward_seed)
             spread = scores["reward"].reshape(-1, g.group_size).std(axis=1) > 0
@@ -348,7 +348,8 @@ class GRPOStage(Stage):
         if not self.test:
             return {}
         got = evaluate(self.generator, self._variables(state), self.run.tokenizer, self.test,
-                       max_new_tokens=self.run.cfg.grpo.max_new_tokens, width=self.width, stop_token=self.stop)
+                       max_new_tokens=self.run.cfg.grpo.max_new_tokens, width=self.width, stop_token=self.stop,
+                       mesh=self.run.mesh, rules=self.run.rules)
         return {f"test_{k}": v for k, v in got.items()}
 
     def progress(self, record: dict) -> dict[str, str]:

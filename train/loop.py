@@ -449,7 +449,8 @@ def _with_stop_signals(flag: dict, body):
 
 
 def _print_sample(run: Run, stage: Stage, state: TrainState) -> None:
-    """Generates from the trained model (every process joins the gather; process 0 prints)."""
+    """Generates from the trained model where its sharded parameters are, under the run's
+    mesh and rules (every process joins; process 0 prints)."""
     tcfg, tokenizer = run.cfg.train, run.tokenizer
     text = stage.sample_prompt()
     prompt = tokenizer.encode(text)
@@ -458,12 +459,9 @@ def _print_sample(run: Run, stage: Stage, state: TrainState) -> None:
     variables = {"params": state.params}
     if state.moe_bias:
         variables["moe_bias"] = state.moe_bias
-    if jax.process_count() > 1:
-        variables = multihost_utils.process_allgather(variables, tiled=True)
-    variables = jax.device_get(variables)
     stop = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
     out = generate(run.model, variables, prompt[None], [len(prompt)], tcfg.sample_tokens, temperature=0.8,
-                   rng=jax.random.key(tcfg.seed), top_k=40, stop_tokens=stop)
-    if not run.lead:
-        return
-    print("sample:\n" + text + tokenizer.decode(np.asarray(out.tokens[0, :int(out.lengths[0])])))
+                   rng=jax.random.key(tcfg.seed), top_k=40, stop_tokens=stop, mesh=run.mesh, rules=run.rules)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)  # replicated: every process reads its copy
+    if run.lead:
+        print("sample:\n" + text + tokenizer.decode(tokens[0, :int(lengths[0])]))
