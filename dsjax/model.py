@@ -114,8 +114,10 @@ class Transformer(nn.Module):
         logits = jnp.einsum("btd,dv->btv", h.astype(dt), w.astype(dt))
         return nn.with_logical_constraint(logits, ("batch", "seq", "vocab")).astype(jnp.float32)
 
-    def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,
-                 segment_ids: jnp.ndarray | None = None, mtp: bool = True) -> ModelOutput:
+    def trunk(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,
+              segment_ids: jnp.ndarray | None = None):
+        """Everything but the heads: (normalized hidden [B, T, D] in the compute dtype,
+        expert loads, balance losses, (cos, sin, mask, positions) for the MTP modules)."""
         cfg = self.cfg
         B, T = tokens.shape
         if positions is None:
@@ -128,11 +130,15 @@ class Transformer(nn.Module):
             x, _ = self.dense_layers(x, cos, sin, mask, positions)
         if cfg.num_moe_layers:
             x, (loads, balance) = self.moe_layers(x, cos, sin, mask, positions)
-        h = self.norm(x)
+        return self.norm(x), loads, balance, (cos, sin, mask, positions)
+
+    def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,
+                 segment_ids: jnp.ndarray | None = None, mtp: bool = True) -> ModelOutput:
+        h, loads, balance, context = self.trunk(tokens, positions, segment_ids)
         out = ModelOutput(logits=self.logits_from_hidden(h), expert_loads=loads, balance_loss=balance,
                           hidden=h.astype(jnp.float32))
         if mtp and self.mtp:
-            out = self.run_mtp(out, tokens, cos, sin, mask, positions)
+            out = self.run_mtp(out, tokens, *context)
         return out
 
     def run_mtp(self, out: ModelOutput, tokens, cos, sin, mask, positions) -> ModelOutput:

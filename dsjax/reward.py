@@ -1,0 +1,53 @@
+"""Reward models (DeepSeek-R1 §2.3.4: the preference models of the last RL stage).
+
+A reward model is the Transformer backbone with a scalar head read at the last token of
+each response: r = <h_last, w> + b, with h the final normalized hidden state. Its
+parameters are the language model's plus `score` [D] and `score_bias` [], so any
+checkpoint of the same architecture initializes the backbone. Trained on preference
+pairs with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected).
+
+    rm = RewardModel(cfg)
+    scores = rm.apply(variables, tokens, last)      # last: int32 [B, S], -1 where unused
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from dsjax.layers import param
+from dsjax.model import Transformer
+
+
+class RewardModel(Transformer):
+    """Scores responses. Call: tokens int32 [B, T]; last int32 [B, S], the position of each
+    response's last token in its row (S > 1 when rows pack several sequences, which then
+    need `segment_ids` and restarting `positions`; -1 marks an unused slot).
+    Returns float32 scores [B, S] (0 in unused slots)."""
+
+    def setup(self):
+        super().setup()
+        self.score = param(self, "score", (self.cfg.hidden_size,), ("embed",))
+        self.score_bias = param(self, "score_bias", (), (), init=nn.initializers.zeros)
+
+    def __call__(self, tokens: jnp.ndarray, last: jnp.ndarray, positions: jnp.ndarray | None = None,
+                 segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
+        h, _, _, _ = self.trunk(tokens, positions, segment_ids)
+        read = jnp.take_along_axis(h.astype(jnp.float32), jnp.maximum(last, 0)[..., None], axis=1)  # [B, S, D]
+        scores = read @ self.score.astype(jnp.float32) + self.score_bias.astype(jnp.float32)
+        return jnp.where(last >= 0, scores, 0.0)
+
+
+def bradley_terry(chosen: jnp.ndarray, rejected: jnp.ndarray, mask: jnp.ndarray | None = None):
+    """Bradley-Terry loss and pairwise accuracy over preference pairs.
+
+    chosen, rejected: float32 scores [P]; mask: bool [P] (pairs that count; all when None).
+    Returns (mean -log sigmoid(chosen - rejected), mean [chosen > rejected]).
+    """
+    margin = chosen - rejected
+    m = jnp.ones_like(margin) if mask is None else mask.astype(jnp.float32)
+    count = jnp.maximum(m.sum(), 1.0)
+    loss = (jax.nn.softplus(-margin) * m).sum() / count
+    accuracy = ((margin > 0) * m).sum() / count
+    return loss, accuracy
