@@ -23,7 +23,8 @@ from dsjax.model import Transformer
 class RewardModel(Transformer):
     """Scores responses. Call: tokens int32 [B, T]; last int32 [B, S], the position of each
     response's last token in its row (S > 1 when rows pack several sequences, which then
-    need `segment_ids` and restarting `positions`; -1 marks an unused slot).
+    need `segment_ids` and restarting `positions`; -1 marks an unused slot; default: the
+    row's final position).
     Returns float32 scores [B, S] (0 in unused slots)."""
 
     def setup(self):
@@ -31,9 +32,11 @@ class RewardModel(Transformer):
         self.score = param(self, "score", (self.cfg.hidden_size,), ("embed",))
         self.score_bias = param(self, "score_bias", (), (), init=nn.initializers.zeros)
 
-    def __call__(self, tokens: jnp.ndarray, last: jnp.ndarray, positions: jnp.ndarray | None = None,
+    def __call__(self, tokens: jnp.ndarray, last: jnp.ndarray | None = None, positions: jnp.ndarray | None = None,
                  segment_ids: jnp.ndarray | None = None) -> jnp.ndarray:
         h, _, _, _ = self.trunk(tokens, positions, segment_ids)
+        if last is None:  # one response per row, ending at the row's end
+            last = jnp.full((tokens.shape[0], 1), tokens.shape[1] - 1, jnp.int32)
         read = jnp.take_along_axis(h.astype(jnp.float32), jnp.maximum(last, 0)[..., None], axis=1)  # [B, S, D]
         scores = read @ self.score.astype(jnp.float32) + self.score_bias.astype(jnp.float32)
         return jnp.where(last >= 0, scores, 0.0)

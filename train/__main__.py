@@ -5,9 +5,10 @@ With no arguments: pretrains the tiny preset on the Python standard library's so
 plot and a generated sample. Running again on the same workdir resumes exactly.
 
 Stages: `pretrain`, `sft` (prompt/response JSONL, the loss on responses; configs/sft.yaml)
-`grpo` (rollouts + rule-based rewards on a generated task; configs/grpo.yaml) and
+`grpo` (rollouts + rule-based rewards on a generated task; configs/grpo.yaml),
 `distill` (SFT of a student on a teacher's rejection-sampled generations;
-configs/distill.yaml). Each reads `configs/<stage>.yaml` unless `--config` names another
+configs/distill.yaml) and `rm` (a reward model on preference-pair JSONL, Bradley-Terry;
+configs/rm.yaml). Each reads `configs/<stage>.yaml` unless `--config` names another
 run config.
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-STAGES = ("pretrain", "sft", "grpo", "distill")
+STAGES = ("pretrain", "sft", "grpo", "distill", "rm")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,6 +82,9 @@ def _stage_class(stage: str):
     if stage == "grpo":
         from train.grpo import GRPOStage
         return GRPOStage
+    if stage == "rm":
+        from train.rm import RMStage
+        return RMStage
     if stage == "distill":
         from train.distill import DistillStage
         return DistillStage

@@ -15,6 +15,7 @@ from sharding.mesh import MeshConfig
 from dsjax.data import DataConfig
 from train.distill import DistillConfig
 from train.grpo import GRPOConfig
+from train.rm import RMConfig
 from train.sft import SFTConfig
 
 SCHEDULES = ("cosine", "constant", "step")
@@ -121,11 +122,12 @@ class RunConfig:
     sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    rm: RMConfig = dataclasses.field(default_factory=RMConfig)
 
 
 _SECTIONS = {"train": TrainConfig, "data": DataConfig, "mesh": MeshConfig, "model": ModelConfig,
              "init": InitConfig, "sft": SFTConfig, "grpo": GRPOConfig,
-             "distill": DistillConfig}
+             "distill": DistillConfig, "rm": RMConfig}
 
 
 def parse_set(item: str) -> tuple[str, str, Any]:
@@ -250,7 +252,7 @@ def describe_options() -> str:
     """Every key with its default, for --help."""
     lines = []
     defaults = RunConfig()
-    for section in ("train", "data", "mesh", "init", "sft", "grpo", "distill", "model"):
+    for section in ("train", "data", "mesh", "init", "sft", "grpo", "distill", "rm", "model"):
         obj = getattr(defaults, section)
         for f in dataclasses.fields(obj):
             lines.append(f"  {section}.{f.name} = {getattr(obj, f.name)!r}")

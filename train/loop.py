@@ -82,10 +82,20 @@ class Stage(abc.ABC):
     Attributes:
       tokens_per_step: tokens one step trains on (for tokens/s and MFU).
       eval_at_start: evaluate before the first step too (logged as step 0).
+      head_params: top-level parameters the stage's model adds to the language model's
+        (fresh when the run starts from init.workdir / init.hf).
+      samples: the run ends with a generated sample (train.sample_tokens).
     """
 
     name = "stage"
     eval_at_start = False
+    head_params: tuple[str, ...] = ()
+    samples = True
+
+    @classmethod
+    def build_model(cls, model_cfg):
+        """The module this stage trains (a Transformer; a reward model adds a head)."""
+        return Transformer(model_cfg)
 
     @classmethod
     def needs_reference(cls, cfg) -> bool:
@@ -226,10 +236,12 @@ def _check_workdir(workdir: str, cfg, stage: str) -> None:
     check_same_model(have, cfg.model, f"--workdir {workdir}")
 
 
-def _initial_variables(run: Run, abstract_state: TrainState):
-    """Parameters and router bias from init.workdir or init.hf, placed as the state's."""
+def _initial_variables(run: Run, abstract_state: TrainState, heads: tuple[str, ...] = ()):
+    """Parameters and router bias from init.workdir or init.hf, placed as the state's;
+    the stage's `heads` parameters are left out (the caller initializes them)."""
     init = run.cfg.init
-    target = {"params": abstract_state.params, "moe_bias": abstract_state.moe_bias}
+    target = {"params": {k: v for k, v in abstract_state.params.items() if k not in heads},
+              "moe_bias": abstract_state.moe_bias}
     if init.workdir:
         try:
             variables, step = restore_variables(os.path.join(init.workdir, "checkpoints"), target)
@@ -277,7 +289,7 @@ def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
             print(f"training keeps float32 master weights (model.param_dtype={cfg.model.param_dtype} "
                   "is used for checkpoints exported to Hugging Face)")
         cfg = dataclasses.replace(cfg, model=cfg.model.replace(param_dtype="float32"))
-    model = Transformer(cfg.model)
+    model = stage_cls.build_model(cfg.model)
     boxed = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, tcfg.seq_len), jnp.int32))
     tx, lr_schedule = make_optimizer(tcfg, boxed["params"])
     reference = stage_cls.needs_reference(cfg)
@@ -316,7 +328,12 @@ def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
             run.log(f"resumed from {ckpt.directory} at step {start}")
         else:
             if cfg.init.workdir or cfg.init.hf:
-                state = jax.jit(state_from, out_shardings=state_sh)(_initial_variables(run, abstract_state))
+                variables = _initial_variables(run, abstract_state, stage_cls.head_params)
+                if stage_cls.head_params:
+                    fresh = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(tcfg.seed)).params
+                    variables["params"] = {**variables["params"],
+                                           **{k: fresh[k] for k in stage_cls.head_params}}
+                state = jax.jit(state_from, out_shardings=state_sh)(variables)
             else:
                 state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(tcfg.seed))
             start = 0
@@ -344,7 +361,7 @@ def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
             plot = stage.plot()
             print(f"done: {tcfg.steps} steps; plot {plot}" + (f"; {stage.summary(stage.last_eval)}"
                                                                 if stage.last_eval else ""))
-        if tcfg.sample_tokens:
+        if tcfg.sample_tokens and stage.samples:
             _print_sample(run, stage, state)
     return 0
 

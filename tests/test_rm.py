@@ -1,0 +1,82 @@
+"""`python -m train rm`: a reward model learns a stated preference from generated pairs,
+learns the opposite one from swapped labels, and resumes exactly."""
+
+import json
+import os
+
+import jax
+import numpy as np
+
+import dsjax
+from dsjax.checkpoint import restore_variables
+from dsjax.reward import RewardModel
+from dsjax.tokenizer import ByteTokenizer
+from train.__main__ import main
+from train.config import build_config
+from train.rm import encode_pairs
+from tests.test_train import SMALL
+
+RAMBLE = ["well, let me think about it for a while", "hmm, it could be many things really",
+          "that is a hard one, maybe later", "numbers are tricky, I would rather not say"]
+
+
+def _pairs(path, n=160, swap=False):
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = rng.integers(0, 50, 2)
+            good, bad = f"<answer>{a + b}</answer>", RAMBLE[i % len(RAMBLE)]
+            if swap:
+                good, bad = bad, good
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "chosen": good, "rejected": bad}) + "\n")
+    return str(path)
+
+
+def _overrides(*extra):
+    return SMALL + ["model.moe_impl=dense", "train.batch_size=8", "train.seq_len=64", "train.lr=3e-3",
+                    "train.schedule=constant", "train.eval_every=50", "train.checkpoint_every=50",
+                    "data.val_fraction=0.2", "train.mtp_lambda_switch=1.0", "train.bias_update_stop=1.0"] + list(extra)
+
+
+def _run(workdir, data, *extra):
+    argv = ["rm", "--workdir", str(workdir)]
+    for o in _overrides(f"data.source={data}", *extra):
+        argv += ["--set", o]
+    return main(argv)
+
+
+def _records(workdir):
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def _score(workdir, prompt, response):
+    cfg = build_config("rm", _overrides())
+    rm = RewardModel(cfg.model)
+    abstract = dsjax.unbox(jax.eval_shape(rm.init, jax.random.key(0), np.zeros((1, 64), np.int32)))
+    variables, _ = restore_variables(os.path.join(workdir, "checkpoints"),
+                                     {"params": abstract["params"], "moe_bias": abstract["moe_bias"]})
+    enc = encode_pairs([(prompt, response, response)], ByteTokenizer(), 64)
+    return float(rm.apply(variables, enc["tokens"][:, 0], enc["last"][:, :1])[0, 0])
+
+
+def test_reward_model_learns_the_stated_preference_and_its_opposite(tmp_path):
+    for name, swap in (("rm", False), ("swapped", True)):
+        assert _run(tmp_path / name, _pairs(tmp_path / f"{name}.jsonl", swap=swap), "train.steps=40") == 0
+        final = [r for r in _records(tmp_path / name) if "val_accuracy" in r][-1]
+        assert final["val_accuracy"] >= 0.9, (name, final)
+    digits, ramble = "<answer>61</answer>", "I would rather think about it for a while"
+    assert _score(tmp_path / "rm", "17+44=", digits) > _score(tmp_path / "rm", "17+44=", ramble)
+    assert _score(tmp_path / "swapped", "17+44=", digits) < _score(tmp_path / "swapped", "17+44=", ramble)
+
+
+def test_reward_model_resumes_exactly_and_refuses_bad_pairs(tmp_path):
+    data = _pairs(tmp_path / "pairs.jsonl", n=48)
+    assert _run(tmp_path / "full", data, "train.steps=4", "train.log_every=1") == 0
+    assert _run(tmp_path / "part", data, "train.steps=2", "train.log_every=1", "train.checkpoint_every=2") == 0
+    assert _run(tmp_path / "part", data, "train.steps=4", "train.log_every=1", "train.checkpoint_every=2") == 0
+    full, part = _records(tmp_path / "full"), _records(tmp_path / "part")
+    np.testing.assert_allclose([r["loss"] for r in part if "loss" in r], [r["loss"] for r in full if "loss" in r],
+                               rtol=1e-5)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "chosen": "2"}\n')
+    assert _run(tmp_path / "bad", str(bad), "train.steps=1") == 2
