@@ -87,8 +87,9 @@ def load_trained(workdir: str, step: int | None = None, shardings: Any = None):
     parameters and router bias only (not the optimizer moments), whatever the device
     count or mesh that wrote it: onto the first local device, or onto `shardings` (a
     sharding for every leaf, or a pytree of them matching {'params', 'moe_bias'}).
-    Returns (Transformer, {'params', 'moe_bias'}, run config dict with the restored step
-    added as 'checkpoint_step'). Raises FileNotFoundError with a one-line message.
+    Returns (Transformer, or a dsjax.reward.RewardModel for a `train rm` run,
+    {'params', 'moe_bias'}, run config dict with the restored step added as
+    'checkpoint_step'). Raises FileNotFoundError with a one-line message.
 
         model, variables, run = dsjax.load_trained("workdir")
     """
@@ -96,13 +97,14 @@ def load_trained(workdir: str, step: int | None = None, shardings: Any = None):
 
     from dsjax.config import config_from_dict
     from dsjax.model import Transformer, unbox
+    from dsjax.reward import RewardModel
 
     config_path = os.path.join(workdir, "config.yaml")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{workdir} is not a training workdir (no config.yaml)")
     with open(config_path) as f:
         run = yaml.safe_load(f)
-    model = Transformer(config_from_dict(run["model"]))
+    model = (RewardModel if run.get("stage") == "rm" else Transformer)(config_from_dict(run["model"]))
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir} has no checkpoints/")

@@ -12,9 +12,10 @@ pairs with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected).
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
+import numpy as np
 
 from dsjax.layers import param
 from dsjax.model import Transformer
@@ -54,3 +55,22 @@ def bradley_terry(chosen: jnp.ndarray, rejected: jnp.ndarray, mask: jnp.ndarray 
     loss = (jax.nn.softplus(-margin) * m).sum() / count
     accuracy = ((margin > 0) * m).sum() / count
     return loss, accuracy
+
+
+def encode_responses(tokenizer, prompts, responses, width: int,
+                     keep_end: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of prompt + response + EOS, zero padded to `width`: (tokens int32 [B, width],
+    last int32 [B, 1], the position the score is read at). A row longer than `width` is a
+    ValueError naming its length, or with `keep_end` loses its first tokens."""
+    tokens = np.zeros((len(prompts), width), np.int32)
+    last = np.zeros((len(prompts), 1), np.int32)
+    eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        row = list(tokenizer.encode(prompt)) + list(tokenizer.encode(response)) + eos
+        if len(row) > width and keep_end:
+            row = row[-width:]
+        elif len(row) > width:
+            raise ValueError(f"a prompt and response of {len(row)} tokens do not fit {width}")
+        tokens[i, :len(row)] = row
+        last[i, 0] = len(row) - 1
+    return tokens, last

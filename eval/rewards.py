@@ -11,6 +11,11 @@ exact fractions, and the tag parser is a linear scan.
 
 Accuracy is granted only to a well-formed completion, so a format bonus can never reward
 a long wrong answer. Add a reward with `@rewards.register("name")`.
+
+Batch rewards score many completions in one call, `fn(prompts, completions, fields) ->
+[float]` (`@rewards.register_batch("name")`): a trained reward model
+(`rewards.register_reward_model("helpful", WORKDIR)`) scores them on the device, a batch
+at a time. `combine(spec)(...)` scores one completion; `combine(spec).batch(...)` many.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from typing import Any, Callable
 from eval.tasks import evaluate_expression
 
 Reward = Callable[..., float]
+BatchReward = Callable[[list, list, list], Any]
 _REWARDS: dict[str, Reward] = {}
+_BATCH: dict[str, BatchReward] = {}
 _MAX_ANSWER = 64  # characters of an integer answer that are compared at all
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 
@@ -34,18 +41,67 @@ def register(name: str) -> Callable[[Reward], Reward]:
     return wrap
 
 
+def register_batch(name: str) -> Callable[[BatchReward], BatchReward]:
+    """Decorator: adds `fn(prompts, completions, fields) -> [float]` (lists of one length;
+    `fields` holds each completion's keyword fields) under `name`."""
+    def wrap(fn: BatchReward) -> BatchReward:
+        _BATCH[name] = fn
+        return fn
+    return wrap
+
+
 def unregister(name: str) -> None:
     _REWARDS.pop(name, None)
+    _BATCH.pop(name, None)
 
 
 def names() -> list[str]:
-    return sorted(_REWARDS)
+    return sorted(set(_REWARDS) | set(_BATCH))
 
 
 def get(name: str) -> Reward:
+    """The reward `name` as fn(prompt, completion, **fields) -> float (a batch reward is
+    called on a batch of one)."""
+    if name in _BATCH:
+        return lambda prompt, completion, **fields: float(_BATCH[name]([prompt], [completion], [fields])[0])
     if name not in _REWARDS:
         raise ValueError(f"unknown reward {name!r}; rewards: {names()}")
     return _REWARDS[name]
+
+
+def register_reward_model(name: str, workdir: str, batch_size: int = 64, width: int | None = None) -> None:
+    """Registers the reward model trained in `workdir` (`python -m train rm`) as the batch
+    reward `name`: prompt + completion + EOS rows of `width` tokens (default: the run's
+    train.seq_len; longer rows keep their end), scored on the device `batch_size` rows per
+    call (the last call padded, so one compile). Raises ValueError for a workdir that is
+    not a reward model's run."""
+    import jax
+    import numpy as np
+
+    from dsjax.checkpoint import load_trained
+    from dsjax.reward import encode_responses
+    from dsjax.tokenizer import load_tokenizer
+
+    try:
+        model, variables, run = load_trained(workdir)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+    if run.get("stage") != "rm":
+        raise ValueError(f"{workdir} holds a {run.get('stage')!r} run, not a reward model (python -m train rm)")
+    tokenizer = load_tokenizer(run["data"]["tokenizer"])
+    width = width or int(run["train"]["seq_len"])
+    apply = jax.jit(model.apply)
+
+    def score(prompts, completions, fields):
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            p, c = list(prompts[start:start + batch_size]), list(completions[start:start + batch_size])
+            pad = batch_size - len(p)
+            tokens, last = encode_responses(tokenizer, p + p[:1] * pad, c + c[:1] * pad, width, keep_end=True)
+            out.extend(np.asarray(apply(variables, tokens, last))[:len(p), 0].tolist())
+        return out
+
+    _BATCH[name] = score
 
 
 def parse_tags(completion: str) -> tuple[str, str] | None:
@@ -153,7 +209,8 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
             continue
         name, _, weight = part.partition(":")
         name = name.strip()
-        get(name)
+        if name not in _REWARDS and name not in _BATCH:
+            raise ValueError(f"unknown reward {name!r}; rewards: {names()}")
         try:
             w = float(weight) if weight.strip() else 1.0
         except ValueError:
@@ -166,11 +223,27 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
 
 def combine(spec: str) -> Callable[..., tuple[float, dict[str, float]]]:
     """A weighted sum of registered rewards: fn(prompt, completion, **fields) -> (total,
-    {name: unweighted value})."""
+    {name: unweighted value}); `fn.batch(prompts, completions, fields)` -> (totals [B],
+    {name: values [B]}) scores a batch, each batch reward in one call."""
+    import numpy as np
+
     parts = parse_spec(spec)
 
     def total(prompt: str, completion: str, **fields: Any) -> tuple[float, dict[str, float]]:
         values = {name: float(get(name)(prompt, completion, **fields)) for name, _ in parts}
         return sum(w * values[name] for name, w in parts), values
 
+    def batch(prompts, completions, fields) -> tuple[Any, dict[str, Any]]:
+        values = {}
+        for name, _ in parts:
+            if name in _BATCH:
+                values[name] = np.asarray(_BATCH[name](list(prompts), list(completions), list(fields)), np.float32)
+            else:
+                fn = _REWARDS[name]
+                values[name] = np.asarray([fn(p, c, **f) for p, c, f in zip(prompts, completions, fields)],
+                                          np.float32)
+        totals = sum(w * values[name] for name, w in parts)
+        return np.asarray(totals, np.float32), values
+
+    total.batch = batch
     return total

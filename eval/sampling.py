@@ -89,16 +89,21 @@ def complete(model, variables, tokenizer, prompts: Sequence[str], width: int, *,
 def score(problems: Sequence[Problem], completions: Completions, reward_fn: Callable, **extra) -> dict:
     """Rewards of completions[i] for problems[i]: {'reward': [B], 'parts': {name: [B]},
     'accuracy': [B], 'format': [B]} (accuracy and format always, whatever the reward)."""
-    totals, parts = [], {}
-    acc, fmt = [], []
-    for i, (problem, text) in enumerate(zip(problems, completions.texts)):
-        fields = dict(problem.fields, completion_tokens=int(completions.lengths[i]), **extra)
-        total, values = reward_fn(problem.prompt, text, **fields)
-        totals.append(total)
-        for name, value in values.items():
-            parts.setdefault(name, []).append(value)
-        acc.append(rewards_lib.accuracy(problem.prompt, text, **problem.fields))
-        fmt.append(rewards_lib.format_reward(problem.prompt, text))
+    texts = list(completions.texts)
+    fields = [dict(problem.fields, completion_tokens=int(completions.lengths[i]), **extra)
+              for i, problem in enumerate(problems)]
+    prompts = [problem.prompt for problem in problems]
+    if hasattr(reward_fn, "batch"):  # rewards.combine: batch rewards (reward models) in one call
+        totals, parts = reward_fn.batch(prompts, texts, fields)
+    else:
+        totals, parts = [], {}
+        for prompt, text, f in zip(prompts, texts, fields):
+            total, values = reward_fn(prompt, text, **f)
+            totals.append(total)
+            for name, value in values.items():
+                parts.setdefault(name, []).append(value)
+    acc = [rewards_lib.accuracy(p.prompt, text, **p.fields) for p, text in zip(problems, texts)]
+    fmt = [rewards_lib.format_reward(p.prompt, text) for p, text in zip(problems, texts)]
     return {"reward": np.asarray(totals, np.float32), "parts": {k: np.asarray(v, np.float32) for k, v in parts.items()},
             "accuracy": np.asarray(acc, np.float32), "format": np.asarray(fmt, np.float32)}
 

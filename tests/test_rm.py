@@ -6,11 +6,13 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 import dsjax
 from dsjax.checkpoint import restore_variables
 from dsjax.reward import RewardModel
 from dsjax.tokenizer import ByteTokenizer
+from eval import rewards
 from train.__main__ import main
 from train.config import build_config
 from train.rm import encode_pairs
@@ -67,6 +69,23 @@ def test_reward_model_learns_the_stated_preference_and_its_opposite(tmp_path):
     digits, ramble = "<answer>61</answer>", "I would rather think about it for a while"
     assert _score(tmp_path / "rm", "17+44=", digits) > _score(tmp_path / "rm", "17+44=", ramble)
     assert _score(tmp_path / "swapped", "17+44=", digits) < _score(tmp_path / "swapped", "17+44=", ramble)
+
+    # In the reward registry, scored in batches on the device: the same scores as the model
+    # called directly, mixed with a rule-based reward.
+    rewards.register_reward_model("prefers_digits", str(tmp_path / "rm"), batch_size=4)
+    try:
+        prompts = ["17+44=", "3+4=", "20+20=", "1+2=", "9+9="]
+        texts = [digits, ramble, "<answer>40</answer>", RAMBLE[0], "<answer>18</answer>"]
+        fields = [{"answer": 61}, {"answer": 7}, {"answer": 40}, {"answer": 3}, {"answer": 18}]
+        totals, parts = rewards.combine("prefers_digits:0.5,format:1").batch(prompts, texts, fields)
+        direct = [_score(tmp_path / "rm", p, t) for p, t in zip(prompts, texts)]
+        np.testing.assert_allclose(parts["prefers_digits"], direct, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(totals, 0.5 * np.asarray(direct) + parts["format"], rtol=1e-4, atol=1e-5)
+        assert rewards.get("prefers_digits")(prompts[0], texts[0]) == pytest.approx(direct[0], rel=1e-4, abs=1e-5)
+    finally:
+        rewards.unregister("prefers_digits")
+    with pytest.raises(ValueError, match="is not a training workdir"):
+        rewards.register_reward_model("lm", str(tmp_path / "missing"))
 
 
 def test_reward_model_resumes_exactly_and_refuses_bad_pairs(tmp_path):

@@ -25,7 +25,7 @@ import optax
 from dsjax.config import ConfigError
 from dsjax.data import is_validation, source_files
 from dsjax.losses import model_variables
-from dsjax.reward import RewardModel, bradley_terry
+from dsjax.reward import RewardModel, bradley_terry, encode_responses
 from train.loop import Stage
 from train.steps import guarded
 
@@ -76,18 +76,11 @@ def read_pairs(paths: list[str], cfg: RMConfig) -> tuple[list[tuple[str, str, st
 
 def encode_pairs(pairs, tokenizer, seq_len: int) -> dict[str, np.ndarray]:
     """tokens int32 [P, 2, seq_len] (chosen, rejected; zero padded) and last int32 [P, 2]."""
-    tokens = np.zeros((len(pairs), 2, seq_len), np.int32)
-    last = np.zeros((len(pairs), 2), np.int32)
-    eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
-    for i, (prompt, chosen, rejected) in enumerate(pairs):
-        p = list(tokenizer.encode(prompt))
-        for j, response in enumerate((chosen, rejected)):
-            row = p + list(tokenizer.encode(response)) + eos
-            if len(row) > seq_len:
-                raise ValueError(f"a preference pair of {len(row)} tokens does not fit train.seq_len={seq_len}")
-            tokens[i, j, :len(row)] = row
-            last[i, j] = len(row) - 1
-    return {"tokens": tokens, "last": last}
+    prompts = [p for p, _, _ in pairs]
+    chosen = encode_responses(tokenizer, prompts, [c for _, c, _ in pairs], seq_len)
+    rejected = encode_responses(tokenizer, prompts, [r for _, _, r in pairs], seq_len)
+    return {"tokens": np.stack([chosen[0], rejected[0]], axis=1),
+            "last": np.concatenate([chosen[1], rejected[1]], axis=1)}
 
 
 class _Pairs:
@@ -169,7 +162,7 @@ class RMStage(Stage):
             self.train_pairs = encode_pairs(train, run.tokenizer, tcfg.seq_len)
             val_pairs = encode_pairs(val, run.tokenizer, tcfg.seq_len) if val else None
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            raise ConfigError(f"{e} (train.seq_len)") from None
         self.tokens_per_step = 2 * tcfg.batch_size * tcfg.seq_len
         self.batches = self._iterator(run, tcfg.seed)
         self.val = self._val_batches(run, val_pairs, tcfg.eval_batches)
