@@ -14,7 +14,7 @@ import dsjax
 from dsjax.layers import RMSNorm
 from dsjax.mla import MLA
 from dsjax.losses import cross_entropy, mtp_cross_entropy
-from dsjax.model import attention_mask
+from dsjax.model import attention_mask, init_cache
 from dsjax.moe import MoE, route, sequence_balance_loss
 from dsjax.rope import apply_rope, rope_tables
 from tests.hf_models import build_hf
@@ -180,6 +180,24 @@ def test_sequence_balance_loss_formula():
     uniform = jnp.full((E, E), 1.0 / E)
     balanced = jnp.stack([jnp.arange(E), (jnp.arange(E) + 1) % E], -1)
     np.testing.assert_allclose(sequence_balance_loss(cfg, balanced, uniform, 1), 1.0, rtol=1e-6)
+
+
+def test_absorbed_cache_holds_c_plus_r_values_per_token_per_layer():
+    """DESIGN.md's defining number, counted on the cache the decoder builds: the absorbed
+    MLA cache holds kv_lora_rank + qk_rope_head_dim values per token per layer (main
+    layers and MTP block alike) and nothing else; the naive one holds H x (K + R + V)."""
+    B, S = 2, 8
+    for impl in ("absorb", "naive"):
+        cfg = dsjax.load_model_config("tiny", attn_impl=impl)
+        cache = init_cache(dsjax.Transformer(cfg), B, S)
+        assert set(cache) == {"dense_layers", "moe_layers", "mtp_0"}
+        per_layer = {"dense_layers": cfg.num_dense_layers, "moe_layers": cfg.num_moe_layers, "mtp_0": 1}
+        expected = cfg.cache_values_per_token if impl == "absorb" else \
+            cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+        for name, layers in per_layer.items():
+            values = sum(x.size for x in jax.tree.leaves(cache[name])) // (layers * B * S)
+            assert values == expected, (impl, name, values)
+    assert cfg.cache_values_per_token == cfg.kv_lora_rank + cfg.qk_rope_head_dim == 80
 
 
 def test_cross_entropy_against_numpy():
