@@ -32,9 +32,6 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self._mngr.all_steps())
-
     def save(self, step: int, state: Any, extra: dict) -> None:
         """Starts saving `state` and the JSON-able `extra` as checkpoint `step`."""
         self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -47,9 +44,6 @@ class Checkpointer:
         out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                                extra=ocp.args.JsonRestore()))
         return out["state"], out["extra"]
-
-    def wait(self) -> None:
-        self._mngr.wait_until_finished()
 
     def close(self) -> None:
         self._mngr.wait_until_finished()

@@ -327,40 +327,20 @@ class ModelConfig:
 
 
 def coerce(key: str, value: Any, hint: Any) -> Any:
-    """Checks `value` against the field's type hint; ints are accepted for floats."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce(key, value, arg)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}={value!r} is not a valid {hint}")
-    if hint is bool:
-        if isinstance(value, bool):
+    """`value` (as YAML reads it) checked against a field's type hint, a type or a union
+    with None: ints widen to floats, numbers become strings, a mapping builds a dataclass;
+    a bool is never a number nor a number a bool."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    for kind in typing.get_args(hint) if union else (hint,):
+        if isinstance(value, bool) != (kind is bool):
+            continue
+        if isinstance(value, kind):
             return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif dataclasses.is_dataclass(hint):
-        if isinstance(value, dict):
-            return hint(**value)
-        if value is None:
-            return None
-    else:
-        return value
-    raise ConfigError(f"{key}={value!r} is not a valid {getattr(hint, '__name__', hint)}")
+        if kind is float and isinstance(value, int) or kind is str and isinstance(value, (int, float)):
+            return kind(value)
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            return kind(**value)
+    raise ConfigError(f"{key}={value!r} is not a valid {hint if union else hint.__name__}")
 
 
 def apply_updates(section: str, base: Any, updates: dict[str, Any]) -> Any:
@@ -376,9 +356,7 @@ def apply_updates(section: str, base: Any, updates: dict[str, Any]) -> Any:
         kw[k] = coerce(f"{section}.{k}", v, hints[k])
     try:
         return dataclasses.replace(base, **kw)
-    except ConfigError as e:
-        raise ConfigError(f"{section}: {e}") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:  # ConfigError included
         raise ConfigError(f"{section}: {e}") from None
 
 

@@ -188,7 +188,7 @@ def init_cache(model: Transformer, batch: int, max_len: int) -> dict:
 def cache_bytes(model: Transformer, batch: int, max_len: int, mtp: bool = False) -> int:
     """Bytes of the decode cache of the main layers (and of the MTP blocks with `mtp`).
 
-    For attn_impl='absorb' this is L x batch x max_len x (kv_lora_rank + qk_rope_head_dim)
+    For attn_impl='absorb' this is L x batch x max_len x cfg.cache_values_per_token (C + R)
     x bytes per element; for 'naive', L x batch x max_len x H x (K + R + V) x bytes.
     """
     decoder = model.clone(decode=True)

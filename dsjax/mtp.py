@@ -2,10 +2,11 @@
 
 Module k combines the previous depth's representation h^{k-1}_t with the embedding of
 token t+k: h'_t = M_k [RMSNorm(Emb(t_{t+k})); RMSNorm(h^{k-1}_t)] (`enorm`, `hnorm`,
-`eh_proj`), runs one full decoder block on it, and its output, normalized by its own
-`norm` (HF `shared_head.norm`), goes through the output head shared with the main model.
-The embedding is shared too. For k = 1, h^0 is the main model's final normalized hidden
-state, as DeepSeek's released MTP weights are used for speculative decoding.
+`eh_proj`; equation 21 writes h first, but DeepSeek's released `eh_proj` weights take the
+embedding first, as vLLM reads them), runs one full decoder block on it, and its output,
+normalized by its own `norm` (HF `shared_head.norm`), goes through the output head shared
+with the main model. The embedding is shared too. For k = 1, h^0 is the main model's final
+normalized hidden state, as DeepSeek's released MTP weights are used for speculative decoding.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
 import dsjax
 from dsjax.layers import RMSNorm
 from dsjax.mla import MLA
-from dsjax.model import attention_mask
+from dsjax.losses import cross_entropy, mtp_cross_entropy
+from dsjax.model import attention_mask, init_cache
 from dsjax.moe import MoE, route, sequence_balance_loss
 from dsjax.rope import apply_rope, rope_tables
 from tests.hf_models import build_hf
@@ -179,3 +180,50 @@ def test_sequence_balance_loss_formula():
     uniform = jnp.full((E, E), 1.0 / E)
     balanced = jnp.stack([jnp.arange(E), (jnp.arange(E) + 1) % E], -1)
     np.testing.assert_allclose(sequence_balance_loss(cfg, balanced, uniform, 1), 1.0, rtol=1e-6)
+
+
+def test_absorbed_cache_holds_c_plus_r_values_per_token_per_layer():
+    """DESIGN.md's defining number, counted on the cache the decoder builds: the absorbed
+    MLA cache holds kv_lora_rank + qk_rope_head_dim values per token per layer (main
+    layers and MTP block alike) and nothing else; the naive one holds H x (K + R + V)."""
+    B, S = 2, 8
+    for impl in ("absorb", "naive"):
+        cfg = dsjax.load_model_config("tiny", attn_impl=impl)
+        cache = init_cache(dsjax.Transformer(cfg), B, S)
+        assert set(cache) == {"dense_layers", "moe_layers", "mtp_0"}
+        per_layer = {"dense_layers": cfg.num_dense_layers, "moe_layers": cfg.num_moe_layers, "mtp_0": 1}
+        expected = cfg.cache_values_per_token if impl == "absorb" else \
+            cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+        for name, layers in per_layer.items():
+            values = sum(x.size for x in jax.tree.leaves(cache[name])) // (layers * B * S)
+            assert values == expected, (impl, name, values)
+    assert cfg.cache_values_per_token == cfg.kv_lora_rank + cfg.qk_rope_head_dim == 80
+
+
+def test_cross_entropy_against_numpy():
+    """Masked next-token cross-entropy (float32 from bfloat16 logits) and the MTP variant,
+    where depth k at t is scored against targets[t + 1 + k] inside t's segment."""
+    rng = np.random.default_rng(0)
+    B, T, V = 2, 6, 11
+    logits = rng.normal(size=(B, T, V)).astype(np.float32)
+    targets = rng.integers(0, V, size=(B, T))
+    mask = rng.random((B, T)) < 0.6
+    mask[0, 0] = True
+    nll = -(logits - np.log(np.exp(logits).sum(-1, keepdims=True)))[np.arange(B)[:, None], np.arange(T), targets]
+    np.testing.assert_allclose(cross_entropy(logits, targets), nll.mean(), rtol=1e-6)
+    np.testing.assert_allclose(cross_entropy(logits, targets, mask), nll[mask].mean(), rtol=1e-6)
+    bf16 = jnp.asarray(logits, jnp.bfloat16)
+    got = cross_entropy(bf16, targets, mask)
+    assert got.dtype == jnp.float32
+    rounded = np.asarray(bf16.astype(jnp.float32))
+    nll16 = -(rounded - np.log(np.exp(rounded).sum(-1, keepdims=True)))[np.arange(B)[:, None], np.arange(T), targets]
+    np.testing.assert_allclose(got, nll16[mask].mean(), rtol=1e-6)
+    segments = np.array([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
+    mtp_logits = rng.normal(size=(2, B, T, V)).astype(np.float32)
+    want = []
+    for k in range(2):
+        lp = mtp_logits[k] - np.log(np.exp(mtp_logits[k]).sum(-1, keepdims=True))
+        scored = [(b, t) for b in range(B) for t in range(T - 1 - k)
+                  if mask[b, t + 1 + k] and segments[b, t] == segments[b, t + 1 + k]]
+        want.append(np.mean([-lp[b, t, targets[b, t + 1 + k]] for b, t in scored]))
+    np.testing.assert_allclose(mtp_cross_entropy(mtp_logits, targets, mask, segments), np.mean(want), rtol=1e-6)

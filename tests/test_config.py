@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 import dsjax
-from dsjax.config import ConfigError, config_from_dict, param_counts
+from dsjax.config import ConfigError, RopeScaling, config_from_dict, param_counts
 from dsjax.hf import abstract_variables
+from train.config import build_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,6 +65,33 @@ def test_impossible_values_are_named(change, message):
                 n_group=4, topk_group=2, first_k_dense_replace=1)
     with pytest.raises(ConfigError, match=message):
         dsjax.ModelConfig(**{**base, **change})
+
+
+@pytest.mark.parametrize("item, value", [
+    ("train.steps=7", 7), ("train.lr=1", 1.0), ("train.lr=1e-3", 1e-3), ("data.source=123", "123"),
+    ("sft.strict=false", False), ("model.q_lora_rank=32", 32), ("model.q_lora_rank=null", None),
+    ("model.rope_scaling={factor: 4.0, original_max_position_embeddings: 64}",
+     RopeScaling(factor=4.0, original_max_position_embeddings=64)),
+])
+def test_set_values_take_the_field_type(item, value):
+    section, key = item.split("=")[0].split(".")
+    got = getattr(getattr(build_config(None, [item]), section), key)
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("train.steps=abc", "train.steps='abc' is not a valid int"),
+    ("train.steps=1.5", "train.steps=1.5 is not a valid int"),
+    ("train.steps=true", "train.steps=True is not a valid int"),
+    ("train.lr=false", "train.lr=False is not a valid float"),
+    ("sft.strict=1", "sft.strict=1 is not a valid bool"),
+    ("data.source=true", "data.source=True is not a valid str"),
+    ("model.q_lora_rank=x", "model.q_lora_rank='x' is not a valid int | None"),
+])
+def test_set_values_of_the_wrong_type_are_named(item, message):
+    with pytest.raises(ConfigError) as e:
+        build_config(None, [item])
+    assert str(e.value) == message
 
 
 def test_unknown_preset_key_is_named():

@@ -1,4 +1,5 @@
-"""Multi-token prediction: alignment (mtp_logits at t predict t+2) and HF layer placement."""
+"""Multi-token prediction: a numpy reference of DeepSeek-V3 §2.2, alignment (mtp_logits at
+t predict t+2) and HF layer placement."""
 
 import json
 
@@ -11,6 +12,9 @@ import torch
 from transformers import DeepseekV3ForCausalLM
 
 import dsjax
+from dsjax.block import Block
+from dsjax.model import attention_mask
+from dsjax.rope import rope_tables
 from dsjax.safetensors_io import SafetensorsReader
 
 
@@ -22,6 +26,50 @@ def tiny():
     variables = dsjax.unbox(model.init(jax.random.key(1), tokens))
     variables["moe_bias"] = jax.tree.map(lambda b: b + 0.01 * jnp.arange(b.shape[-1]), variables["moe_bias"])
     return model, variables, tokens
+
+
+def _rms_norm(x, weight, eps):
+    return weight * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def test_mtp_logits_equal_a_numpy_reference(tiny):
+    """DeepSeek-V3 §2.2 in numpy: depth k (1-based) at position i takes h^{k-1}_i (h^0: the
+    main model's final normalized state) and the shared embedding of token i+k,
+    h'_i = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)] (eq. 21, in the order of the
+    released weights, `eh_proj`, which put the embedding first), h^k = TRM_k(h') (eq. 22),
+    logits = RMSNorm(h^k) @ the shared output head (eq. 23, the norm is HF's
+    `shared_head.norm`). TRM_k is the model's own Block, checked against transformers
+    elsewhere; everything around it is numpy."""
+    model, variables, tokens = tiny
+    cfg = model.cfg
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(np.asarray, variables["params"])
+    for k in range(2):  # norm weights start at 1: make each one distinct so a swapped or dropped norm shows
+        for norm in ("enorm", "hnorm", "norm"):
+            params[f"mtp_{k}"][norm]["weight"] = rng.uniform(0.5, 1.5, cfg.hidden_size).astype(np.float32)
+    variables = {**variables, "params": params}
+    out = jax.jit(model.apply)(variables, tokens)
+    B, T = tokens.shape
+    tok = np.asarray(tokens)
+    embed, head = params["embed"].astype(np.float64), params["head"].astype(np.float64)
+    h = np.asarray(out.hidden, np.float64)  # h^0
+    np.testing.assert_allclose(h @ head, out.logits, rtol=1e-5, atol=1e-5)  # is what the main head reads
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    cos, sin = rope_tables(cfg, positions)
+    mask = attention_mask(B, T)
+    block = Block(cfg, moe=cfg.n_routed_experts > 0)
+    for k in range(1, 3):
+        p = params[f"mtp_{k - 1}"]
+        emb = np.zeros((B, T, cfg.hidden_size))
+        emb[:, :T - k] = embed[tok[:, k:]]  # Emb(t_{i+k}) at i; the last k positions have no such token
+        x = np.concatenate([_rms_norm(emb, p["enorm"]["weight"], cfg.rms_norm_eps),
+                            _rms_norm(h, p["hnorm"]["weight"], cfg.rms_norm_eps)], axis=-1) @ p["eh_proj"]
+        block_vars = {"params": p["block"], "moe_bias": variables["moe_bias"][f"mtp_{k - 1}"]["block"]}
+        h, _ = block.apply(block_vars, jnp.asarray(x, jnp.float32), cos, sin, mask, positions)
+        h = np.asarray(h, np.float64)
+        logits = _rms_norm(h, p["norm"]["weight"], cfg.rms_norm_eps) @ head
+        valid = T - k  # position i predicts token i+k+1; the last k positions see padding
+        np.testing.assert_allclose(out.mtp_logits[k - 1, :, :valid], logits[:, :valid], rtol=1e-4, atol=1e-4)
 
 
 def test_mtp_logits_see_exactly_up_to_token_t_plus_1(tiny):

@@ -82,8 +82,6 @@ def test_a_run_that_keeps_diverging_stops_with_finite_checkpoints(tmp_path, caps
     """A learning rate of 1e30 sends the parameters to 1e30 after one step, then every loss
     is NaN: each bad step is skipped and the fifth in a row stops the run (status 1, one
     line naming the steps); what was saved holds only finite numbers."""
-    from dsjax.checkpoint import Checkpointer
-
     workdir = tmp_path / "run"
     argv = ["--workdir", str(workdir)]
     for o in SMALL + ["train.lr=1e30", "train.warmup_steps=0", "train.steps=20", "train.checkpoint_every=1",
@@ -94,12 +92,9 @@ def test_a_run_that_keeps_diverging_stops_with_finite_checkpoints(tmp_path, caps
     assert err[-1].startswith("error: the loss or gradients were not finite for 5 steps in a row"), err
     records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     assert [r["skipped"] for r in records][-5:] == [1.0] * 5
-    ckpt = Checkpointer(str(workdir / "checkpoints"))
-    steps = ckpt.all_steps()
-    assert steps, "nothing was saved"
-    model, variables, _ = dsjax.load_trained(str(workdir))
+    model, variables, run = dsjax.load_trained(str(workdir))  # the latest checkpoint
+    assert run["checkpoint_step"] >= 1
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(variables))
-    ckpt.close()
 
 
 def test_no_code_runs_untrusted_data():
