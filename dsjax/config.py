@@ -339,6 +339,10 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
         if kind is float and isinstance(value, int) or kind is str and isinstance(value, (int, float)):
             return kind(value)
         if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in dataclasses.fields(kind)})
+            if unknown:
+                raise ConfigError(f"{key}: unknown key {unknown[0]!r}; keys: "
+                                  f"{[f.name for f in dataclasses.fields(kind)]}")
             return kind(**value)
     raise ConfigError(f"{key}={value!r} is not a valid {hint if union else hint.__name__}")
 

@@ -87,6 +87,8 @@ def test_set_values_take_the_field_type(item, value):
     ("sft.strict=1", "sft.strict=1 is not a valid bool"),
     ("data.source=true", "data.source=True is not a valid str"),
     ("model.q_lora_rank=x", "model.q_lora_rank='x' is not a valid int | None"),
+    ("model.rope_scaling={factr: 2}", "model.rope_scaling: unknown key 'factr'; keys: ['type', 'factor', "
+     "'original_max_position_embeddings', 'beta_fast', 'beta_slow', 'mscale', 'mscale_all_dim']"),
 ])
 def test_set_values_of_the_wrong_type_are_named(item, message):
     with pytest.raises(ConfigError) as e:
