@@ -200,6 +200,23 @@ def test_stream_matches_batched_and_cli(random_model, tmp_path):
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
 
 
+def test_stream_compiles_once_per_bucket(random_model):
+    from dsjax.decoding import generate_stream
+
+    cfg, variables = random_model
+    model = dsjax.Transformer(cfg)
+    batched = generate(model, variables, PROMPTS, LENGTHS, max_new_tokens=5, prompt_bucket=8)
+    compiled = lambda: (gen_lib._stream_prefill._cache_size(), gen_lib._stream_step._cache_size())  # noqa: E731
+    before = compiled()
+    for b in range(3):  # prompt lengths 7, 3, 1: one 8-token bucket
+        streamed = list(generate_stream(model, variables, PROMPTS[b, :LENGTHS[b]], max_new_tokens=5, prompt_bucket=8))
+        assert streamed == list(np.asarray(batched.tokens[b])), b
+        if b == 0:
+            first = compiled()
+            assert first[0] <= before[0] + 1 and first[1] <= before[1] + 1
+    assert compiled() == first
+
+
 def test_generate_is_called_as_the_readme_shows():
     """`dsjax.generate` is the function of README.md and DESIGN.md, on `model.init`'s output."""
     import dsjax
