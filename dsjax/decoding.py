@@ -362,11 +362,14 @@ def generate(model: Transformer, variables, prompts, prompt_lengths, max_new_tok
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_len", "rules"))
-def _stream_prefill(model, variables, prompt, max_len, rules):
+def _stream_prefill(model, variables, prompt, length, max_len, rules):
+    """prompt [1, P] right-padded to its bucket, `length` real tokens -> (logits [V] after
+    the last real token, cache of max_len slots). Padding is written past the prompt and
+    never read: each query sees only slots at or before its position."""
     with nn.logical_axis_rules(rules):
         decoder = model.clone(decode=True)
         out, cache, _ = _prefill(decoder, variables, init_cache(model, 1, max_len), prompt)
-    return _replicated(out.logits[0, -1]), cache
+    return _replicated(out.logits[0, length - 1]), cache
 
 
 @functools.partial(jax.jit, static_argnames=("model", "rules"))
@@ -378,12 +381,15 @@ def _stream_step(model, variables, cache, token, position, rules):
 
 
 def generate_stream(model: Transformer, variables, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
-                    rng=None, *, top_k: int = 0, top_p: float = 1.0, stop_tokens=(), mesh=None, rules=None):
+                    rng=None, *, top_k: int = 0, top_p: float = 1.0, stop_tokens=(), prompt_bucket: int = 64,
+                    mesh=None, rules=None):
     """An iterator over the tokens of one continuation as they are decoded (interactive use).
 
-    prompt: int [P]. Same sampling and `mesh`/`rules` options as `generate`; one jitted
-    step per token. Raises ValueError at the call (not at the first token) when prompt +
-    max_new_tokens exceed the context.
+    prompt: int [P]. Same sampling, `prompt_bucket` and `mesh`/`rules` options as
+    `generate` (the prompt is padded to a multiple of `prompt_bucket`, so prompt lengths in
+    one bucket share one compiled prefill and step); one jitted step per token. Raises
+    ValueError at the call (not at the first token) when prompt + max_new_tokens exceed
+    the context.
     """
     prompt = np.asarray(prompt, np.int32).reshape(1, -1)
     cfg = model.cfg
@@ -398,15 +404,19 @@ def generate_stream(model: Transformer, variables, prompt, max_new_tokens: int =
     mesh, rules, _ = _placement(mesh, rules, 1)
     if mesh is not None:
         variables = _on_mesh(variables, mesh)
-    return _stream(model, variables, prompt, max_new_tokens, temperature, rng, top_k, top_p, stop_tokens, mesh,
+    P = prompt.shape[1]
+    padded = np.zeros((1, -(-P // prompt_bucket) * prompt_bucket), np.int32)
+    padded[:, :P] = prompt
+    return _stream(model, variables, padded, P, max_new_tokens, temperature, rng, top_k, top_p, stop_tokens, mesh,
                    rules)
 
 
-def _stream(model, variables, prompt, max_new_tokens, temperature, rng, top_k, top_p, stop_tokens, mesh, rules):
+def _stream(model, variables, padded, length, max_new_tokens, temperature, rng, top_k, top_p, stop_tokens, mesh,
+            rules):
     on_mesh = lambda: contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)  # noqa: E731
     with on_mesh():
-        logits, cache = _stream_prefill(model, variables, jnp.asarray(prompt), prompt.shape[1] + max_new_tokens,
-                                        rules=rules)
+        logits, cache = _stream_prefill(model, variables, jnp.asarray(padded), jnp.int32(length),
+                                        padded.shape[1] + max_new_tokens, rules=rules)
     rng = jax.random.key(0) if rng is None else rng
     for i in range(max_new_tokens):
         rng, sub = jax.random.split(rng)
@@ -416,5 +426,5 @@ def _stream(model, variables, prompt, max_new_tokens, temperature, rng, top_k, t
         if token in stop_tokens:
             return
         with on_mesh():
-            logits, cache = _stream_step(model, variables, cache, jnp.int32(token), jnp.int32(prompt.shape[1] + i),
+            logits, cache = _stream_step(model, variables, cache, jnp.int32(token), jnp.int32(length + i),
                                          rules=rules)

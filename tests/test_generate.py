@@ -1,5 +1,6 @@
 """Generation: cached decoding (naive and absorbed MLA) against full recomputation, cache
-sizes, MTP speculative decoding (greedy equality, the sampling rule), compile reuse."""
+sizes, MTP speculative decoding (greedy equality, the sampling rule, the sampled output
+distribution end to end), compile reuse (batched and streamed)."""
 
 import jax
 import jax.numpy as jnp
@@ -144,6 +145,70 @@ def test_sampled_speculative_decoding_runs_and_reports(counting_model):
     assert np.isfinite(np.asarray(out.logprobs)).all()
 
 
+def _chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
+    """Pearson's chi-square test of sample counts against exact probabilities (cells
+    expected under 5 times pooled into one)."""
+    from scipy import stats
+
+    c, e = counts.ravel(), probs.ravel() * counts.sum()
+    small = e < 5
+    if small.any():
+        c, e = (np.append(x[~small], x[small].sum()) for x in (c, e))
+    return float(stats.chi2.sf(((c - e) ** 2 / e).sum(), len(e) - 1))
+
+
+def test_sampled_speculative_decoding_gives_the_model_distribution():
+    """End to end: 4096 seeded samples of the first three tokens of one prompt under
+    speculative sampling follow the main model's exact distribution, computed from its
+    logits on every continuation. The MTP module is re-initialized so its drafts often
+    disagree: token 2 is an accepted draft or a resample, token 3 a bonus token (after an
+    accepted draft) or a second round's accepted draft or resample."""
+    V, T, B, prompt = 8, 0.9, 4096, np.array([3, 5, 2, 6], np.int32)
+    L = len(prompt)
+    cfg = dsjax.load_model_config(
+        "tiny", vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2, q_lora_rank=32,
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+        num_experts_per_tok=2, moe_intermediate_size=32, moe_impl="dense")
+    model = dsjax.Transformer(cfg)
+    init = jax.jit(lambda key: dsjax.unbox(model.init(key, jnp.zeros((1, L), jnp.int32))))
+    variables, other = init(jax.random.key(0)), init(jax.random.key(1))
+    # Larger weights give peaked predictions; the MTP module of another initialization drafts badly.
+    params = {**variables["params"], "mtp_0": other["params"]["mtp_0"]}
+    variables["params"] = jax.tree.map(lambda x: x * 4 if x.ndim >= 2 else x, params)
+
+    # Exact: the main model (p) and the MTP drafts (q) on prompt + every (t1, t2).
+    t1, t2 = np.meshgrid(np.arange(V), np.arange(V), indexing="ij")
+    seqs = np.concatenate([np.broadcast_to(prompt, (V * V, L)), t1.reshape(-1, 1), t2.reshape(-1, 1)], axis=1)
+    out = jax.jit(model.apply)(variables, jnp.asarray(seqs))
+    dist = lambda x: np.asarray(jax.nn.softmax(x / T), np.float64).reshape(V, V, L + 2, V)  # noqa: E731
+    p, q = dist(out.logits), dist(out.mtp_logits[0])
+    p1, p2, p3 = p[0, 0, L - 1], p[:, 0, L], p[:, :, L + 1]  # [V], [t1, V], [t1, t2, V]
+    q2, q3 = q[:, 0, L - 1], q[:, :, L]  # the draft of token 2 given t1; of token 3 given t1, t2
+    joint = p1[:, None, None] * p2[:, :, None] * p3  # P(t1, t2, t3)
+    accept2 = (p1 * np.minimum(p2, q2).sum(-1)).sum()
+    reject2 = p1[:, None] * np.maximum(p2 - q2, 0)  # P(t1, draft rejected, t2)
+    accept3 = (reject2 * np.minimum(p3, q3).sum(-1)).sum()
+    assert 0.3 < accept2 < 0.8, accept2  # drafts are both accepted and rejected
+
+    gen = generate(model, variables, np.broadcast_to(prompt, (B, L)), np.full(B, L), max_new_tokens=3,
+                   temperature=T, rng=jax.random.key(0), speculative=True, prompt_bucket=L)
+    tok = np.asarray(gen.tokens)
+    counts12, counts23 = np.zeros((V, V)), np.zeros((V, V))
+    np.add.at(counts12, (tok[:, 0], tok[:, 1]), 1)
+    np.add.at(counts23, (tok[:, 1], tok[:, 2]), 1)
+    assert _chi2_pvalue(counts12, joint.sum(2)) > 1e-3
+    assert _chi2_pvalue(counts23, joint.sum(0)) > 1e-3
+    # Every row drafts token 2, and token 3 after a rejection; each count is within five
+    # standard deviations (at most sqrt(B) / 2) of its expectation.
+    np.testing.assert_allclose(int(gen.drafted), B * (2 - accept2), atol=5 * np.sqrt(B) / 2)
+    np.testing.assert_allclose(int(gen.accepted), B * (accept2 + accept3), atol=5 * np.sqrt(B) / 2)
+    # The log-probabilities are the model's at temperature 1, accepted drafts and bonus tokens included.
+    logp = np.asarray(jax.nn.log_softmax(out.logits)).reshape(V, V, L + 2, V)
+    exact = np.stack([logp[0, 0, L - 1, tok[:, 0]], logp[tok[:, 0], 0, L, tok[:, 1]],
+                      logp[tok[:, 0], tok[:, 1], L + 1, tok[:, 2]]], axis=1)
+    np.testing.assert_allclose(np.asarray(gen.logprobs), exact, atol=1e-4)
+
+
 def test_top_k_and_top_p():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     kept = lambda lp: np.isfinite(np.asarray(lp[0]))
@@ -198,6 +263,23 @@ def test_stream_matches_batched_and_cli(random_model, tmp_path):
     missing = subprocess.run([sys.executable, "-m", "eval", "generate", "--hf", str(tmp_path / "nope"),
                               "--prompt", "x"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_stream_compiles_once_per_bucket(random_model):
+    from dsjax.decoding import generate_stream
+
+    cfg, variables = random_model
+    model = dsjax.Transformer(cfg)
+    batched = generate(model, variables, PROMPTS, LENGTHS, max_new_tokens=5, prompt_bucket=8)
+    compiled = lambda: (gen_lib._stream_prefill._cache_size(), gen_lib._stream_step._cache_size())  # noqa: E731
+    before = compiled()
+    for b in range(3):  # prompt lengths 7, 3, 1: one 8-token bucket
+        streamed = list(generate_stream(model, variables, PROMPTS[b, :LENGTHS[b]], max_new_tokens=5, prompt_bucket=8))
+        assert streamed == list(np.asarray(batched.tokens[b])), b
+        if b == 0:
+            first = compiled()
+            assert first[0] <= before[0] + 1 and first[1] <= before[1] + 1
+    assert compiled() == first
 
 
 def test_generate_is_called_as_the_readme_shows():
