@@ -164,8 +164,8 @@ def _tensor_ranges(directory):
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(n))
-            out[os.path.realpath(path)] = sorted((8 + n + info["data_offsets"][0], 8 + n + info["data_offsets"][1], name)
-                                                 for name, info in header.items() if name != "__metadata__")
+            out[os.path.realpath(path)] = sorted((8 + n + a, 8 + n + b, name) for name, info in header.items()
+                                                 if name != "__metadata__" for a, b in [info["data_offsets"]])
     return out
 
 
@@ -252,7 +252,9 @@ def test_sharded_load_reads_each_devices_shard_only(fp8_checkpoint, monkeypatch,
     _, whole = dsjax.from_pretrained(path)
     sizes = {name: end - first for ranges in counter.ranges.values() for first, end, name in ranges}
     read_whole = counter.take()
-    mtp_copies = {n for n in sizes if n.startswith("model.layers.2.") and ("embed_tokens" in n or "shared_head.head" in n)}
+    # DeepSeek's copies of the embedding and the head in the MTP layer are never read.
+    mtp_copies = {"model.layers.2.embed_tokens.weight", "model.layers.2.shared_head.head.weight"}
+    assert mtp_copies <= set(sizes)
     assert read_whole == {n: b for n, b in sizes.items() if n not in mtp_copies}  # each byte once
     assert sum(n.endswith("weight_scale_inv") for n in read_whole) > 20
 
@@ -300,12 +302,25 @@ def test_sharded_load_reads_each_devices_shard_only(fp8_checkpoint, monkeypatch,
         n: b for n, b in read_whole.items() if not n.endswith("weight_scale_inv")}
 
 
-def test_bfloat16_load(hf_dirs):
-    _, path, tokens, ref = hf_dirs["v3_yarn_groups"]
-    model, variables = dsjax.from_pretrained(path, dtype=jnp.bfloat16)
+def test_bfloat16_load_matches_transformers_in_bfloat16(hf_dirs, tmp_path):
+    # The same bfloat16 weights in both; transformers computes in torch.bfloat16, dsjax in
+    # bfloat16 (norms, router, softmax in float32 in both). They round in different places,
+    # so they differ by bfloat16's noise, which is measured here: transformers' float32
+    # forward pass on these weights against its bfloat16 one. dsjax's bfloat16 logits must be
+    # closer than that to transformers' bfloat16 ones, and within 3% of the logits' mean
+    # size, and every token but two (a near-tied routing choice may flip) within 12%.
+    import copy
+
+    hf, _, tokens, _ = hf_dirs["v3_yarn_groups"]
+    hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
+    hf_bf16.save_pretrained(str(tmp_path))
+    with torch.no_grad():
+        ref = hf_bf16(torch.from_numpy(tokens).long()).logits.float().numpy()
+        noise = np.abs(hf_bf16.float()(torch.from_numpy(tokens).long()).logits.numpy() - ref)
+    model, variables = dsjax.from_pretrained(str(tmp_path), dtype=jnp.bfloat16)
     assert variables["params"]["embed"].dtype == jnp.bfloat16
     assert variables["params"]["moe_layers"]["ffn"]["gate"]["weight"].dtype == jnp.float32
-    got = _logits(model, variables, tokens)
-    # bf16 rounding can flip a near-tied routing choice, so judge the bulk, not the max.
-    assert np.abs(got - ref).mean() < 0.05 * np.abs(ref).mean()
-    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    err, size = np.abs(_logits(model, variables, tokens) - ref), np.abs(ref).mean()
+    assert err.mean() < 0.75 * noise.mean(), (err.mean(), noise.mean())  # 0.67 when written
+    assert err.mean() < 0.03 * size, err.mean() / size  # 0.020 when written
+    assert (err.max(-1) > 0.12 * size).sum() <= 2, np.sort(err.max(-1).ravel())[-4:] / size  # 1, 0.09 next
