@@ -85,11 +85,14 @@ class SafetensorsReader:
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(n))
+            size = os.path.getsize(path)
             for name, info in header.items():
                 if name == "__metadata__":
                     continue
                 if info["dtype"] not in _DTYPES:
                     raise ValueError(f"tensor {name} in {fname} has unsupported dtype {info['dtype']}")
+                if 8 + n + info["data_offsets"][1] > size:
+                    raise ValueError(f"tensor {name} ends past the end of {path} ({size} bytes): a truncated file?")
                 self._entries[name] = (path, info, 8 + n)
 
     def names(self) -> list[str]:
