@@ -51,15 +51,15 @@ def apply(variant: str) -> None:
     if variant == "no_quantization":
         dsjax.fp8.E4M3 = jnp.float32
         return
-    if variant == "forward_only":
-        mm = lambda x, w, gemm="auto": _value_of(fp8_mm(x, w, gemm=gemm), bf16_mm(x, w))
-        grouped = lambda x, w, g, gemm="auto": _value_of(fp8_grouped(x, w, g, gemm=gemm), bf16_grouped(x, w, g))
+    if variant == "forward_only":  # **kw: the FP8 recipe's gemm and pow2
+        mm = lambda x, w, **kw: _value_of(fp8_mm(x, w, **kw), bf16_mm(x, w))
+        grouped = lambda x, w, g, **kw: _value_of(fp8_grouped(x, w, g, **kw), bf16_grouped(x, w, g))
     elif variant == "backward_only":
-        mm = lambda x, w, gemm="auto": _value_of(bf16_mm(x, w), fp8_mm(x, w, gemm=gemm))
-        grouped = lambda x, w, g, gemm="auto": _value_of(bf16_grouped(x, w, g), fp8_grouped(x, w, g, gemm=gemm))
-    else:  # no FP8 GEMM, so no `gemm` to follow
-        mm = lambda x, w, gemm="auto": bf16_mm(_round_mantissa3(x), _round_mantissa3(w))
-        grouped = lambda x, w, g, gemm="auto": bf16_grouped(_round_mantissa3(x), _round_mantissa3(w), g)
+        mm = lambda x, w, **kw: _value_of(bf16_mm(x, w), fp8_mm(x, w, **kw))
+        grouped = lambda x, w, g, **kw: _value_of(bf16_grouped(x, w, g), fp8_grouped(x, w, g, **kw))
+    else:  # no FP8 GEMM, so no recipe to follow
+        mm = lambda x, w, **kw: bf16_mm(_round_mantissa3(x), _round_mantissa3(w))
+        grouped = lambda x, w, g, **kw: bf16_grouped(_round_mantissa3(x), _round_mantissa3(w), g)
     dsjax.layers.fp8_matmul = dsjax.moe.fp8_matmul = mm
     dsjax.moe.fp8_ragged_dot = grouped
 

@@ -127,6 +127,9 @@ class ModelConfig:
         one GEMM per 128-wide contraction block), 'emulated' (exact float32 copies of the
         E4M3 values in one GEMM: the same sums in another order) or 'auto' (native off the
         CPU, emulated on it).
+      fp8_pow2_scales: round every FP8 scale up to a power of two (2^ceil(log2(amax / 448))),
+        the exponent-only UE8M0 scales of DeepSeek's later recipes (DeepGEMM, V3.1);
+        V3's recipe (the default, false) keeps amax / 448.
     """
 
     vocab_size: int = 129280
@@ -170,6 +173,7 @@ class ModelConfig:
     remat_policy: str = "none"
     precision: str = "default"
     fp8_gemm: str = "auto"
+    fp8_pow2_scales: bool = False
 
     # ---------------------------------------------------------------- validation
     def __post_init__(self):
@@ -200,6 +204,8 @@ class ModelConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+        if not isinstance(self.fp8_pow2_scales, bool):
+            raise ConfigError(f"fp8_pow2_scales={self.fp8_pow2_scales!r} must be true or false")
         if self.first_k_dense_replace > self.num_hidden_layers:
             raise ConfigError(f"first_k_dense_replace={self.first_k_dense_replace} exceeds "
                               f"num_hidden_layers={self.num_hidden_layers}")
@@ -399,7 +405,7 @@ def override_model(model: ModelConfig, overrides: list[str], allowed: tuple[str,
 # The fields that choose how the model computes, not what it is: they leave the parameters'
 # shapes and meaning alone, so a trained checkpoint can be run under any of their values.
 IMPL_FIELDS = ("attn_impl", "attn_kernel", "moe_impl", "dtype", "param_dtype", "remat_policy", "precision",
-               "fp8_gemm")
+               "fp8_gemm", "fp8_pow2_scales")
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -1,8 +1,9 @@
 """DeepSeek-V3's fine-grained FP8 recipe (§3.3, Figure 6-7) with ml_dtypes' float8_e4m3fn.
 
 - Activations get one scale per 1x128 tile along the contraction axis; weights one per
-  128x128 block. scale = amax / 448 (E4M3's largest value), optionally rounded up to a
-  power of two. A zero tile gets scale 1.
+  128x128 block. scale = amax / 448 (E4M3's largest value), rounded up to a power of two
+  with `pow2` (ModelConfig.fp8_pow2_scales: the exponent-only UE8M0 scales of later
+  DeepSeek recipes; V3's keeps them exact). A zero tile gets scale 1.
 - The GEMM multiplies FP8 operands with float32 results for each 128-wide block of the
   contraction axis, scales each partial product by its two scales and accumulates in
   float32 (V3's promotion of partial sums to CUDA cores): a loop over the blocks, so no
@@ -21,6 +22,7 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,14 @@ E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 TILE = 128
 UNROLL = 8  # contraction blocks per iteration of the native GEMMs' loops
+
+
+class Recipe(NamedTuple):
+    """How a model's FP8 GEMMs run: the keyword arguments of `fp8_matmul` and
+    `fp8_ragged_dot` (hashable, so it can be a static argument)."""
+
+    gemm: str = "auto"  # ModelConfig.fp8_gemm
+    pow2: bool = False  # ModelConfig.fp8_pow2_scales
 
 
 def native_gemm(gemm: str) -> bool:

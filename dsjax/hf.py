@@ -2,11 +2,11 @@
 
 The name map is built from the config (`hf_layout`): every dsjax leaf lists the HF tensors
 it is made of (one per layer, and per expert for routed experts) and how each is laid out
-(`_TO_DSJAX`). Loading reads one tensor at a time from memory-mapped files and builds
-each leaf, or each device's shard of it when shardings are given, with
-`jax.make_array_from_callback`. FP8 weights (float8_e4m3fn with 128x128
-`weight_scale_inv` blocks) are dequantized on load. The MTP layer is HF layer
-`num_hidden_layers + k`.
+(`_TO_DSJAX`). Loading builds each leaf, or each device's shard of it when shardings are
+given, with `jax.make_array_from_callback`, reading one tensor at a time and of it only
+the window that holds the shard. FP8 weights (float8_e4m3fn with 128x128
+`weight_scale_inv` blocks) are dequantized on load, a window with only the scale blocks
+that cover it. The MTP layer is HF layer `num_hidden_layers + k`.
 """
 
 from __future__ import annotations
@@ -140,31 +140,71 @@ def _flat_names(names) -> list[str]:
 
 
 class _Loader:
-    """Reads HF tensors (dequantizing FP8) and checks their shapes."""
+    """Reads windows of HF tensors (dequantizing FP8) and checks their shapes."""
 
     def __init__(self, reader: SafetensorsReader, block: tuple[int, int]):
         self.reader, self.block = reader, block
 
-    def tensor(self, name: str, expected: tuple[int, ...]) -> np.ndarray:
+    def tensor(self, name: str, expected: tuple[int, ...], window: tuple[slice, ...] = ()) -> np.ndarray:
+        """HF tensor `name`[window], which must have shape `expected`; an FP8 weight is
+        dequantized with only the `weight_scale_inv` blocks that cover the window."""
         if name not in self.reader:
             raise KeyError(f"checkpoint is missing tensor {name} (expected shape {expected})")
         shape = self.reader.shape(name)
         if shape != tuple(expected):
             raise ValueError(f"tensor {name} has shape {shape}, expected {tuple(expected)}")
-        x = self.reader.get(name)
+        x = self.reader.read(name, window)
         scale_name = name[: -len("weight")] + "weight_scale_inv" if name.endswith("weight") else None
         if scale_name and scale_name in self.reader:
-            x = dequantize_blockwise(x, np.asarray(self.reader.get(scale_name), np.float32), self.block)
+            window = tuple(window) + (slice(None),) * (2 - len(window))
+            (r0, r1), (c0, c1) = (s.indices(d)[:2] for s, d in zip(window, shape))
+            b0, b1 = self.block
+            covering = (slice(r0 // b0, -(-r1 // b0)), slice(c0 // b1, -(-c1 // b1)))
+            x = dequantize_blockwise(x, self.reader.read(scale_name, covering), self.block, (r0, c0))
         elif str(x.dtype).startswith("float8"):
             raise ValueError(f"tensor {name} is {x.dtype} but has no {scale_name}")
         return x
 
+    def slot(self, name: str, leaf: Leaf, slot_shape: tuple[int, ...], inner: tuple[slice, ...],
+             heads: int) -> np.ndarray:
+        """The window `inner` of one dsjax slot of `leaf` (its shape `slot_shape`), read from
+        the HF tensor `name` and laid out as dsjax has it.
 
-def dequantize_blockwise(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] = (128, 128)) -> np.ndarray:
-    """FP8 weight [out, in] times its per-block scale [ceil(out/b0), ceil(in/b1)] -> float32."""
-    out_dim, in_dim = w.shape
-    s = np.repeat(np.repeat(scale_inv, block[0], axis=0), block[1], axis=1)[:out_dim, :in_dim]
-    return np.asarray(w, np.float32) * s
+        Only the HF window that holds it is read: the same rows and columns for 'same' and
+        'linear' (transposed), whole heads for 'heads_in' and 'heads_out' (the head axis is
+        the one that is split; a window of the per-head axis is cut after reading).
+        """
+        bounds = [s.indices(d)[:2] for s, d in zip(inner, slot_shape)]
+        if any(a >= b for a, b in bounds):
+            return np.zeros([b - a for a, b in bounds], np.float32)
+        cut = lambda ab: slice(*ab)
+        rest = ()
+        if leaf.kind == "same":
+            window = tuple(map(cut, bounds))
+        elif leaf.kind == "linear":  # [in, out] <- [out, in]
+            window = (cut(bounds[1]), cut(bounds[0]))
+        elif leaf.kind == "heads_in":  # [in, H, W] <- [H*W, in]
+            (h0, h1), W = bounds[1], slot_shape[2]
+            window, heads = (slice(h0 * W, h1 * W), cut(bounds[0])), h1 - h0
+            rest = (slice(None), slice(None), cut(bounds[2]))
+        else:  # heads_out: [H, V, D] <- [D, H*V]
+            (h0, h1), V = bounds[0], slot_shape[1]
+            window, heads = (cut(bounds[2]), slice(h0 * V, h1 * V)), h1 - h0
+            rest = (slice(None), cut(bounds[1]))
+        x = _TO_DSJAX[leaf.kind](self.tensor(name, _leaf_shape_hf(slot_shape, leaf.kind), window), heads)
+        return x[rest]
+
+
+def dequantize_blockwise(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] = (128, 128),
+                         origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """FP8 weight [rows, cols] times its per-block scales -> float32.
+
+    `w` may be a window of the weight starting at row, column `origin`; `scale_inv` then
+    holds the blocks that cover it ([ceil(out/b0), ceil(in/b1)] for the whole weight).
+    """
+    rows = np.arange(origin[0], origin[0] + w.shape[0]) // block[0] - origin[0] // block[0]
+    cols = np.arange(origin[1], origin[1] + w.shape[1]) // block[1] - origin[1] // block[1]
+    return np.asarray(w, np.float32) * np.asarray(scale_inv, np.float32)[rows[:, None], cols[None, :]]
 
 
 def _leaf_shape_hf(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
@@ -246,18 +286,16 @@ def from_pretrained(path: str, dtype=jnp.float32, *, mtp: str = "auto", sharding
         target = _get(abstract[leaf.collection], leaf.path)
         out_dtype = jnp.float32 if leaf.float32 else target.dtype
         slot_shape = target.shape[leaf.stacked:]
-        hf_shape = _leaf_shape_hf(slot_shape, leaf.kind)
         used.update(_flat_names(leaf.names))
 
-        def build(index, leaf=leaf, target=target, hf_shape=hf_shape, out_dtype=out_dtype):
+        def build(index, leaf=leaf, target=target, slot_shape=slot_shape, out_dtype=out_dtype):
             index = tuple(index) + (slice(None),) * (len(target.shape) - len(index))
             stacked_idx, inner = index[:leaf.stacked], index[leaf.stacked:]
             ranges = [range(*s.indices(target.shape[i])) for i, s in enumerate(stacked_idx)]
 
             def slot(names, depth):
                 if depth == leaf.stacked:
-                    x = _TO_DSJAX[leaf.kind](np.asarray(loader.tensor(names, hf_shape)), H)
-                    return np.asarray(x[inner], dtype=out_dtype)
+                    return np.asarray(loader.slot(names, leaf, slot_shape, inner, H), dtype=out_dtype)
                 return np.stack([slot(names[i], depth + 1) for i in ranges[depth]])
 
             return slot(leaf.names, 0)
@@ -294,6 +332,9 @@ FP8_QUANTIZATION_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_sch
                            "weight_block_size": [128, 128]}
 
 
+_quantize_blocks = jax.jit(quantize_blocks)  # one compiled program per weight shape
+
+
 def _fp8_tensors(tensors: Iterator[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
     """Rewrites the FP8 linear weights as float8_e4m3fn [out, in] plus weight_scale_inv
     [ceil(out/128), ceil(in/128)] (the dequantization multiplier), as DeepSeek ships them."""
@@ -301,7 +342,7 @@ def _fp8_tensors(tensors: Iterator[tuple[str, np.ndarray]]) -> Iterator[tuple[st
         if not _FP8_LINEAR.search(name) or 0 in arr.shape:
             yield name, arr
             continue
-        q, s = quantize_blocks(jnp.asarray(arr, jnp.float32))
+        q, s = _quantize_blocks(jnp.asarray(arr, jnp.float32))
         yield name, np.asarray(q)[:arr.shape[0], :arr.shape[1]]
         yield name[: -len("weight")] + "weight_scale_inv", np.asarray(s, np.float32)
 

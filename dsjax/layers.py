@@ -36,7 +36,8 @@ def linear(cfg: ModelConfig, x: jnp.ndarray, w: jnp.ndarray, contract: int = 1) 
     """x [..., *w.shape[:contract]] @ w -> [..., *w.shape[contract:]] in the compute dtype.
 
     With `cfg.precision == 'fp8'` the product runs through DeepSeek-V3's FP8 recipe
-    (dsjax.fp8.fp8_matmul, multiplying as `cfg.fp8_gemm` says), forward and backward.
+    (dsjax.fp8.fp8_matmul, multiplying as `cfg.fp8_gemm` says, with power-of-two scales
+    if `cfg.fp8_pow2_scales`), forward and backward.
     """
     dt = dtype_of(cfg.dtype)
     in_shape, out_shape = w.shape[:contract], w.shape[contract:]
@@ -49,7 +50,7 @@ def linear(cfg: ModelConfig, x: jnp.ndarray, w: jnp.ndarray, contract: int = 1) 
     lead = x.shape[:x.ndim - contract]
     x2 = x.reshape(lead + (k,)).astype(dt)
     w2 = w.reshape(k, n).astype(dt)
-    y = fp8_matmul(x2, w2, gemm=cfg.fp8_gemm) if cfg.precision == "fp8" else x2 @ w2
+    y = fp8_matmul(x2, w2, pow2=cfg.fp8_pow2_scales, gemm=cfg.fp8_gemm) if cfg.precision == "fp8" else x2 @ w2
     return y.reshape(lead + out_shape)
 
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
-from dsjax.fp8 import fp8_matmul, fp8_ragged_dot
+from dsjax.fp8 import Recipe, fp8_matmul, fp8_ragged_dot
 from dsjax.layers import MLP, dtype_of, param
 
 
@@ -86,13 +86,13 @@ def sequence_balance_loss(cfg: ModelConfig, indices: jnp.ndarray, scores: jnp.nd
     return (f * p).sum(-1).mean()
 
 
-def experts_dense(x, weights, indices, w1, w3, w2, fp8: str | None = None):
+def experts_dense(x, weights, indices, w1, w3, w2, fp8: Recipe | None = None):
     """Reference dispatch: all experts on all tokens, weighted by a sparse combine matrix.
 
     x: [N, D]; weights/indices: [N, k]; w1, w3: [E, D, F]; w2: [E, F, D] -> [N, D].
     The experts are laid side by side as one [D, E*F] matmul; the combine weights scale
     the hidden units, so the sum over experts happens inside the second matmul. With
-    `fp8` (a ModelConfig.fp8_gemm mode), both matmuls run through the FP8 recipe; its 128x128 weight blocks and 1x128
+    `fp8` (a dsjax.fp8.Recipe), both matmuls run through the FP8 recipe; its 128x128 weight blocks and 1x128
     hidden tiles stay within one expert when moe_intermediate_size is a multiple of 128 (as
     in every DeepSeek release), and span neighbouring experts otherwise.
     """
@@ -100,22 +100,22 @@ def experts_dense(x, weights, indices, w1, w3, w2, fp8: str | None = None):
     D, F = w1.shape[1], w1.shape[2]
     combine = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], indices].add(weights)
     side_by_side = lambda w: w.transpose(1, 0, 2).reshape(D, E * F)
-    mm = functools.partial(fp8_matmul, gemm=fp8) if fp8 else jnp.matmul
+    mm = functools.partial(fp8_matmul, **fp8._asdict()) if fp8 else jnp.matmul
     h = nn.silu(mm(x, side_by_side(w1))) * mm(x, side_by_side(w3))  # [N, E*F]
     h = (h.reshape(N, E, F) * combine[:, :, None].astype(h.dtype)).reshape(N, E * F)
     return mm(h, w2.reshape(E * F, D))
 
 
-def _grouped_swiglu(xs, w1, w3, w2, group_sizes, fp8: str | None):
+def _grouped_swiglu(xs, w1, w3, w2, group_sizes, fp8: Recipe | None):
     """The experts' SwiGLU on rows sorted by expert: two grouped GEMMs in, one out. With
-    `fp8` (a ModelConfig.fp8_gemm mode) all three run through the FP8 recipe
+    `fp8` (a dsjax.fp8.Recipe) all three run through the FP8 recipe
     (dsjax.fp8.fp8_ragged_dot), forward and backward."""
-    mm = functools.partial(fp8_ragged_dot, gemm=fp8) if fp8 else jax.lax.ragged_dot
+    mm = functools.partial(fp8_ragged_dot, **fp8._asdict()) if fp8 else jax.lax.ragged_dot
     h = nn.silu(mm(xs, w1, group_sizes)) * mm(xs, w3, group_sizes)
     return mm(h, w2, group_sizes)
 
 
-def experts_ragged(x, weights, indices, w1, w3, w2, fp8: str | None = None):
+def experts_ragged(x, weights, indices, w1, w3, w2, fp8: Recipe | None = None):
     """Dropless grouped-GEMM dispatch: sort token copies by expert, ragged_dot, scatter back.
 
     Same shapes as `experts_dense`.
@@ -132,7 +132,7 @@ def experts_ragged(x, weights, indices, w1, w3, w2, fp8: str | None = None):
     return jnp.zeros_like(x).at[token].add(ys)
 
 
-def _local_experts(x, weights, indices, w1, w3, w2, first_expert, fp8: str | None = None):
+def _local_experts(x, weights, indices, w1, w3, w2, first_expert, fp8: Recipe | None = None):
     """Grouped GEMMs over the experts held here (ids first_expert ...); other rows give 0.
 
     x: [M, D]; weights/indices: [M, k]; w1, w3: [E_loc, D, F]; w2: [E_loc, F, D] -> [M, D].
@@ -165,7 +165,7 @@ class _Exchange(NamedTuple):
     tensor: str | None  # mesh axis splitting the experts' hidden units, if any
     ep: int  # devices in the expert group
     pair: int  # rows per device pair and round
-    fp8: str | None  # a ModelConfig.fp8_gemm mode, or None outside the FP8 recipe
+    fp8: Recipe | None  # how the FP8 GEMMs run, or None outside the FP8 recipe
     ragged: bool  # jax.lax.ragged_all_to_all (GPU, TPU), else all_to_all of fixed slots
 
 
@@ -288,7 +288,7 @@ _exchange_ffn.defvjp(_exchange_ffn_fwd, _exchange_ffn_bwd)
 
 
 def experts_expert_parallel(x, weights, indices, w1, w3, w2, expert_axis: str, token_axes, tensor_axis,
-                            fp8: str | None = None, ragged: bool | None = None):
+                            fp8: Recipe | None = None, ragged: bool | None = None):
     """Dropless expert parallelism under shard_map (needs a mesh set with jax.set_mesh).
 
     Each device holds E / ep routed experts. When the tokens are split over
@@ -332,7 +332,7 @@ def experts_expert_parallel(x, weights, indices, w1, w3, w2, expert_axis: str, t
                          check_vma=False)(x, weights, indices, w1, w3, w2)
 
 
-def experts_local(x, weights, indices, w1, w3, w2, token_axes, tensor_axis, fp8: str | None = None):
+def experts_local(x, weights, indices, w1, w3, w2, token_axes, tensor_axis, fp8: Recipe | None = None):
     """`experts_ragged` on each device's own tokens under shard_map: data-parallel
     devices route, sort and gather only the rows they hold (GSPMD alone would sort the
     global batch's copies). The expert weights are gathered whole on each device (FSDP)
@@ -418,7 +418,7 @@ class MoE(nn.Module):
         w2 = param(self, "w2", (E, F, D), ("experts", "expert_mlp", "embed")).astype(dt)
         with jax.named_scope("routed_experts"):
             ep = expert_parallel_axes()
-            fp8 = cfg.fp8_gemm if cfg.precision == "fp8" else None
+            fp8 = Recipe(cfg.fp8_gemm, cfg.fp8_pow2_scales) if cfg.precision == "fp8" else None
             ragged = cfg.moe_dispatch() == "ragged"
             dp = data_parallel_axes() if ep is None and ragged else None
             if ep is not None:

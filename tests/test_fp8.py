@@ -1,16 +1,17 @@
-"""FP8 recipe: tile/block quantization error and locality, the blockwise GEMM, and the
-custom_vjp's gradients."""
+"""FP8 recipe: tile/block quantization and the GEMMs, forward and backward, against a
+numpy reference built from the recipe's definition (ml_dtypes' E4M3 casts, no dsjax.fp8
+helpers); the native and emulated GEMMs against each other; the model switches."""
 
 import functools
 import re
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
-from dsjax.fp8 import (blockwise_dot, dequantize_blocks, dequantize_tiles, expert_block_values, fp8_matmul,
-                       fp8_ragged_dot, quantize_blocks, quantize_tiles, tile_values)
+from dsjax.fp8 import blockwise_dot, fp8_matmul, fp8_ragged_dot, quantize_blocks, quantize_tiles
 
 
 def _inputs(kind, shape, seed=0):
@@ -21,26 +22,123 @@ def _inputs(kind, shape, seed=0):
     return x
 
 
+# ----------------------------------------------------------- the numpy reference
+# DeepSeek-V3's recipe from its definition: one scale per block (1x128 activation tiles,
+# 128x128 weight blocks), scale = amax / 448 in float32 (with pow2: 2^ceil(log2(amax / 448))),
+# 1 for an all-zero block; each value divided by its scale and rounded to E4M3 by
+# ml_dtypes' cast; the GEMM multiplies the E4M3 values times their scales (exact in float32)
+# and sums them, here in float64. XLA divides by the constant 448 as a multiplication by
+# its float32 reciprocal, so the reference does too: the correctly rounded quotient differs
+# from it in the last bit for about half the blocks, and that moves x / scale off an E4M3
+# rounding tie now and then (one value of 77k in test_fp8_matmul's x).
+_INV_E4M3_MAX = np.float32(1 / 448)
+
+
+def _ref_quantize(x, rows, cols, pow2=False):
+    """x [M, K] in `rows` x `cols` blocks -> (E4M3 [M, K], float32 scales [ceil(M/rows), ceil(K/cols)])."""
+    x = np.asarray(x, np.float32)
+    M, K = x.shape
+    q = np.zeros((M, K), ml_dtypes.float8_e4m3fn)
+    s = np.ones((-(-M // rows), -(-K // cols)), np.float32)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            blk = x[i * rows:(i + 1) * rows, j * cols:(j + 1) * cols]
+            amax = np.abs(blk).max()
+            if amax > 0:
+                s[i, j] = amax * _INV_E4M3_MAX
+                if pow2:
+                    s[i, j] = 2.0 ** np.ceil(np.log2(np.float64(s[i, j])))
+            q[i * rows:(i + 1) * rows, j * cols:(j + 1) * cols] = (blk / s[i, j]).astype(ml_dtypes.float8_e4m3fn)
+    return q, s
+
+
+def _ref_values(x, rows, cols, pow2=False):
+    """x [M, K] as the FP8 GEMM sees it: E4M3 values times their block's scale, float64."""
+    q, s = _ref_quantize(x, rows, cols, pow2)
+    M, K = q.shape
+    scale = np.repeat(np.repeat(s, rows, 0), cols, 1)[:M, :K]
+    return q.astype(np.float64) * scale
+
+
+def _tiles(x, pow2=False):
+    """1x128 tiles along the last axis (activations, dy)."""
+    return _ref_values(x, 1, 128, pow2)
+
+
+def _blocks(w, pow2=False):
+    """128x128 blocks (weights)."""
+    return _ref_values(w, 128, 128, pow2)
+
+
+def _ref_matmul(x, w, dy, pow2=False):
+    """(y, dx, dw) of x [M, K] @ w [K, N] with cotangent dy [M, N]: Fprop x in 1x128 tiles,
+    W in 128x128 blocks; Dgrad dy in 1x128 tiles, W^T in 128x128 blocks; Wgrad x^T and dy in
+    128x1 tiles along the tokens."""
+    x, w, dy = (np.asarray(a, np.float32) for a in (x, w, dy))
+    y = _tiles(x, pow2) @ _blocks(w, pow2)
+    dx = _tiles(dy, pow2) @ _blocks(w.T, pow2)
+    dw = _tiles(x.T, pow2) @ _tiles(dy.T, pow2).T
+    return y, dx, dw
+
+
+def _ref_ragged(x, w, dy, sizes, pow2=False):
+    """(y, dx, dw) of the grouped GEMM: rows of group e times expert e's w, rows past the
+    groups 0. Fprop and Dgrad as in _ref_matmul per expert; Wgrad's 128x1 tiles run along
+    all rows (a tile may straddle two experts and share its scale)."""
+    x, w, dy = (np.asarray(a, np.float32) for a in (x, w, dy))
+    G, K, N = w.shape
+    y, dx, dw = np.zeros((x.shape[0], N)), np.zeros(x.shape), np.zeros(w.shape)
+    xs, dys = _tiles(x, pow2), _tiles(dy, pow2)
+    xt, dyt = _tiles(x.T, pow2).T, _tiles(dy.T, pow2).T
+    bounds = np.cumsum([0, *sizes])
+    for e in range(G):
+        a, b = bounds[e], bounds[e + 1]
+        y[a:b] = xs[a:b] @ _blocks(w[e], pow2)
+        dx[a:b] = dys[a:b] @ _blocks(w[e].T, pow2)
+        dw[e] = xt[a:b].T @ dyt[a:b]
+    return y, dx, dw
+
+
+def _assert_close(got, ref, what=""):
+    """float32 accumulation in another order than the float64 reference's."""
+    ref = np.asarray(ref)
+    np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max(),
+                               err_msg=what)
+
+
+def _rel(got, ref):
+    return float(np.linalg.norm(np.asarray(got) - np.asarray(ref)) / np.linalg.norm(np.asarray(ref)))
+
+
+# ---------------------------------------------------------------------- the tests
+
+
 @pytest.mark.parametrize("kind", ["random", "outliers"])
 @pytest.mark.parametrize("pow2", [False, True])
-def test_quantize_dequantize_within_e4m3_bound(kind, pow2):
-    x = _inputs(kind, (64, 300))  # 300: a partial last tile
-    q, s = quantize_tiles(x, pow2=pow2)
+def test_quantization_matches_the_recipe_and_e4m3_bound(kind, pow2):
+    x = np.array(_inputs(kind, (64, 300)))  # 300: a partial last tile
+    x[5, 128:256] = 0  # an all-zero tile: scale 1
+    q, s = quantize_tiles(jnp.asarray(x), pow2=pow2)
     assert q.dtype == jnp.float8_e4m3fn and s.shape == (64, 3)
-    back = dequantize_tiles(q, s)[:, :300]
-    scale = jnp.repeat(s, 128, axis=1)[:, :300]
-    # E4M3 keeps 3 mantissa bits: relative error <= 2^-4 for normals, and half the
-    # subnormal step (2^-10 in scaled units) below 2^-6.
-    bound = jnp.maximum(jnp.abs(x) * 2.0 ** -4, scale * 2.0 ** -10) * 1.0001
-    assert bool(jnp.all(jnp.abs(back - x) <= bound))
+    rq, rs = _ref_quantize(x, 1, 128, pow2)
+    np.testing.assert_array_equal(np.asarray(s), rs)
+    np.testing.assert_array_equal(np.asarray(q)[:, :300].view(np.uint8), rq.view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(q, np.float32)[:, 300:], 0)  # the padding
+    assert rs[5, 1] == 1
     if pow2:
         np.testing.assert_array_equal(np.log2(np.asarray(s)) % 1, 0)
-    w = _inputs(kind, (300, 200), seed=3)
-    qw, sw = quantize_blocks(w, pow2=pow2)
+    # E4M3 keeps 3 mantissa bits: relative error <= 2^-4 for normals, and half the
+    # subnormal step (2^-10 in scaled units) below 2^-6.
+    back, scale = _tiles(x, pow2), np.repeat(rs, 128, axis=1)[:, :300]
+    assert np.all(np.abs(back - x) <= np.maximum(np.abs(x) * 2.0 ** -4, scale * 2.0 ** -10) * 1.0001)
+    w = np.asarray(_inputs(kind, (300, 200), seed=3))
+    qw, sw = quantize_blocks(jnp.asarray(w), pow2=pow2)
+    rq, rs = _ref_quantize(w, 128, 128, pow2)
     assert sw.shape == (3, 2)
-    back = dequantize_blocks(qw, sw)[:300, :200]
-    scale = jnp.repeat(jnp.repeat(sw, 128, 0), 128, 1)[:300, :200]
-    assert bool(jnp.all(jnp.abs(back - w) <= jnp.maximum(jnp.abs(w) * 2.0 ** -4, scale * 2.0 ** -10) * 1.0001))
+    np.testing.assert_array_equal(np.asarray(sw), rs)
+    np.testing.assert_array_equal(np.asarray(qw)[:300, :200].view(np.uint8), rq.view(np.uint8))
+    back, scale = _blocks(w, pow2), np.repeat(np.repeat(rs, 128, 0), 128, 1)[:300, :200]
+    assert np.all(np.abs(back - w) <= np.maximum(np.abs(w) * 2.0 ** -4, scale * 2.0 ** -10) * 1.0001)
 
 
 def test_an_outlier_only_changes_its_own_tile_or_block():
@@ -55,36 +153,28 @@ def test_an_outlier_only_changes_its_own_tile_or_block():
     assert np.argwhere(np.asarray(sw != sw2)).tolist() == [[2, 0]]
 
 
-@pytest.mark.parametrize("kind", ["random", "outliers"])
-def test_fp8_gemm_close_to_float32(kind):
-    x, w = _inputs(kind, (96, 384)), _inputs("random", (384, 160), seed=5) * 0.05
-    y = fp8_matmul(x, w)
-    ref = x @ w
-    rel = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
-    assert rel < 0.05, rel  # two E4M3 roundings of ~2^-5 each, averaged over 384 terms
-    # Exactly the blockwise product of the dequantized operands (float32 accumulation).
-    qx, sx = quantize_tiles(x)
-    qw, sw = quantize_blocks(w)
-    deq = dequantize_tiles(qx, sx) @ dequantize_blocks(qw, sw)
-    np.testing.assert_allclose(y, deq[:, :160], rtol=1e-5, atol=1e-4)
+@functools.partial(jax.jit, static_argnums=0)
+def _value_and_vjp(fn, x, w, dy):
+    """(fn(x, w), dx, dw) for the cotangent dy."""
+    y, vjp = jax.vjp(fn, x, w)
+    return (y,) + vjp(dy)
 
 
-def test_custom_vjp_gradients():
-    x = _inputs("random", (2, 64, 256))
-    w = _inputs("random", (256, 192), seed=7) * 0.05
-    dy = _inputs("random", (2, 64, 192), seed=9)
-    loss = lambda x, w: jnp.sum(fp8_matmul(x, w) * dy)
-    gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
-    # Against autodiff of the dequantized reference, each GEMM with its FP8 operands.
-    flat_x, flat_dy = x.reshape(-1, 256), dy.reshape(-1, 192)
-    ref_gx = tile_values(flat_dy) @ expert_block_values(w.T[None])[0]
-    ref_gw = tile_values(flat_x.T) @ tile_values(flat_dy.T).T
-    np.testing.assert_allclose(gx.reshape(-1, 256), ref_gx, rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(gw, ref_gw, rtol=1e-4, atol=1e-3)
-    # And close to the float32 gradients.
-    fx, fw = jax.grad(lambda x, w: jnp.sum((x @ w) * dy), argnums=(0, 1))(x, w)
-    for got, ref in ((gx, fx), (gw, fw)):
-        assert float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)) < 0.05
+@pytest.mark.parametrize("kind,gemm,pow2", [("random", "emulated", False), ("outliers", "native", False),
+                                            ("outliers", "emulated", True), ("random", "native", True)])
+def test_fp8_matmul_matches_the_recipe_forward_and_backward(kind, gemm, pow2):
+    # [2, 100, 384] @ [384, 160]: 3 blocks of K, 2 of N (one partial), 200 tokens (2 tiles
+    # of Wgrad, one partial).
+    x, w = _inputs(kind, (2, 100, 384)), _inputs("random", (384, 160), seed=5) * 0.05
+    dy = _inputs("random", (2, 100, 160), seed=9)
+    y, dx, dw = _value_and_vjp(functools.partial(fp8_matmul, pow2=pow2, gemm=gemm), x, w, dy)
+    ref = _ref_matmul(x.reshape(200, 384), w, dy.reshape(200, 160), pow2)
+    for got, r, what in zip((y.reshape(200, 160), dx.reshape(200, 384), dw), ref, ("y", "dx", "dw")):
+        _assert_close(got, r, what)
+    # And within FP8's precision of float32: two E4M3 roundings of ~2^-5 each, averaged.
+    fy, (fx, fw) = x @ w, jax.grad(lambda x, w: jnp.sum((x @ w) * dy), argnums=(0, 1))(x, w)
+    for got, f in ((y, fy), (dx, fx), (dw, fw)):
+        assert _rel(got, f) < 0.05
 
 
 def _grouped_case(sizes, K=256, N=192, seed=0):
@@ -95,45 +185,22 @@ def _grouped_case(sizes, K=256, N=192, seed=0):
     return x, w, dy, jnp.asarray(sizes, jnp.int32)
 
 
-def test_fp8_grouped_gemm_matches_per_expert_fp8_gemms():
-    # With every group a multiple of 128 rows, no Wgrad tile straddles two experts, so the
-    # grouped GEMM must equal one fp8_matmul per expert: values and both gradients.
-    x, w, dy, sizes = _grouped_case([128, 0, 256, 128])
-    loss = lambda x, w: jnp.sum(fp8_ragged_dot(x, w, sizes) * dy)
-    y = jax.jit(fp8_ragged_dot)(x, w, sizes)
-    gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
-    bounds = np.cumsum([0, 128, 0, 256, 128])
-    ref_gw = []
-    for e in range(4):
-        a, b = bounds[e], bounds[e + 1]
-        if a == b:
-            ref_gw.append(jnp.zeros_like(w[e]))
-            continue
-        np.testing.assert_allclose(y[a:b], fp8_matmul(x[a:b], w[e]), rtol=1e-5, atol=1e-3)  # f32 summation order
-        ex, ew = jax.grad(lambda x, w: jnp.sum(fp8_matmul(x, w) * dy[a:b]), argnums=(0, 1))(x[a:b], w[e])
-        np.testing.assert_allclose(gx[a:b], ex, rtol=1e-4, atol=1e-3)
-        ref_gw.append(ew)
-    np.testing.assert_allclose(gw, jnp.stack(ref_gw), rtol=1e-4, atol=1e-3)
-    np.testing.assert_array_equal(y[bounds[-1]:], 0)
-    np.testing.assert_array_equal(gx[bounds[-1]:], 0)
-
-
-def test_fp8_grouped_gemm_gradients():
-    # Ragged groups (tiles straddle experts): against autodiff of the dequantized reference
-    # GEMMs and against float32.
-    x, w, dy, sizes = _grouped_case([70, 0, 200, 33], seed=11)
-    loss = lambda x, w: jnp.sum(fp8_ragged_dot(x, w, sizes) * dy)
-    gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
-    mm = lambda a, b: jax.lax.ragged_dot(a, b, sizes, preferred_element_type=jnp.float32)
-    ref_gx = mm(tile_values(dy), jnp.swapaxes(expert_block_values(w), 1, 2))
-    ref_gw = jax.grad(lambda m: jnp.sum(mm(tile_values(x.T).T, m) * tile_values(dy.T).T))(w)
-    np.testing.assert_allclose(gx, ref_gx, rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(gw, ref_gw, rtol=1e-4, atol=1e-3)
-    y = fp8_ragged_dot(x, w, sizes)
-    fy = jax.lax.ragged_dot(x, w, sizes)
-    fx, fw = jax.grad(lambda x, w: jnp.sum(jax.lax.ragged_dot(x, w, sizes) * dy), argnums=(0, 1))(x, w)
-    for got, ref in ((y, fy), (gx, fx), (gw, fw)):
-        assert float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref)) < 0.05
+@pytest.mark.parametrize("sizes,gemm,pow2", [([128, 0, 256, 128], "emulated", False),  # groups of whole tiles
+                                             ([70, 0, 200, 33], "emulated", False),  # tiles straddle experts
+                                             ([70, 0, 200, 33], "native", True)])
+def test_fp8_ragged_dot_matches_the_recipe_forward_and_backward(sizes, gemm, pow2):
+    x, w, dy, group_sizes = _grouped_case(sizes, seed=11)
+    fn = lambda x, w, pow2, gemm: fp8_ragged_dot(x, w, group_sizes, pow2=pow2, gemm=gemm)
+    y, dx, dw = _value_and_vjp(functools.partial(fn, pow2=pow2, gemm=gemm), x, w, dy)
+    for got, r, what in zip((y, dx, dw), _ref_ragged(x, w, dy, sizes, pow2), ("y", "dx", "dw")):
+        _assert_close(got, r, what)
+    end = sum(sizes)
+    np.testing.assert_array_equal(y[end:], 0)
+    np.testing.assert_array_equal(dx[end:], 0)
+    grouped = lambda x, w: jax.lax.ragged_dot(x, w, group_sizes)
+    fy, (fx, fw) = grouped(x, w), jax.grad(lambda x, w: jnp.sum(grouped(x, w) * dy), argnums=(0, 1))(x, w)
+    for got, f in ((y, fy), (dx, fx), (dw, fw)):
+        assert _rel(got, f) < 0.05
 
 
 @pytest.mark.parametrize("gemm", ["native", "emulated"])
@@ -144,11 +211,15 @@ def test_blockwise_dot_accumulates_each_block_with_its_scales(gemm):
     sb = jnp.asarray([[1.0, 1.0, 3.0], [1.0, 2.0, 1.0]])
     out = blockwise_dot(qa, sa, qb, sb, gemm=gemm)
     np.testing.assert_allclose(out, [[128 * (1 + 2), 128 * (1 + 4), 128 * (3 + 2)], [64, 64, 192]])
-    # Both ways agree on random FP8 operands and scales (float32 summation order aside).
-    qa, sa = quantize_tiles(_inputs("outliers", (64, 384)))
-    qb, sb = quantize_tiles(_inputs("random", (96, 384), seed=2))
-    other = blockwise_dot(qa, sa, qb.T, sb.T, gemm="emulated" if gemm == "native" else "native")
-    np.testing.assert_allclose(blockwise_dot(qa, sa, qb.T, sb.T, gemm=gemm), other, rtol=1e-5, atol=1e-3)
+    # Random E4M3 operands and scales: Σ_blocks (qa_blk @ qb_blk) * sa_blk * sb_blk.
+    rng = np.random.default_rng(0)
+    qa = np.clip(rng.standard_normal((64, 384)) * 100, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    qb = np.clip(rng.standard_normal((384, 96)) * 100, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    sa, sb = rng.uniform(0.01, 2, (64, 3)).astype(np.float32), rng.uniform(0.01, 2, (3, 96)).astype(np.float32)
+    a, b = qa.astype(np.float64), qb.astype(np.float64)
+    ref = sum((a[:, i * 128:(i + 1) * 128] @ b[i * 128:(i + 1) * 128]) * sa[:, i, None] * sb[i][None, :]
+              for i in range(3))
+    _assert_close(blockwise_dot(jnp.asarray(qa), jnp.asarray(sa), jnp.asarray(qb), jnp.asarray(sb), gemm=gemm), ref)
 
 
 _GEMM_TYPES = re.compile(r"(?:stablehlo\.dot_general|chlo\.ragged_dot).* : \((.*)\) -> tensor<([^>]*)>")
@@ -185,13 +256,6 @@ def test_native_fp8_gemms_lower_to_fp8_dots_without_partial_products(platform):
         results = {(op, result) for op, _, result in gemms}
         assert {(grouped_op, f"{M}x{N}xf32"), (grouped_op, f"{M}x{K}xf32"), ("dot_general", f"{K}x{N}xf32")} <= results
         assert not [p for p in partials if p in text], partials
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _value_and_vjp(fn, x, w, dy):
-    """(fn(x, w), dx, dw) for the cotangent dy."""
-    y, vjp = jax.vjp(fn, x, w)
-    return (y,) + vjp(dy)
 
 
 def test_native_fp8_gemms_match_emulated():
@@ -338,3 +402,60 @@ def test_fp8_gemm_switch_reaches_the_layers_and_experts():
         text = jax.jit(model.apply).trace(dsjax.unbox(variables), tokens).lower(lowering_platforms=("cuda",)).as_text()
         found[gemm] = {op for op, operands, _ in _gemms(text) if all(t.endswith("xf8E4M3FN") for t in operands)}
     assert found == {"native": {"dot_general", "ragged_dot"}, "emulated": set()}
+
+
+def _primitives(jaxpr) -> set:
+    """Names of the primitives of a jaxpr and of every jaxpr inside it."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in _sub_jaxprs(eqn):
+            names |= _primitives(sub)
+    return names
+
+
+def _sub_jaxprs(eqn):
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    for value in eqn.params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, (ClosedJaxpr, Jaxpr)):
+                yield v.jaxpr if isinstance(v, ClosedJaxpr) else v
+
+
+def _custom_vjp_bodies(jaxpr) -> list:
+    """The primitives of the forward body of every custom_vjp call in a jaxpr (nested ones
+    included, e.g. under the layers' scan)."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "custom_vjp_call":
+            out.append(_primitives(eqn.params["call_jaxpr"].jaxpr))
+        else:
+            for sub in _sub_jaxprs(eqn):
+                out += _custom_vjp_bodies(sub)
+    return out
+
+
+def test_fp8_pow2_scales_switch_reaches_the_layers_and_experts():
+    # model.fp8_pow2_scales reaches every FP8 product of the model, the linear layers'
+    # fp8_matmul and the experts' fp8_ragged_dot: with it each rounds its scales up to a
+    # power of two (a ceil in its forward body), without it none does.
+    import dsjax
+    from dsjax.config import ConfigError
+    from tests.test_sharding import OVERRIDES
+    from train.config import build_config
+
+    cfg = build_config("pretrain", OVERRIDES + ["model.hidden_size=128", "model.precision=fp8",
+                                                "model.moe_impl=ragged"]).model
+    assert "fp8_pow2_scales" not in cfg.to_hf()
+    with pytest.raises(ConfigError, match="fp8_pow2_scales"):
+        cfg.replace(fp8_pow2_scales="yes")
+    tokens = jnp.zeros((2, 16), jnp.int32)
+    variables = dsjax.unbox(jax.eval_shape(dsjax.Transformer(cfg).init, jax.random.key(0), tokens))
+    for pow2 in (False, True):
+        model = dsjax.Transformer(cfg.replace(fp8_pow2_scales=pow2))
+        bodies = [b for b in _custom_vjp_bodies(jax.make_jaxpr(model.apply)(variables, tokens).jaxpr)
+                  if b & {"dot_general", "ragged_dot_general"}]  # the FP8 GEMMs' custom_vjps
+        grouped = [b for b in bodies if "ragged_dot_general" in b]
+        assert 0 < len(grouped) < len(bodies), (len(grouped), len(bodies))
+        assert [("ceil" in b) for b in bodies] == [pow2] * len(bodies)

@@ -1,5 +1,6 @@
 """Logit parity with Hugging Face transformers DeepseekV3/V2ForCausalLM, checkpoint I/O."""
 
+import bisect
 import json
 import os
 
@@ -152,27 +153,174 @@ def test_missing_extra_and_misshaped_tensors_are_named(hf_dirs, tmp_path):
         dsjax.from_pretrained(d)
 
 
-def test_sharded_load_reads_per_device_shards(hf_dirs):
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+def _tensor_ranges(directory):
+    """{file path: [(first byte, end byte, tensor name)]} from the safetensors headers."""
+    import struct
+
+    out = {}
+    for fname in os.listdir(directory):
+        if fname.endswith(".safetensors"):
+            path = os.path.join(directory, fname)
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+            out[os.path.realpath(path)] = sorted((8 + n + a, 8 + n + b, name) for name, info in header.items()
+                                                 if name != "__metadata__" for a, b in [info["data_offsets"]])
+    return out
+
+
+class _ReadCounter:
+    """Counts the bytes every file read of dsjax.safetensors_io takes from each tensor."""
+
+    def __init__(self, monkeypatch, directory):
+        from dsjax import safetensors_io
+
+        self.ranges, self.bytes = _tensor_ranges(directory), {}
+        read = safetensors_io._read_range
+
+        def counting(f, offset, length):
+            ranges = self.ranges[os.path.realpath(f.name)]
+            first, end, name = ranges[bisect.bisect_right(ranges, (offset, float("inf"))) - 1]
+            assert first <= offset and offset + length <= end, (name, offset, length)  # one read, one tensor
+            self.bytes[name] = self.bytes.get(name, 0) + length
+            return read(f, offset, length)
+
+        monkeypatch.setattr(safetensors_io, "_read_range", counting)
+
+    def take(self):
+        out, self.bytes = self.bytes, {}
+        return out
+
+
+def test_safetensors_reader_reads_only_the_window(tmp_path, monkeypatch):
+    # Row windows are one read, column windows one read per row; FP8 windows not aligned
+    # to the 128x128 blocks read only the scale blocks that cover them.
+    import ml_dtypes
+
+    from dsjax.hf import _Loader
+    from dsjax.safetensors_io import SafetensorsReader
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((512, 384)).astype(np.float32)
+    q, s = _quantize_blockwise(w)  # scales [4, 3]
+    save_file({"a.weight": q, "a.weight_scale_inv": s, "b": w}, str(tmp_path / "model.safetensors"))
+    deq = q.astype(np.float32) * np.repeat(np.repeat(s, 128, 0), 128, 1)
+    counter = _ReadCounter(monkeypatch, str(tmp_path))
+    reader = SafetensorsReader(str(tmp_path))
+    loader = _Loader(reader, (128, 128))
+    for window, scale_blocks in (((slice(100, 300), slice(50, 200)), 3 * 2), ((slice(128, 192),), 1 * 3),
+                                 ((slice(None), slice(380, 384)), 4 * 1), ((), 4 * 3)):
+        got = loader.tensor("a.weight", (512, 384), window)
+        np.testing.assert_array_equal(got, deq[window])
+        np.testing.assert_array_equal(reader.read("b", window), w[window])
+        rows, cols = deq[window].shape
+        assert counter.take() == {"a.weight": rows * cols, "a.weight_scale_inv": 4 * scale_blocks,
+                                  "b": 4 * rows * cols}, window
+    assert reader.read("a.weight", (slice(3, 5),)).dtype == ml_dtypes.float8_e4m3fn
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tmp_path_factory):
+    """(model, directory) of a random FP8 checkpoint with hidden size 256 (two 128x128
+    blocks), 8 heads and 8 experts, in several files."""
+    from dsjax.config import load_model_config
     from dsjax.hf import abstract_variables
 
-    _, path, tokens, ref = hf_dirs["v3_yarn_groups"]
-    model, plain = dsjax.from_pretrained(path)
-    mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
-    spec = lambda a: P(None, "x") if a.ndim >= 2 and a.shape[1] % 8 == 0 else P()
-    shardings = jax.tree.map(lambda a: NamedSharding(mesh, spec(a)), abstract_variables(model))
+    cfg = load_model_config("tiny", hidden_size=256, num_attention_heads=8, intermediate_size=512,
+                            n_routed_experts=8, num_experts_per_tok=2, num_hidden_layers=2)
+    model = dsjax.Transformer(cfg)
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda a: rng.normal(0, 0.05, a.shape).astype(a.dtype), abstract_variables(model))
+    path = str(tmp_path_factory.mktemp("fp8_256"))
+    dsjax.save_pretrained(model, variables, path, fp8=True, max_shard_size=2**20)
+    assert os.path.exists(os.path.join(path, "model.safetensors.index.json"))
+    return model, path
+
+
+@pytest.mark.parametrize("layout", [dict(fsdp=8, rules="fsdp"), dict(fsdp=1, tensor=8, rules="fsdp_tp")])
+def test_sharded_load_reads_each_devices_shard_only(fp8_checkpoint, monkeypatch, layout):
+    # The FP8 checkpoint loaded onto 8 devices under the model's own sharding rules (fsdp
+    # splits the model dimension: columns of most HF weights; tensor parallelism splits
+    # heads, hidden units and the vocabulary: rows): each device's callback reads exactly
+    # 1/8 of the bytes of each tensor that is split 8 ways, plus scale blocks covering its
+    # shard, and the arrays equal the whole load's.
+    from sharding.mesh import MeshConfig, make_mesh
+    from sharding.rules import tree_shardings
+
+    model, path = fp8_checkpoint
+    counter = _ReadCounter(monkeypatch, path)
+    _, whole = dsjax.from_pretrained(path)
+    sizes = {name: end - first for ranges in counter.ranges.values() for first, end, name in ranges}
+    read_whole = counter.take()
+    # DeepSeek's copies of the embedding and the head in the MTP layer are never read.
+    mtp_copies = {"model.layers.2.embed_tokens.weight", "model.layers.2.shared_head.head.weight"}
+    assert mtp_copies <= set(sizes)
+    assert read_whole == {n: b for n, b in sizes.items() if n not in mtp_copies}  # each byte once
+    assert sum(n.endswith("weight_scale_inv") for n in read_whole) > 20
+
+    mesh = make_mesh(MeshConfig(**layout))
+    shardings = tree_shardings(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32)), mesh,
+                               layout["rules"])
+    calls = []  # per leaf: the reads of each device's callback
+    make = jax.make_array_from_callback
+
+    def recording(shape, sharding, callback):
+        reads = []
+        calls.append((sharding, shape, reads))
+
+        def read_shard(index):
+            out = callback(index)
+            reads.append(counter.take())
+            return out
+
+        return make(shape, sharding, read_shard)
+
+    monkeypatch.setattr(jax, "make_array_from_callback", recording)
     _, sharded = dsjax.from_pretrained(path, shardings=shardings)
-    w1 = sharded["params"]["moe_layers"]["ffn"]["w1"]  # [L, E=8, D, F]: one expert per device
-    assert w1.sharding.spec == P(None, "x") and w1.addressable_shards[0].data.shape[1] == 1
-    chex.assert_trees_all_close(jax.device_get(sharded), jax.device_get(plain), atol=0, rtol=0)
+    chex.assert_trees_all_close(jax.device_get(sharded), jax.device_get(whole), atol=0, rtol=0)
+    split = 0
+    for sharding, shape, reads in calls:
+        if len(set(map(str, sharding.devices_indices_map(shape).values()))) < 8:
+            continue  # replicated (or split fewer ways): read once, whole
+        split += 1
+        assert len(reads) == 8
+        names = set().union(*reads)
+        weights = {n for n in names if not n.endswith("weight_scale_inv")}
+        for r in reads:
+            assert {n: r.get(n, 0) for n in weights} == {n: sizes[n] // 8 for n in weights}
+            for n in names - weights:  # the scale blocks covering the shard
+                assert 4 <= r.get(n, 0) <= sizes[n]
+    assert split > 10
+    # Over all devices, every weight byte was read once (split tensors) or by one callback
+    # (replicated ones).
+    total = {}
+    for _, _, reads in calls:
+        for r in reads:
+            for n, b in r.items():
+                total[n] = total.get(n, 0) + b
+    assert {n: b for n, b in total.items() if not n.endswith("weight_scale_inv")} == {
+        n: b for n, b in read_whole.items() if not n.endswith("weight_scale_inv")}
 
 
-def test_bfloat16_load(hf_dirs):
-    _, path, tokens, ref = hf_dirs["v3_yarn_groups"]
-    model, variables = dsjax.from_pretrained(path, dtype=jnp.bfloat16)
+def test_bfloat16_load_matches_transformers_in_bfloat16(hf_dirs, tmp_path):
+    # The same bfloat16 weights in both; transformers computes in torch.bfloat16, dsjax in
+    # bfloat16 (norms, router, softmax in float32 in both). They round in different places,
+    # so they differ by bfloat16's noise, which is measured here: transformers' float32
+    # forward pass on these weights against its bfloat16 one. dsjax's bfloat16 logits must be
+    # closer than that to transformers' bfloat16 ones, and within 3% of the logits' mean
+    # size, and every token but two (a near-tied routing choice may flip) within 12%.
+    import copy
+
+    hf, _, tokens, _ = hf_dirs["v3_yarn_groups"]
+    hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
+    hf_bf16.save_pretrained(str(tmp_path))
+    with torch.no_grad():
+        ref = hf_bf16(torch.from_numpy(tokens).long()).logits.float().numpy()
+        noise = np.abs(hf_bf16.float()(torch.from_numpy(tokens).long()).logits.numpy() - ref)
+    model, variables = dsjax.from_pretrained(str(tmp_path), dtype=jnp.bfloat16)
     assert variables["params"]["embed"].dtype == jnp.bfloat16
     assert variables["params"]["moe_layers"]["ffn"]["gate"]["weight"].dtype == jnp.float32
-    got = _logits(model, variables, tokens)
-    # bf16 rounding can flip a near-tied routing choice, so judge the bulk, not the max.
-    assert np.abs(got - ref).mean() < 0.05 * np.abs(ref).mean()
-    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    err, size = np.abs(_logits(model, variables, tokens) - ref), np.abs(ref).mean()
+    assert err.mean() < 0.75 * noise.mean(), (err.mean(), noise.mean())  # 0.67 when written
+    assert err.mean() < 0.03 * size, err.mean() / size  # 0.020 when written
+    assert (err.max(-1) > 0.12 * size).sum() <= 2, np.sort(err.max(-1).ravel())[-4:] / size  # 1, 0.09 next
