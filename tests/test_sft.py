@@ -4,6 +4,7 @@ exits 2 in one line."""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -113,14 +114,18 @@ def _losses(workdir):
 def test_sft_resumes_exactly_starts_from_a_run_and_refuses_bad_data(tmp_path, capsys):
     data = _sft_jsonl(tmp_path / "sft.jsonl")
     assert main(_args("sft", tmp_path / "full", "train.steps=4", f"data.source={data}")) == 0
-    assert main(_args("sft", tmp_path / "part", "train.steps=2", f"data.source={data}")) == 0
+    # Its step-2 checkpoint is what a run of 2 steps leaves: resumed, it redoes steps 3 and 4.
+    shutil.copytree(tmp_path / "full", tmp_path / "part")
+    shutil.rmtree(tmp_path / "part" / "checkpoints" / "4")
     assert main(_args("sft", tmp_path / "part", "train.steps=4", f"data.source={data}")) == 0
+    assert "at step 2" in capsys.readouterr().out
     assert _losses(tmp_path / "full") == _losses(tmp_path / "part")
     records = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
     assert any("val_loss" in r for r in records)
 
-    # --init: a new run starts from full's parameters (a vanishing learning rate keeps them).
-    assert main(_args("sft", tmp_path / "init", "train.steps=1", "train.lr=1e-12", f"data.source={data}")
+    # --init: a new run starts from full's parameters. Its one step keeps them: the warmup
+    # starts at learning rate 0 (and full's step program comes from the compilation cache).
+    assert main(_args("sft", tmp_path / "init", "train.steps=1", f"data.source={data}")
                 + ["--init", str(tmp_path / "full")]) == 0
     assert "init: parameters from" in capsys.readouterr().out
     target = jax.eval_shape(lambda: dsjax.unbox(dsjax.Transformer(build_config("sft", SMALL).model).init(
