@@ -26,7 +26,7 @@ from dsjax.config import ConfigError
 from dsjax.data import is_validation, source_files
 from dsjax.losses import model_variables
 from dsjax.reward import RewardModel, bradley_terry, encode_responses
-from train.loop import Stage
+from train.loop import SupervisedStage
 from train.steps import guarded
 
 HEAD_PARAMS = ("score", "score_bias")
@@ -129,8 +129,9 @@ def make_rm_step(model: RewardModel, tx, lr_schedule, rules=()):
     return rm_step, eval_step
 
 
-class RMStage(Stage):
-    """`python -m train rm`: Bradley-Terry training of a reward model on preference pairs."""
+class RMStage(SupervisedStage):
+    """`python -m train rm`: Bradley-Terry training of a reward model on preference pairs
+    (the supervised stages' batches, checkpoints and resume; its own step and evaluation)."""
 
     name = "rm"
     head_params = HEAD_PARAMS
@@ -141,12 +142,8 @@ class RMStage(Stage):
         return RewardModel(model_cfg)
 
     def __init__(self, run):
-        super().__init__(run)
+        super().__init__(run)  # checks the batch against the mesh
         cfg, tcfg = run.cfg, run.cfg.train
-        shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"] * run.mesh.shape["expert"]
-        if tcfg.batch_size % shards:
-            raise ConfigError(f"train.batch_size={tcfg.batch_size} does not divide over the {shards} "
-                              f"devices of the mesh's batch axes (data x fsdp x expert)")
         try:
             paths = source_files(dataclasses.replace(cfg.data, file_pattern="*.jsonl"))
             pairs, skipped = read_pairs(paths, cfg.rm)
@@ -196,21 +193,12 @@ class RMStage(Stage):
             out.append(part)
         return out
 
-    def data_state(self) -> dict:
-        return self.batches.get_state()
-
-    def set_data_state(self, state: dict) -> None:
-        self.batches.set_state(state)
-
     def compile(self) -> None:
         run = self.run
         step, evaluate = make_rm_step(run.model, run.tx, run.lr_schedule, run.rules)
         self.train_step = jax.jit(step, in_shardings=(run.state_sh, run.batch_sh),
                                   out_shardings=(run.state_sh, None), donate_argnums=(0,))
         self.eval_step = jax.jit(evaluate, in_shardings=(run.state_sh.params, run.state_sh.moe_bias, run.batch_sh))
-
-    def step(self, state, step):
-        return self.train_step(state, self.run.to_global(next(self.batches)))
 
     def evaluate(self, state) -> dict[str, float]:
         if not self.val:
