@@ -1,11 +1,14 @@
 """Two `python -m train` processes (gloo CPU collectives, fsdp across them) give the loss
-curve of one process with the same global batch; checkpoints move between 2 and 1 process."""
+curve of one process with the same global batch; checkpoints move between 2 and 1 process;
+when one process dies the other stops with one line."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -58,9 +61,17 @@ def _curve(workdir):
     return np.array([r["loss"] for r in recs if "loss" in r]), [r["val_loss"] for r in recs if "val_loss" in r]
 
 
-def test_two_processes_match_one_and_checkpoints_cross_over(tmp_path):
+def _logged_steps(workdir):
+    """The last step in metrics.jsonl (0 while there is none, or while a line is half written)."""
+    try:
+        return max((json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))), default=0)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def test_two_processes_match_one_checkpoints_cross_over_and_a_dead_peer_stops_the_other(tmp_path):
     # One process to step 8 is the reference. Two processes run steps 1-4 and hand over to
-    # one process; one process runs steps 1-4 and hands over to two. Every loss and both
+    # one process; one process's steps 1-4 hand over to two. Every loss and both
     # validation losses match the reference, so two processes match one on every step.
     run_one(tmp_path / "one", 8)
     one, one_val = _curve(tmp_path / "one")
@@ -74,26 +85,21 @@ def test_two_processes_match_one_and_checkpoints_cross_over(tmp_path):
     assert "resumed from" in out and "at step 4" in out
     np.testing.assert_allclose(_curve(tmp_path / "two_then_one")[0], one, rtol=1e-5, atol=1e-5)
 
-    run_one(tmp_path / "one_then_two", 4)
-    out = run_two(tmp_path / "one_then_two", 8)
-    assert "resumed from" in out and "at step 4" in out
-    curve, val = _curve(tmp_path / "one_then_two")
-    np.testing.assert_allclose(curve, one, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(val, one_val, rtol=1e-5)
-
-
-def test_when_one_process_dies_the_other_stops_with_one_line(tmp_path):
-    import time
-
+    # The reference's step-4 checkpoint is what one process running steps 1-4 leaves. Two
+    # processes resume it and run on past step 8 (its checkpoint written: a process dying
+    # during a write is another matter) until one of them is killed: the other stops with
+    # one line.
+    workdir = tmp_path / "one_then_two"
+    shutil.copytree(tmp_path / "one", workdir)
+    shutil.rmtree(workdir / "checkpoints" / "8")
     port = _free_port()
-    workdir = tmp_path / "run"
     procs = [subprocess.Popen(_cmd(workdir, 400) + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                                     "--process-id", str(i)],
                               cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     deadline = time.time() + 300
-    while time.time() < deadline and not (
-            (workdir / "metrics.jsonl").exists() and sum(1 for _ in open(workdir / "metrics.jsonl")) >= 6):
+    while time.time() < deadline and procs[0].poll() is None and not (
+            _logged_steps(workdir) > 8 and (workdir / "checkpoints" / "8").is_dir()):
         time.sleep(0.1)
     procs[1].kill()
     killed = time.time()
@@ -102,3 +108,7 @@ def test_when_one_process_dies_the_other_stops_with_one_line(tmp_path):
     assert procs[0].returncode == 1 and time.time() - killed < 120, out[-3000:]
     last = out.strip().splitlines()[-1]
     assert "another process of this run stopped" in last and "Traceback" not in out, out[-3000:]
+    assert "resumed from" in out and "at step 4" in out
+    curve, val = _curve(workdir)
+    np.testing.assert_allclose(curve[:8], one, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(val[:2], one_val, rtol=1e-5)

@@ -225,10 +225,10 @@ def _losses(workdir):
 
 
 def test_run_outputs_eval_loss_and_exact_resume_after_sigkill(tmp_path, capsys):
-    extra = ["train.steps=150", "train.checkpoint_every=10", "train.sample_tokens=16"]
+    extra = ["train.steps=150", "train.checkpoint_every=10", "train.sample_tokens=0"]
     full = tmp_path / "full"
-    done = subprocess.run(_train_cmd(full, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(_train_cmd(full, *extra, "train.sample_tokens=16"), cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "sample:" in done.stdout and "validation loss" in done.stdout
     records = [json.loads(line) for line in open(full / "metrics.jsonl")]
@@ -252,86 +252,83 @@ def test_run_outputs_eval_loss_and_exact_resume_after_sigkill(tmp_path, capsys):
     assert err[0].startswith("error: --set model.hidden_size: changes the trained model"), err
     assert err[1] == f"error: {tmp_path / 'nope'} is not a training workdir (no config.yaml)", err
 
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(killed, *extra), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        ckpts = [int(d) for d in os.listdir(killed / "checkpoints") if d.isdigit()] if (killed / "checkpoints").exists() else []
-        if ckpts and max(ckpts) >= 20 and (killed / "metrics.jsonl").exists() and \
-                max(_losses(killed), default=0) >= max(ckpts) + 3:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
+    # One workdir through every way a run stops, each start resuming the one before:
+    # SIGKILL between checkpoints, SIGTERM (preemption), SIGKILL while an async checkpoint
+    # is being written. The finished run has the uninterrupted run's losses bit for bit.
+    run = tmp_path / "run"
+    cmd = _train_cmd(run, *extra)
+    proc = _start_until(cmd, lambda: _checkpoints(run) and max(_checkpoints(run)) >= 20 and
+                        max(_losses(run), default=0) >= max(_checkpoints(run)) + 3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = subprocess.run(_train_cmd(killed, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                             timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stdout
-    a, b = _losses(full), _losses(killed)
-    assert sorted(a) == sorted(b) == list(range(1, 151))
-    assert a == b  # bit for bit
-    again = subprocess.run(_train_cmd(killed, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                           timeout=600)
-    assert again.returncode == 0 and "already trained to step 150" in again.stdout
+    restart, killed_at = max(_checkpoints(run)), max(_losses(run))  # steps after restart: run again
 
     # Preemption: SIGTERM mid-run saves the current step (not a multiple of checkpoint_every)
-    # and exits 0 promptly; running again resumes to the same losses.
-    termed = tmp_path / "termed"
-    proc = subprocess.Popen(_train_cmd(termed, *extra), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (termed / "metrics.jsonl").exists() and max(_losses(termed), default=0) >= 33:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before the signal"
+    # and exits 0 promptly. Only the restarted run logs steps past killed_at: its signal
+    # handlers are in place by then.
+    proc = _start_until(cmd, lambda: max(_losses(run), default=0) >= killed_at + 10, stdout=subprocess.PIPE,
+                        text=True)
     proc.send_signal(signal.SIGTERM)
     sent = time.time()
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and time.time() - sent < 30, (proc.returncode, out[-2000:])
-    saved = max(int(d) for d in os.listdir(termed / "checkpoints") if d.isdigit())
-    assert saved == max(_losses(termed)) >= 33, saved  # the step it stopped at, between checkpoints
+    assert f"at step {restart}\n" in out  # resumed from the last complete checkpoint
+    saved = max(_checkpoints(run))
+    assert saved == max(_losses(run)) >= killed_at + 10, saved  # the step it stopped at, between checkpoints
     assert f"SIGTERM: saved step {saved}" in out
-    resumed = subprocess.run(_train_cmd(termed, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                             timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert _losses(termed) == a
 
     # SIGKILL while an async checkpoint is being written (a checkpoint every step): the
     # partial one is never used; the next start resumes from the last complete one.
-    torn = tmp_path / "torn"
-    cmd = _train_cmd(torn, *extra, "train.checkpoint_every=1")
+    torn = _train_cmd(run, *extra, "train.checkpoint_every=1")
     for attempt in range(5):
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        partial = []
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            names = os.listdir(torn / "checkpoints") if (torn / "checkpoints").exists() else []
-            partial = [n for n in names if not n.isdigit()]
-            if partial and max(_losses(torn), default=0) >= 20 + 10 * attempt:
-                proc.send_signal(signal.SIGKILL)
-                break
+        past, stale = max(_losses(run)), _partials(run)
+        proc = _start_until(torn, lambda: _partials(run) - stale and max(_losses(run), default=0) >= past + 3)
+        proc.send_signal(signal.SIGKILL)
         proc.wait()
-        if partial and any(not n.isdigit() for n in os.listdir(torn / "checkpoints")):
+        if _partials(run) - stale:
             break  # killed mid-write: a partial checkpoint is on disk
     else:
         pytest.fail("never caught an async checkpoint write in progress")
+    complete = max(_checkpoints(run))
     resumed = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stdout
-    assert _losses(torn) == a
+    assert f"at step {complete}\n" in resumed.stdout  # not the partial one
+    a, b = _losses(full), _losses(run)
+    assert sorted(a) == sorted(b) == list(range(1, 151))
+    assert a == b  # bit for bit
+    again = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "already trained to step 150" in again.stdout
+
+
+def _checkpoints(workdir):
+    d = workdir / "checkpoints"
+    return [int(n) for n in os.listdir(d) if n.isdigit()] if d.exists() else []
+
+
+def _partials(workdir):
+    """Checkpoint folders being written (orbax's temporary names)."""
+    d = workdir / "checkpoints"
+    return {n for n in os.listdir(d) if not n.isdigit()} if d.exists() else set()
+
+
+def _start_until(cmd, ready, **output):
+    """Starts a training subprocess and returns it, still running, once ready() holds."""
+    output = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **output}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), **output)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the signal"
+    return proc
 
 
 @pytest.mark.parametrize("dtype, remat", [("bfloat16", "dots"), ("float32", "full")])
 def test_bf16_compute_and_remat_policies_train(step_setup, dtype, remat):
-    cfg, model, boxed, state, _, batch = step_setup
+    cfg, _, boxed, state, step, batch = step_setup
     variant = dsjax.Transformer(cfg.model.replace(dtype=dtype, remat_policy=remat))
     tx, schedule = make_optimizer(cfg.train, boxed["params"])
-    step = jax.jit(make_train_step(variant, tx, cfg.train, schedule))
-    new, metrics = step(state, batch)
-    _, ref = jax.jit(make_train_step(model, tx, cfg.train, schedule))(state, batch)
+    new, metrics = jax.jit(make_train_step(variant, tx, cfg.train, schedule))(state, batch)
+    _, ref = step(state, batch)
     assert jax.tree.leaves(new.params)[0].dtype == jnp.float32  # float32 master weights
     tol = 0.02 if dtype == "bfloat16" else 1e-5
     np.testing.assert_allclose(metrics["ce"], ref["ce"], rtol=tol)
