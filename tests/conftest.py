@@ -32,7 +32,9 @@ import pytest  # noqa: E402
 def subprocess_jit_cache(tmp_path_factory):
     """The `python -m train` / `python -m eval` subprocesses of the tests share JAX's
     persistent compilation cache with this process, so a program compiled by one run is
-    loaded by the next."""
+    loaded by the next. They compute as this process does (the same matmul precision), so
+    a subprocess with this process's devices loads the programs compiled here too."""
+    os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
