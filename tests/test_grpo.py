@@ -203,7 +203,7 @@ def test_sigint_during_grpo_saves_the_step_and_resumes(tmp_path):
         return [sys.executable, "-m", "train"] + _grpo_args(workdir, *RUN, f"train.steps={steps}",
                                                             "train.checkpoint_every=100", "train.eval_every=100")
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # this process's 8 devices and XLA flags
     proc = subprocess.Popen(cmd(40), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

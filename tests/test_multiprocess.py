@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from tests.conftest import xla_flags
 from tests.test_train import ROOT, SMALL
 
 # Schedules that do not depend on train.steps, so a run can stop at 4 and resume to 8.
@@ -28,7 +29,7 @@ def _cmd(workdir, steps):
 
 def _env(devices):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     return env
 
 
