@@ -4,6 +4,7 @@ logs what it promises, resumes exactly and refuses bad configs in one line."""
 
 import json
 import os
+import shutil
 
 import chex
 import jax
@@ -28,9 +29,12 @@ from tests.test_train import SMALL
 B, T = 8, 24
 
 
-def _setup(extra=()):
+@pytest.fixture(scope="module")
+def grpo_setup():
+    """A model, optimizer and state for the step tests (the router bias moving, as in
+    pretraining), and its jitted scorer: (cfg, model, boxed, tx, schedule, state, score)."""
     cfg = build_config("grpo", OVERRIDES + ["grpo.beta=0.05", "grpo.epsilon_high=0.28", "train.lr=3e-3",
-                                            "train.warmup_steps=0"] + list(extra))
+                                            "train.warmup_steps=0", "grpo.moe_bias=update"])
     model = dsjax.Transformer(cfg.model)
     boxed = model.init(jax.random.key(1), jnp.zeros((1, T), jnp.int32))
     variables = dsjax.unbox(boxed)
@@ -38,10 +42,17 @@ def _setup(extra=()):
     ref = jax.tree.map(lambda p: p * 0.98, variables["params"])
     state = TrainState(jnp.zeros((), jnp.int32), variables["params"], tx.init(variables["params"]),
                        variables["moe_bias"], ref)
-    return cfg, model, boxed, tx, schedule, state
+    return cfg, model, boxed, tx, schedule, state, jax.jit(make_score(model, 1.0))
 
 
-def _batch(seed, model, state, temperature=1.0):
+def _make_step(setup, rules=()):
+    """The GRPO step of `setup` (several updates per rollout, the router bias moving); one
+    program for both step tests, so the second loads it from the compilation cache."""
+    cfg, model, _, tx, schedule, _, _ = setup
+    return make_grpo_step(model, tx, cfg.grpo, cfg.train, schedule, T, rules, use_old=True, update_bias=True)
+
+
+def _batch(seed, score, state):
     """A fixed GRPO batch: random prompts and completions of random lengths."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(2, 256, (B, T + 1)).astype(np.int32)
@@ -51,17 +62,15 @@ def _batch(seed, model, state, temperature=1.0):
         mask[r, start:start + rng.integers(1, T - start)] = True
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask,
              "advantages": rng.normal(0, 1, B).astype(np.float32), "rollout_logp": np.zeros((B, T), np.float32)}
-    score = jax.jit(make_score(model, temperature))
     batch["ref_logp"] = np.asarray(score(state.ref_params, state.moe_bias, batch))
     batch["old_logp"] = np.asarray(score(state.params, state.moe_bias, batch))
     return batch
 
 
-def test_step_compiles_once_and_lowers_the_loss_on_a_fixed_batch():
-    cfg, model, _, tx, schedule, state = _setup()
-    step = make_grpo_step(model, tx, cfg.grpo, cfg.train, schedule, max_tokens=T, use_old=True)
-    step = jax.jit(chex.assert_max_traces(step, n=1))
-    fixed = _batch(0, model, state)
+def test_step_compiles_once_and_lowers_the_loss_on_a_fixed_batch(grpo_setup):
+    *_, state, score = grpo_setup
+    step = jax.jit(chex.assert_max_traces(_make_step(grpo_setup), n=1))
+    fixed = _batch(0, score, state)
     losses = []
     for i in range(6):
         state, metrics = step(state, fixed)
@@ -69,7 +78,7 @@ def test_step_compiles_once_and_lowers_the_loss_on_a_fixed_batch():
     assert losses[-1] < losses[0] - 0.05, losses
     # Other completion lengths (masks) and advantages: the same compiled step.
     for seed in (1, 2):
-        other = _batch(seed, model, state)
+        other = _batch(seed, score, state)
         assert other["mask"].sum() != fixed["mask"].sum()
         state, metrics = step(state, other)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["kl"]) > 0
@@ -79,17 +88,15 @@ MESHES = [(dict(fsdp=2, expert=4), "fsdp")]  # fsdp and expert parallelism at on
 
 
 @pytest.mark.parametrize("sizes, preset", MESHES, ids=[str(m[0]) for m in MESHES])
-def test_sharded_step_equals_one_device(sizes, preset):
-    cfg, model, boxed, tx, schedule, state = _setup(["grpo.moe_bias=update"])
-    batch = _batch(3, model, state)
-    make = lambda rules=(): make_grpo_step(model, tx, cfg.grpo, cfg.train, schedule, T, rules, use_old=True,
-                                           update_bias=True)
-    ref_state, ref_metrics = jax.jit(make())(state, batch)
+def test_sharded_step_equals_one_device(grpo_setup, sizes, preset):
+    _, _, boxed, tx, _, state, score = grpo_setup
+    batch = _batch(3, score, state)
+    ref_state, ref_metrics = jax.jit(_make_step(grpo_setup))(state, batch)
     mesh = make_mesh(MeshConfig(**{"fsdp": 1, **sizes, "rules": preset}))
     state_sh = state_shardings(boxed, tx, mesh, preset, reference=True)
     batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp", "expert")))
     with jax.set_mesh(mesh):
-        step = jax.jit(make(activation_rules(preset)), in_shardings=(state_sh, batch_sh),
+        step = jax.jit(_make_step(grpo_setup, activation_rules(preset)), in_shardings=(state_sh, batch_sh),
                        out_shardings=(state_sh, None))
         new_state, metrics = step(jax.device_put(state, state_sh), jax.device_put(batch, batch_sh))
     for key in ("loss", "grad_norm", "kl", "entropy", "clip_frac", "max_vio"):
@@ -157,11 +164,13 @@ def _watch_generate(monkeypatch) -> list:
     return calls
 
 
+RUN = ["grpo.dynamic_sampling=true", "grpo.mu=2", "grpo.minibatches=2"]
+
+
 def test_grpo_run_logs_plots_and_resumes_exactly(tmp_path, capsys, monkeypatch):
     full = tmp_path / "full"
     calls = _watch_generate(monkeypatch)
-    assert main(_grpo_args(full, "train.steps=3", "grpo.dynamic_sampling=true", "grpo.mu=2",
-                           "grpo.minibatches=2")) == 0
+    assert main(_grpo_args(full, *RUN, "train.steps=3")) == 0
     # Rollouts, evaluations and the sample ran on the run's mesh with its rules.
     assert len(calls) > 4 and all(mesh is not None and mesh.size == 8 and rules for mesh, rules in calls)
     records = _records(full)
@@ -177,12 +186,12 @@ def test_grpo_run_logs_plots_and_resumes_exactly(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "held-out greedy accuracy" in out and "sample:" in out
 
+    # Its step-2 checkpoint is what a run of 2 steps leaves: resumed, it redoes step 3.
     part = tmp_path / "part"
-    assert main(_grpo_args(part, "train.steps=2", "grpo.dynamic_sampling=true", "grpo.mu=2",
-                           "grpo.minibatches=2")) == 0
-    assert main(_grpo_args(part, "train.steps=3", "grpo.dynamic_sampling=true", "grpo.mu=2",
-                           "grpo.minibatches=2")) == 0
-    assert "resumed from" in capsys.readouterr().out
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "3")
+    assert main(_grpo_args(part, *RUN, "train.steps=3")) == 0
+    assert "resumed from" in capsys.readouterr().out and (part / "checkpoints" / "3").is_dir()
     a, b = _records(full), _records(part)
     for key in ("loss", "reward_mean", "kl", "grad_norm"):
         assert [r.get(key) for r in a] == [r.get(key) for r in b], key
@@ -216,11 +225,11 @@ def test_sigint_during_grpo_saves_the_step_and_resumes(tmp_path):
     from tests.test_train import ROOT
 
     workdir = tmp_path / "wd"
-    def cmd(steps):
-        return [sys.executable, "-m", "train"] + _grpo_args(workdir, f"train.steps={steps}",
+    def cmd(steps):  # the programs of test_grpo_run_logs_plots_and_resumes_exactly: from the cache
+        return [sys.executable, "-m", "train"] + _grpo_args(workdir, *RUN, f"train.steps={steps}",
                                                             "train.checkpoint_every=100", "train.eval_every=100")
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # this process's 8 devices and XLA flags
     proc = subprocess.Popen(cmd(40), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

@@ -17,6 +17,7 @@ import pytest
 
 from eval.__main__ import main as eval_main
 from train.__main__ import main as train_main
+from tests.conftest import xla_flags
 from tests.test_train import SMALL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +53,7 @@ def test_checkpoint_from_8_devices_loads_on_1_and_2_with_the_same_logits(tmp_pat
     # python -m eval in a two-device process reads it too: the validation loss the 8-device
     # run logged (the library read it on one device above).
     for devices in (2,):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices))
         done = subprocess.run([sys.executable, "-m", "eval", "loss", "--checkpoint", str(workdir)], cwd=ROOT,
                               env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]

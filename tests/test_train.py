@@ -23,6 +23,7 @@ from train.config import RunConfig, build_config
 from train.optim import decay_mask, make_optimizer
 from dsjax.losses import cross_entropy, mtp_cross_entropy
 from train.steps import TrainState, make_train_step, max_violation
+from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -213,10 +214,7 @@ def _train_cmd(workdir, *extra):
 
 
 def _env():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
 
 
 def _losses(workdir):
