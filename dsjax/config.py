@@ -333,9 +333,15 @@ class ModelConfig:
 
 
 def coerce(key: str, value: Any, hint: Any) -> Any:
-    """`value` (as YAML reads it) checked against a field's type hint, a type or a union
-    with None: ints widen to floats, numbers become strings, a mapping builds a dataclass;
-    a bool is never a number nor a number a bool."""
+    """`value` (as YAML reads it) checked against a field's type hint, a type, a union
+    with None or `tuple[X, ...]` (a list): ints widen to floats, numbers become strings, a
+    mapping builds a dataclass (its fields checked the same way); a bool is never a number
+    nor a number a bool."""
+    if typing.get_origin(hint) is tuple:  # tuple[X, ...]: a YAML list of X (mappings for dataclasses)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} is not a list")
+        item = typing.get_args(hint)[0]
+        return tuple(coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     for kind in typing.get_args(hint) if union else (hint,):
         if isinstance(value, bool) != (kind is bool):
@@ -349,7 +355,8 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
             if unknown:
                 raise ConfigError(f"{key}: unknown key {unknown[0]!r}; keys: "
                                   f"{[f.name for f in dataclasses.fields(kind)]}")
-            return kind(**value)
+            hints = typing.get_type_hints(kind)
+            return kind(**{k: coerce(f"{key}.{k}", v, hints[k]) for k, v in value.items()})
     raise ConfigError(f"{key}={value!r} is not a valid {hint if union else hint.__name__}")
 
 

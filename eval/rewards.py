@@ -50,6 +50,11 @@ def register_batch(name: str) -> Callable[[BatchReward], BatchReward]:
     return wrap
 
 
+def is_batch(name: str) -> bool:
+    """Whether `name` is a batch reward (a reward model)."""
+    return name in _BATCH
+
+
 def unregister(name: str) -> None:
     _REWARDS.pop(name, None)
     _BATCH.pop(name, None)
@@ -91,8 +96,15 @@ def register_reward_model(name: str, workdir: str, batch_size: int = 64, width: 
     tokenizer = load_tokenizer(run["data"]["tokenizer"])
     width = width or int(run["train"]["seq_len"])
     apply = jax.jit(model.apply)
+    # Its variables live on one device: it runs there even inside a run's mesh context.
+    device = jax.tree.leaves(variables)[0].devices().pop()
+    alone = jax.sharding.Mesh(np.array([device]), ("rm",))
 
     def score(prompts, completions, fields):
+        with jax.set_mesh(alone):
+            return _score(prompts, completions)
+
+    def _score(prompts, completions):
         out = []
         for start in range(0, len(prompts), batch_size):
             p, c = list(prompts[start:start + batch_size]), list(completions[start:start + batch_size])
@@ -197,8 +209,60 @@ def random_reward(prompt: str, completion: str, *, reward_seed: int = 0, **field
     return float(h[0] & 1)
 
 
-def parse_spec(spec: str) -> list[tuple[str, float]]:
+# Scripts of the language-consistency reward: a letter belongs to a script when its
+# Unicode name starts with one of the prefixes.
+SCRIPTS = {"latin": ("LATIN",), "cyrillic": ("CYRILLIC",), "greek": ("GREEK",), "arabic": ("ARABIC",),
+           "hebrew": ("HEBREW",), "devanagari": ("DEVANAGARI",), "hangul": ("HANGUL",),
+           "cjk": ("CJK", "HIRAGANA", "KATAKANA", "HANGUL", "IDEOGRAPHIC")}
+
+
+def script_share(text: str, script: str) -> float:
+    """The share of the words of `text` that contain letters and whose letters are all in
+    `script` (a key of SCRIPTS); words without letters (numbers, symbols) do not count, and
+    a text without such words scores 1. Each CJK character counts as a word."""
+    import unicodedata
+
+    if script not in SCRIPTS:
+        raise ValueError(f"unknown script {script!r}; scripts: {sorted(SCRIPTS)}")
+    prefixes = SCRIPTS[script]
+    words, good, word = 0, 0, []
+
+    def close():
+        nonlocal words, good
+        if word:
+            words += 1
+            good += all(unicodedata.name(c, "").startswith(prefixes) for c in word)
+            word.clear()
+
+    for c in text:
+        if c.isalpha():
+            if unicodedata.name(c, "").startswith(("CJK", "HIRAGANA", "KATAKANA")):
+                close()
+                word.append(c)
+                close()
+            else:
+                word.append(c)
+        elif not c.isdigit() and c not in "'-":
+            close()
+    close()
+    return good / words if words else 1.0
+
+
+@register("language")
+def language(prompt: str, completion: str, *, language: str = "latin", **fields: Any) -> float:
+    """R1's language-consistency reward: the share of the chain of thought (the <think>
+    block, or the whole completion when it has none) written in the target script
+    (`language`: a problem field or the source's setting; default latin)."""
+    text = completion
+    start, end = completion.find("<think>"), completion.find("</think>")
+    if start >= 0:
+        text = completion[start + len("<think>"):end if end > start else len(completion)]
+    return script_share(text, language or "latin")
+
+
+def parse_spec(spec: str, known: tuple[str, ...] = ()) -> list[tuple[str, float]]:
     """'accuracy:1,format:0.1' -> [('accuracy', 1.0), ('format', 0.1)]; a bare name weighs 1.
+    `known`: names accepted besides the registered rewards (reward models a run will load).
 
     Raises ValueError naming an unknown reward or a bad weight.
     """
@@ -209,8 +273,8 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
             continue
         name, _, weight = part.partition(":")
         name = name.strip()
-        if name not in _REWARDS and name not in _BATCH:
-            raise ValueError(f"unknown reward {name!r}; rewards: {names()}")
+        if name not in _REWARDS and name not in _BATCH and name not in known:
+            raise ValueError(f"unknown reward {name!r}; rewards: {sorted(set(names()) | set(known))}")
         try:
             w = float(weight) if weight.strip() else 1.0
         except ValueError:

@@ -86,9 +86,16 @@ def complete(model, variables, tokenizer, prompts: Sequence[str], width: int, *,
                        tokens_per_forward=out.tokens_per_forward if speculative else 1.0)
 
 
+def checkable(problem: Problem) -> bool:
+    """Whether a program can check an answer to `problem` (a task problem, or a general
+    prompt that carries `answer` or `numbers`/`target`)."""
+    return "answer" in problem.fields or ("numbers" in problem.fields and "target" in problem.fields)
+
+
 def score(problems: Sequence[Problem], completions: Completions, reward_fn: Callable, **extra) -> dict:
     """Rewards of completions[i] for problems[i]: {'reward': [B], 'parts': {name: [B]},
-    'accuracy': [B], 'format': [B]} (accuracy and format always, whatever the reward)."""
+    'accuracy': [B], 'format': [B]} (accuracy and format always, whatever the reward;
+    accuracy is NaN for a problem without a checkable answer)."""
     texts = list(completions.texts)
     fields = [dict(problem.fields, completion_tokens=int(completions.lengths[i]), **extra)
               for i, problem in enumerate(problems)]
@@ -102,7 +109,8 @@ def score(problems: Sequence[Problem], completions: Completions, reward_fn: Call
             totals.append(total)
             for name, value in values.items():
                 parts.setdefault(name, []).append(value)
-    acc = [rewards_lib.accuracy(p.prompt, text, **p.fields) for p, text in zip(problems, texts)]
+    acc = [rewards_lib.accuracy(p.prompt, text, **p.fields) if checkable(p) else np.nan
+           for p, text in zip(problems, texts)]
     fmt = [rewards_lib.format_reward(p.prompt, text) for p, text in zip(problems, texts)]
     return {"reward": np.asarray(totals, np.float32), "parts": {k: np.asarray(v, np.float32) for k, v in parts.items()},
             "accuracy": np.asarray(acc, np.float32), "format": np.asarray(fmt, np.float32)}

@@ -20,7 +20,7 @@ from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import activation_rules
 from train.__main__ import main
 from train.config import build_config
-from train.grpo import make_grpo_step, make_score, rollout_batch
+from train.grpo import Mixture, PromptSource, _source_metrics, make_grpo_step, make_score, rollout_batch
 from train.optim import make_optimizer
 from train.steps import TrainState, state_shardings
 from tests.test_sharding import OVERRIDES
@@ -204,6 +204,17 @@ def test_grpo_run_logs_plots_and_resumes_exactly(tmp_path, capsys, monkeypatch):
     (["grpo.loss_agg=sum"], "grpo.loss_agg='sum' is not one of"),
     (["grpo.minibatches=3"], "grpo.minibatches=3 does not divide the 128 completions"),
     (["grpo.speculative=true", "model.num_nextn_predict_layers=0"], "grpo.speculative needs an MTP module"),
+    (["grpo.sources=[{task: addition, prompts: p.jsonl}]"], "give exactly one of task= and prompts="),
+    (["grpo.sources=[{task: addition, colour: red}]"], "grpo.sources[0]: unknown key 'colour'"),
+    (["grpo.sources=[{task: addition, weight: heavy}]"], "grpo.sources[0].weight='heavy' is not a valid float"),
+    (["grpo.sources=[{task: addition}, {task: addition, difficulty: 3}]"], "another source has the name 'addition'"),
+    (["grpo.sources=[{task: addition}, {prompts: p.jsonl, rewards: 'helpful:1'}]"], "unknown reward 'helpful'"),
+    (["grpo.sources=[{task: addition}, {prompts: missing.jsonl, rewards: 'format:1'}]"],
+     "prompt file missing.jsonl does not exist"),
+    (["grpo.sources=[{task: addition}, {prompts: p.jsonl, rewards: 'helpful:1'}]", "grpo.reward_models=helpful=nowhere"],
+     "grpo.reward_models helpful: nowhere is not a training workdir"),
+    (["grpo.sources=[{prompts: p.jsonl, rewards: 'helpful:1'}]", "grpo.reward_models=helpful=nowhere",
+      "grpo.rm_from_step=5"], "every source is scored by a reward model"),
 ])
 def test_bad_grpo_configs_exit_2_with_one_line(tmp_path, capsys, overrides, message):
     argv = ["grpo", "--workdir", str(tmp_path / "wd")]
@@ -248,3 +259,86 @@ def test_sigint_during_grpo_saves_the_step_and_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"at step {saved}" in resumed.stdout
     assert max(r["step"] for r in _records(workdir)) == saved + 1
+
+
+def test_mixture_sampler_honours_the_weights_and_resumes_from_its_carry():
+    weights = np.array([3.0, 1.0, 4.0])
+    mix = Mixture(weights)
+    total = np.zeros(3)
+    for step in range(1, 41):  # every step 12 prompts: each source within one prompt of its share
+        counts = mix.counts(12)
+        assert counts.sum() == 12
+        total += counts
+        assert np.abs(total - step * 12 * weights / weights.sum()).max() < 1 + 1e-9, (step, total)
+    # A source switched off draws nothing; the others share its place by their weights.
+    off = sum(mix.counts(8, active=[True, False, True]) for _ in range(50))
+    assert off[1] == 0 and abs(off[0] - 400 * 3 / 7) < 2 and abs(off[2] - 400 * 4 / 7) < 2
+    # The carry is the whole state: a copy goes on with the same counts.
+    twin = Mixture(weights)
+    twin.carry = mix.carry.copy()
+    for _ in range(20):
+        np.testing.assert_array_equal(mix.counts(5), twin.counts(5))
+    with pytest.raises(ValueError, match="no prompt source is active"):
+        mix.counts(4, active=[False, False, False])
+
+
+def test_sources_parse_from_yaml_lists():
+    cfg = build_config("grpo", ["grpo.sources=[{task: addition, difficulty: 3, weight: 3}, "
+                                "{name: chat, prompts: p.jsonl, rewards: 'helpful:1,language:0.1'}]",
+                                "grpo.reward_models=helpful=some/dir", "grpo.rm_from_step=10"])
+    a, b = cfg.grpo.sources
+    assert a == PromptSource(task="addition", difficulty=3, weight=3.0) and isinstance(a.weight, float)
+    assert b.label == "chat" and b.prompts == "p.jsonl" and cfg.grpo.rm_from_step == 10
+    assert build_config("grpo", []).grpo.resolved_sources()[0].label == "addition"  # R1-Zero: one task source
+
+
+def test_reward_hacking_guard_counts_rule_failures_the_reward_model_ranks_high():
+    # Four completions: two pass the rule (mean RM score 1.0); of the two that fail, one
+    # scores above that mean: a quarter of the completions.
+    s = {"reward": np.zeros(4), "format": np.ones(4), "accuracy": np.full(4, np.nan),
+         "rule": np.array([1.0, 1.0, 0.0, 0.0]), "parts": {}}
+    rm = np.array([2.0, 0.0, 3.0, -1.0])
+    out = _source_metrics("chat", s, np.ones(4, bool), np.array([5, 6, 7, 8]), rm)
+    assert out["chat/rm_high_rule_fail"] == 0.25 and out["chat/hack_rule_rate"] == 0.5
+    assert out["chat/rm_score"] == 1.0 and out["chat/completion_len"] == 6.5 and "chat/accuracy" not in out
+
+
+def test_full_scenario_grpo_mixes_task_and_general_prompts_with_a_reward_model(tmp_path, capsys):
+    """R1's last RL stage: addition problems with rule-based rewards and general prompts
+    scored by a reward model that joins at step 1 (0-based); per-source metrics; resume."""
+    from tests.test_rm import _pairs, _run as train_rm
+
+    # The reward model of tests/test_rm.py's resume test (the same programs, compiled once).
+    assert train_rm(tmp_path / "rm", _pairs(tmp_path / "pairs.jsonl", n=48), "train.steps=4", "train.log_every=1") == 0
+    general = tmp_path / "general.jsonl"
+    general.write_text("".join(json.dumps({"prompt": f"Q: hi {i}? A: "}) + "\n" for i in range(10, 40)))
+    sources = (f"grpo.sources=[{{task: addition, problems: 50}}, {{name: chat, prompts: {general}, "
+               f"rewards: 'helpful:1,language:0.1'}}]")
+    # No dynamic sampling: it would keep the groups with reward spread, whatever their source.
+    args = [sources, f"grpo.reward_models=helpful={tmp_path / 'rm'}", "grpo.rm_from_step=1",
+            "grpo.dynamic_sampling=false"]
+    full = tmp_path / "full"
+    assert main(_grpo_args(full, *RUN, *args, "train.steps=3")) == 0
+    out = capsys.readouterr().out
+    assert "grpo source chat:" in out and "from step 1" in out and "step 1: the reward models join: sources chat" in out
+    records = _records(full)
+    first, later = records[1], records[2:]
+    assert first["chat/share"] == 0 and first["addition/share"] == 1 and "rm_score" not in first
+    for r in later:  # 4 prompts a step, weights 1:1
+        assert r["chat/share"] == 0.5 and r["addition/share"] == 0.5
+        for key in ("rm_score", "chat/helpful", "chat/rm_score", "chat/language", "chat/hack_rule_rate",
+                    "chat/completion_len", "chat/reward_mean", "addition/accuracy", "addition/reward_mean",
+                    "accuracy", "reward/helpful"):
+            assert key in r, key
+        assert "chat/accuracy" not in r and "addition/rm_score" not in r
+    assert "test_accuracy" in records[-1]
+    assert (full / "plots" / "grpo.png").stat().st_size > 10_000
+
+    # Its step-2 checkpoint resumed: step 3 again, the mixture's carry and cursors restored.
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "3")
+    assert main(_grpo_args(part, *RUN, *args, "train.steps=3")) == 0
+    a, b = _records(full), _records(part)
+    for key in ("loss", "reward_mean", "rm_score", "chat/share"):
+        assert [r.get(key) for r in a] == [r.get(key) for r in b], key

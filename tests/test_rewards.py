@@ -149,3 +149,21 @@ def test_no_code_evaluation_in_rewards_or_tasks():
     for module in ("rewards.py", "tasks.py"):
         source = open(os.path.join(ROOT, "eval", module)).read()
         assert not re.search(r"(?<![\w.])(eval|exec|compile)\(|literal_eval|pickle|subprocess", source), module
+
+
+def test_language_consistency_is_the_share_of_words_in_the_target_script():
+    # R1's reward: the share of the chain of thought in the target language. Numbers and
+    # symbols are neither; each CJK character is a word.
+    assert rewards.script_share("add the digits: 4+8=12 so 92", "latin") == 1.0
+    assert rewards.script_share("add les chiffres потом сумма", "latin") == pytest.approx(0.6)
+    assert rewards.script_share("add les chiffres потом сумма", "cyrillic") == pytest.approx(0.4)
+    assert rewards.script_share("计算 sum", "cjk") == pytest.approx(2 / 3)
+    assert rewards.script_share("12+34=46", "greek") == 1.0  # no words at all
+    assert rewards.script_share("mixedкириллица", "latin") == 0.0  # a word in two scripts is not in one
+    language = rewards.get("language")
+    assert language("", "<think>сложим цифры so</think><answer>5</answer>") == pytest.approx(1 / 3)
+    assert language("", "<think>сложим цифры so</think><answer>5</answer>", language="cyrillic") == pytest.approx(2 / 3)
+    assert language("", "<think>ok</think><answer>пять</answer>") == 1.0  # only the chain of thought counts
+    assert language("", "no tags at all, все слова") == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="unknown script 'klingon'"):
+        language("", "x", language="klingon")

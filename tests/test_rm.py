@@ -99,3 +99,42 @@ def test_reward_model_resumes_exactly_and_refuses_bad_pairs(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1=", "chosen": "2"}\n')
     assert _run(tmp_path / "bad", str(bad), "train.steps=1") == 2
+
+
+def test_reward_model_starts_from_a_language_model_workdir(tmp_path):
+    # A language model's workdir as `python -m train` leaves it (config.yaml and a
+    # checkpoint of parameters and router bias), written here directly.
+    import dataclasses
+
+    import yaml
+
+    from dsjax.checkpoint import Checkpointer
+    from train.loop import _plain
+
+    cfg = build_config("pretrain", _overrides())
+    lm = dsjax.unbox(dsjax.Transformer(cfg.model).init(jax.random.key(7), np.zeros((1, 8), np.int32)))
+    os.makedirs(tmp_path / "lm")
+    with open(tmp_path / "lm" / "config.yaml", "w") as f:
+        yaml.safe_dump(_plain({"stage": "pretrain", **dataclasses.asdict(cfg)}), f)
+    ckpt = Checkpointer(str(tmp_path / "lm" / "checkpoints"))
+    ckpt.save(5, {"params": lm["params"], "moe_bias": lm["moe_bias"]}, {"step": 5})
+    ckpt.close()
+
+    data = _pairs(tmp_path / "pairs.jsonl", n=48)
+    assert _run(tmp_path / "rm", data, "train.steps=1", f"init.workdir={tmp_path / 'lm'}") == 0
+    rm = RewardModel(cfg.model)
+    abstract = dsjax.unbox(jax.eval_shape(rm.init, jax.random.key(0), np.zeros((1, 64), np.int32)))
+    got, _ = restore_variables(os.path.join(tmp_path, "rm", "checkpoints"),
+                               {"params": abstract["params"], "moe_bias": abstract["moe_bias"]})
+    # The reward model's backbone is the language model's parameters after one AdamW step
+    # (at most lr 3e-3 away; a fresh initialization would differ by about 0.02); only the
+    # head is new
+    # (and the LM's MTP module, which a reward model does not use, is left out).
+    flat_lm = dict(jax.tree_util.tree_leaves_with_path(lm["params"]))
+    flat_rm = dict(jax.tree_util.tree_leaves_with_path(got["params"]))
+    new = {jax.tree_util.keystr(p) for p in set(flat_rm) - set(flat_lm)}
+    assert new == {"['score']", "['score_bias']"}, new
+    backbone = set(flat_rm) & set(flat_lm)
+    assert {jax.tree_util.keystr(p).split("]")[0] for p in set(flat_lm) - backbone} == {"['mtp_0'"}
+    for path in backbone:
+        assert np.abs(np.asarray(flat_rm[path]) - np.asarray(flat_lm[path])).max() <= 3e-3 * 1.01, path

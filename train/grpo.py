@@ -7,11 +7,20 @@ with the reward registry, compute advantages, then run `mu` passes of `minibatch
 updates, each one `jax.jit` with explicit shardings (the same model and optimizer code
 as pretraining). The trainer recomputes the rollout policy's log-probabilities and logs
 how far they are from the sampler's (`rollout_logprob_diff`).
+
+R1's last RL stage mixes prompt sources (`grpo.sources`): task problems scored by rules
+and general prompts scored by reward models (`grpo.reward_models`, switched on from
+`grpo.rm_from_step`), each source drawn in proportion to its weight, with its own
+metrics (`<source>/reward_mean`, ...) and a reward-hacking guard
+(`<source>/rm_high_rule_fail`: completions the reward model ranks with those that pass
+`grpo.hack_rule` while they fail it).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 
 import flax.linen as nn
@@ -31,6 +40,54 @@ from train.report import plot_grpo
 from train.steps import guarded, max_violation, schedules, update_moe_bias
 
 MOE_BIAS_MODES = ("frozen", "update")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSource:
+    """One source of GRPO prompts (R1's last RL stage mixes several).
+
+    Attributes:
+      name: the metrics prefix (`<name>/reward_mean`, ...); default: the task's name, or
+        the prompt file's stem.
+      task / difficulty / template: problems of an eval.tasks task (its train split; the
+        held-out evaluation uses the first task source's test split).
+      prompts: or a JSONL file of general prompts, one {"prompt": ..., other fields} per
+        line; the other fields reach the rewards (`answer`, `language`, ...).
+      rewards: this source's weighted rewards: rule-based ones and reward models named in
+        grpo.reward_models, e.g. 'helpful:1,format:0.1'.
+      weight: its share of each step's prompts, relative to the active sources (a source
+        scored by a reward model is active from grpo.rm_from_step on).
+      problems: how many training problems a task source draws (a prompt file gives all).
+      language: the target script of the `language` reward for this source's prompts
+        (eval.rewards.SCRIPTS; a prompt's own `language` field wins).
+    """
+
+    name: str = ""
+    task: str = ""
+    difficulty: int | None = None
+    template: str = "short"
+    prompts: str = ""
+    rewards: str = "accuracy:1,format:0.1"
+    weight: float = 1.0
+    problems: int = 2000
+    language: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.task or os.path.splitext(os.path.basename(self.prompts))[0]
+
+
+def parse_reward_models(spec: str) -> dict[str, str]:
+    """'helpful=DIR,harmless=DIR2' -> {'helpful': 'DIR', 'harmless': 'DIR2'}; ValueError if malformed."""
+    out = {}
+    for item in str(spec or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, workdir = item.partition("=")
+        if not sep or not name.strip() or not workdir.strip():
+            raise ValueError(f"grpo.reward_models item {item.strip()!r}: expected name=WORKDIR")
+        out[name.strip()] = workdir.strip()
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +116,14 @@ class GRPOConfig:
       moe_bias: the aux-loss-free router bias during RL: 'frozen' or 'update' (as pretraining).
       eval_problems: held-out test problems scored greedily at each evaluation.
       reward_seed: seed of the 'random' control reward.
+      sources: prompt sources mixed by weight (PromptSource list); empty: one source, the
+        task above with `rewards` and `train_problems`.
+      reward_models: reward models the sources' rewards name, 'name=WORKDIR,...' (each a
+        `python -m train rm` workdir; eval.rewards.register_reward_model).
+      rm_from_step: sources scored by a reward model join the mixture at this step (R1
+        used its reward models only in the last 400 of 1,700 steps).
+      hack_rule: the rule-based reward of the reward-hacking guard (a completion fails it
+        when it scores <= 0); hack_warn: the guard share above which the log warns.
     """
 
     task: str = "addition"
@@ -90,6 +155,18 @@ class GRPOConfig:
     moe_bias: str = "frozen"
     eval_problems: int = 200
     reward_seed: int = 0
+    sources: tuple[PromptSource, ...] = ()
+    reward_models: str = ""
+    rm_from_step: int = 0
+    hack_rule: str = "format"
+    hack_warn: float = 0.25
+
+    def resolved_sources(self) -> tuple[PromptSource, ...]:
+        """The sources of the run: `sources`, or the single task source of task/rewards."""
+        if self.sources:
+            return self.sources
+        return (PromptSource(task=self.task, difficulty=self.difficulty, template=self.template,
+                             rewards=self.rewards, problems=self.train_problems),)
 
     def validate(self) -> None:
         if self.group_size < 2:
@@ -115,11 +192,36 @@ class GRPOConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"grpo.{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+        if self.rm_from_step < 0:
+            raise ConfigError(f"grpo.rm_from_step must be >= 0, got {self.rm_from_step}")
         try:
-            rewards.parse_spec(self.rewards)
-            tasks.get(self.task, self.difficulty, template=self.template)
+            models = tuple(parse_reward_models(self.reward_models))
+            rewards.parse_spec(self.hack_rule)
+            if not self.sources:
+                rewards.parse_spec(self.rewards)
+                tasks.get(self.task, self.difficulty, template=self.template)
         except ValueError as e:
             raise ConfigError(f"grpo: {e}") from None
+        labels = [src.label for src in self.sources]
+        for i, src in enumerate(self.sources):
+            where = f"grpo.sources[{i}] ({src.label or 'unnamed'})"
+            if bool(src.task) == bool(src.prompts):
+                raise ConfigError(f"{where}: give exactly one of task= and prompts=")
+            if labels.count(src.label) > 1:
+                raise ConfigError(f"{where}: another source has the name {src.label!r}; set name=")
+            if src.weight <= 0 or src.problems < 1:
+                raise ConfigError(f"{where}: weight and problems must be positive")
+            try:
+                rewards.parse_spec(src.rewards, known=models)
+                if src.task:
+                    tasks.get(src.task, src.difficulty, template=src.template)
+                if src.language:
+                    rewards.script_share("", src.language)
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
+        if self.sources and all(_uses_reward_model(src, models) for src in self.sources) and self.rm_from_step:
+            raise ConfigError("grpo.rm_from_step: every source is scored by a reward model, so no source "
+                              "would be active before that step")
 
 
 def make_grpo_step(model, tx, g: GRPOConfig, tcfg, lr_schedule, max_tokens: int, rules=(),
@@ -193,7 +295,8 @@ class Rollout:
 
 
 class GRPOStage(Stage):
-    """`python -m train grpo`: R1-Zero-style RL on a generated task with rule-based rewards."""
+    """`python -m train grpo`: R1-style RL on prompt sources with rule-based rewards and
+    reward models (R1-Zero: one task source with rules)."""
 
     name = "grpo"
     eval_at_start = True
@@ -214,17 +317,32 @@ class GRPOStage(Stage):
             raise ConfigError(f"grpo.stop_token={self.stop} is outside the vocabulary of {cfg.model.vocab_size}")
         if g.speculative and cfg.model.num_nextn_predict_layers < 1:
             raise ConfigError("grpo.speculative needs an MTP module (model.num_nextn_predict_layers >= 1)")
-        task = tasks.get(g.task, g.difficulty, template=g.template)
-        try:
-            self.pool = task.split("train", g.train_problems, seed=cfg.train.seed)
-            self.test = task.split("test", g.eval_problems, seed=cfg.train.seed) if g.eval_problems else []
-        except ValueError as e:
-            raise ConfigError(f"grpo: {e}") from None
-        self.order = np.random.default_rng(cfg.train.seed).permutation(len(self.pool))
-        self.cursor = 0
-        self.reward_fn = rewards.combine(g.rewards)
+        models = parse_reward_models(g.reward_models)
+        for name, workdir in models.items():
+            try:
+                rewards.register_reward_model(name, workdir, batch_size=min(64, g.prompts_per_step * g.group_size))
+            except ValueError as e:
+                raise ConfigError(f"grpo.reward_models {name}: {e}") from None
+        self.sources = g.resolved_sources()
+        self.pools, self.test = [], []
+        for src in self.sources:
+            pool, test = _source_problems(src, g, cfg.train.seed)
+            self.pools.append(pool)
+            if test and not self.test:
+                self.test = test
+        self.orders = [np.random.default_rng([cfg.train.seed, i]).permutation(len(p)) if i else
+                       np.random.default_rng(cfg.train.seed).permutation(len(p)) for i, p in enumerate(self.pools)]
+        self.cursors = [0] * len(self.sources)
+        self.mixture = Mixture([src.weight for src in self.sources])
+        self.reward_fns = [rewards.combine(src.rewards) for src in self.sources]
+        self.uses_rm = [_uses_reward_model(src, models) for src in self.sources]
+        self.hack_rule = rewards.combine(g.hack_rule)
+        self.rm_names = sorted({name for src in self.sources for name, _ in rewards.parse_spec(src.rewards)
+                                if rewards.is_batch(name)})
+        self.warned_at = None
         self.rows = g.prompts_per_step * g.group_size
-        self.width = prompt_width(run.tokenizer, [p.prompt for p in self.pool + self.test])
+        self.width = prompt_width(run.tokenizer, [p.prompt for pool in self.pools for p in pool] +
+                                  [p.prompt for p in self.test])
         if self.width + g.max_new_tokens > cfg.model.max_position_embeddings:
             raise ConfigError(f"prompts of {self.width} tokens + grpo.max_new_tokens={g.max_new_tokens} exceed "
                               f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
@@ -232,15 +350,25 @@ class GRPOStage(Stage):
         self.tokens_per_step = self.rows * (self.seq - 1)
         self.generator = Transformer(cfg.model.replace(attn_impl=g.rollout_attn_impl))
         self.use_old = g.mu > 1 or g.minibatches > 1
-        run.log(f"grpo: {g.task} (difficulty {g.difficulty}), {len(self.pool)} training / {len(self.test)} test "
-                f"problems; {g.prompts_per_step} prompts x {g.group_size} completions of up to "
-                f"{g.max_new_tokens} tokens per step; rewards {g.rewards}")
+        for src, pool, rm in zip(self.sources, self.pools, self.uses_rm):
+            what = f"{src.task} (difficulty {src.difficulty or 'default'})" if src.task else src.prompts
+            when = f", from step {g.rm_from_step}" if rm and g.rm_from_step else ""
+            run.log(f"grpo source {src.label}: {what}, {len(pool)} prompts, weight {src.weight:g}, "
+                    f"rewards {src.rewards}{when}")
+        run.log(f"grpo: {len(self.test)} held-out test problems; {g.prompts_per_step} prompts x {g.group_size} "
+                f"completions of up to {g.max_new_tokens} tokens per step")
 
     def data_state(self) -> dict:
-        return {"cursor": self.cursor}
+        return {"cursors": list(self.cursors), "carry": [float(c) for c in self.mixture.carry]}
 
     def set_data_state(self, state: dict) -> None:
-        self.cursor = int(state["cursor"])
+        if "cursor" in state:  # a checkpoint of one source
+            state = {"cursors": [state["cursor"]], "carry": [0.0]}
+        if len(state["cursors"]) != len(self.sources):
+            raise ConfigError(f"the checkpoint was written with {len(state['cursors'])} prompt sources, this "
+                              f"run has {len(self.sources)}; resume with the same grpo.sources")
+        self.cursors = [int(c) for c in state["cursors"]]
+        self.mixture.carry = np.asarray(state["carry"], np.float64)
 
     def compile(self) -> None:
         run, g = self.run, self.run.cfg.grpo
@@ -254,16 +382,48 @@ class GRPOStage(Stage):
                                       in_shardings=(run.state_sh,), out_shardings=run.state_sh, donate_argnums=(0,))
 
     # ------------------------------------------------------------------ rollouts
-    def _next_problems(self) -> list:
-        n = self.run.cfg.grpo.prompts_per_step
-        picked = [self.pool[self.order[(self.cursor + i) % len(self.pool)]] for i in range(n)]
-        self.cursor += n
+    def active(self, step: int) -> np.ndarray:
+        """Which sources draw prompts at `step` (reward-model sources from rm_from_step)."""
+        return np.asarray([not rm or step >= self.run.cfg.grpo.rm_from_step for rm in self.uses_rm])
+
+    def _next_problems(self, step: int) -> list[tuple[int, object]]:
+        """(source index, problem) for the next prompts_per_step prompts, split by weight."""
+        counts = self.mixture.counts(self.run.cfg.grpo.prompts_per_step, self.active(step))
+        picked = []
+        for s, k in enumerate(counts):
+            pool, order = self.pools[s], self.orders[s]
+            picked += [(s, pool[order[(self.cursors[s] + i) % len(pool)]]) for i in range(int(k))]
+            self.cursors[s] += int(k)
         return picked
 
     def _variables(self, state) -> dict:
         return model_variables(state.params, state.moe_bias)
 
-    def rollout(self, state, rng) -> Rollout:
+    def score_rows(self, sources: np.ndarray, problems: list, comp: Completions) -> dict:
+        """Scores of completions[i] for problems[i] of source sources[i], each source with
+        its own rewards: reward, accuracy (NaN where undefined), format, the hack rule (NaN
+        for sources without a reward model), source, and parts {name: [B]} (NaN where a
+        source lacks that reward)."""
+        g = self.run.cfg.grpo
+        rows = len(problems)
+        out = {"reward": np.zeros(rows, np.float32), "accuracy": np.full(rows, np.nan, np.float32),
+               "format": np.zeros(rows, np.float32), "rule": np.full(rows, np.nan, np.float32),
+               "source": np.asarray(sources), "parts": {}}
+        for s in np.unique(sources):
+            idx = np.flatnonzero(sources == s)
+            sub = [problems[i] for i in idx]
+            part = take_rows(comp, idx)
+            sc = score(sub, part, self.reward_fns[s], max_tokens=g.max_new_tokens,
+                       overlong_buffer=g.overlong_buffer, reward_seed=g.reward_seed)
+            for key in ("reward", "accuracy", "format"):
+                out[key][idx] = sc[key]
+            for name, values in sc["parts"].items():
+                out["parts"].setdefault(name, np.full(rows, np.nan, np.float32))[idx] = values
+            if self.uses_rm[s]:
+                out["rule"][idx] = score(sub, part, self.hack_rule)["reward"]
+        return out
+
+    def rollout(self, state, rng, step: int = 0) -> Rollout:
         """Samples groups until prompts_per_step of them have reward spread (dynamic
         sampling) or one round (otherwise); groups without spread fill what is missing."""
         g, run = self.run.cfg.grpo, self.run
@@ -272,14 +432,15 @@ class GRPOStage(Stage):
         first_zero = None
         rounds = 0
         while rounds < (g.max_sampling_rounds if g.dynamic_sampling else 1):
-            problems = self._next_problems()
+            picked = self._next_problems(step)
+            problems = [p for _, p in picked]
             repeated = [p for p in problems for _ in range(g.group_size)]
+            sources = np.repeat([s for s, _ in picked], g.group_size)
             comp = complete(self.generator, self._variables(state), run.tokenizer, [p.prompt for p in repeated],
                             self.width, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                             top_k=g.top_k, rng=jax.random.fold_in(rng, rounds), speculative=g.speculative,
                             stop_token=self.stop, mesh=run.mesh, rules=run.rules)
-            scores = score(repeated, comp, self.reward_fn, max_tokens=g.max_new_tokens,
-                           overlong_buffer=g.overlong_buffer, reward_seed=g.reward_seed)
+            scores = self.score_rows(sources, repeated, comp)
             spread = scores["reward"].reshape(-1, g.group_size).std(axis=1) > 0
             if first_zero is None:
                 first_zero = float(1.0 - spread.mean())
@@ -305,7 +466,10 @@ class GRPOStage(Stage):
     # ------------------------------------------------------------------ the step
     def step(self, state, step):
         g, run = self.run.cfg.grpo, self.run
-        ro = self.rollout(state, jax.random.fold_in(jax.random.key(run.cfg.train.seed), step))
+        if g.rm_from_step and step == g.rm_from_step and any(self.uses_rm):
+            run.log(f"step {step}: the reward models join: sources "
+                    f"{', '.join(src.label for src, rm in zip(self.sources, self.uses_rm) if rm)}")
+        ro = self.rollout(state, jax.random.fold_in(jax.random.key(run.cfg.train.seed), step), step)
         t0 = time.time()
         full = self.batch(ro)
         size = self.rows // g.minibatches
@@ -327,19 +491,46 @@ class GRPOStage(Stage):
         metrics["rollout_logprob_diff"] = float(jax.device_get(updates[0]["rollout_logprob_diff"]))
         metrics["update_s"] = time.time() - t0
         metrics.update(self._rollout_metrics(ro))
+        self._guard(step, metrics)
         return state, metrics
+
+    def _guard(self, step: int, metrics: dict) -> None:
+        """Warns in the log when a source's reward-hacking share passes grpo.hack_warn (at
+        most once per evaluation interval)."""
+        g, every = self.run.cfg.grpo, self.run.cfg.train.eval_every
+        for src in self.sources:
+            share = metrics.get(f"{src.label}/rm_high_rule_fail")
+            if share is not None and share > g.hack_warn and (self.warned_at is None or step - self.warned_at >= every):
+                self.warned_at = step
+                self.run.log(f"step {step + 1}: possible reward hacking in {src.label}: {share:.0%} of its "
+                             f"completions fail {g.hack_rule} yet the reward model scores them like those that "
+                             f"pass (completion length {metrics.get(src.label + '/completion_len', 0):.1f})")
 
     def _rollout_metrics(self, ro: Rollout) -> dict[str, float]:
         comp, s = ro.completions, ro.scores
         generated = float(comp.lengths.sum())
         out = {"reward_mean": float(s["reward"].mean()), "reward_std": float(s["reward"].std()),
-               "accuracy": float(s["accuracy"].mean()), "format_rate": float(s["format"].mean()),
+               "format_rate": float(s["format"].mean()),
                "frac_reward_zero_std": ro.first_round_zero_std, "completion_len": float(comp.lengths.mean()),
                "completion_len_max": float(comp.lengths.max()), "truncated_frac": float(comp.truncated.mean()),
                "rollout_s": ro.seconds, "rollout_tokens_per_s": generated * ro.rounds / max(ro.seconds, 1e-9),
                "sampling_rounds": float(ro.rounds)}
+        if not np.isnan(s["accuracy"]).all():
+            out["accuracy"] = float(np.nanmean(s["accuracy"]))
         for name, values in s["parts"].items():
-            out[f"reward/{name}"] = float(values.mean())
+            if not np.isnan(values).all():
+                out[f"reward/{name}"] = float(np.nanmean(values))
+        rm = _rm_score(s, self.rm_names)
+        if rm is not None and not np.isnan(rm).all():
+            out["rm_score"] = float(np.nanmean(rm))
+        if len(self.sources) > 1:
+            for i, src in enumerate(self.sources):
+                rows = s["source"] == i
+                out[f"{src.label}/share"] = float(rows.mean())
+                if rows.any():
+                    out.update(_source_metrics(src.label, s, rows, comp.lengths, rm))
+        elif rm is not None:
+            out.update(_source_metrics(self.sources[0].label, s, np.ones(len(s["reward"]), bool), comp.lengths, rm))
         if self.run.cfg.grpo.speculative:
             out.update(spec_acceptance=comp.acceptance_rate, spec_tokens_per_forward=comp.tokens_per_forward)
         return out
@@ -353,7 +544,12 @@ class GRPOStage(Stage):
         return {f"test_{k}": v for k, v in got.items()}
 
     def progress(self, record: dict) -> dict[str, str]:
-        return {"reward": f"{record['reward_mean']:.3f}", "acc": f"{record['accuracy']:.2f}"}
+        out = {"reward": f"{record['reward_mean']:.3f}"}
+        if "accuracy" in record:
+            out["acc"] = f"{record['accuracy']:.2f}"
+        if "rm_score" in record:
+            out["rm"] = f"{record['rm_score']:.2f}"
+        return out
 
     def plot(self) -> str | None:
         return plot_grpo(self.run.workdir)
@@ -365,7 +561,7 @@ class GRPOStage(Stage):
                 f"{last_eval['test_format_rate']:.3f}")
 
     def sample_prompt(self) -> str:
-        return (self.test or self.pool)[0].prompt
+        return (self.test or self.pools[0])[0].prompt
 
 
 def rollout_batch(prompt_ids: np.ndarray, prompt_lengths: np.ndarray, comp: Completions, seq: int,
@@ -400,7 +596,138 @@ def _gather(groups) -> Completions:
 
 
 def _gather_scores(groups) -> dict:
-    out = {k: np.concatenate([s[k][rows] for _, _, rows, s in groups]) for k in ("reward", "accuracy", "format")}
-    out["parts"] = {name: np.concatenate([s["parts"][name][rows] for _, _, rows, s in groups])
-                    for name in groups[0][3]["parts"]}
+    keys = ("reward", "accuracy", "format", "rule", "source")
+    out = {k: np.concatenate([s[k][rows] for _, _, rows, s in groups]) for k in keys}
+    names = sorted({name for *_, s in groups for name in s["parts"]})
+    out["parts"] = {name: np.concatenate([s["parts"][name][rows] if name in s["parts"] else
+                                          np.full(rows.stop - rows.start, np.nan, np.float32)
+                                          for _, _, rows, s in groups]) for name in names}
+    return out
+
+
+def take_rows(comp: Completions, idx: np.ndarray) -> Completions:
+    """The completions at rows `idx`."""
+    return dataclasses.replace(comp, tokens=comp.tokens[idx], logprobs=comp.logprobs[idx],
+                               lengths=comp.lengths[idx], texts=[comp.texts[i] for i in idx],
+                               truncated=comp.truncated[idx])
+
+
+class Mixture:
+    """Splits each step's prompts among sources in proportion to their weights.
+
+    Deterministic and exact over time: each source carries the remainder of its share, so
+    its running count stays within one prompt of weight / total x prompts drawn (smooth
+    weighted round-robin); inactive sources draw nothing and their share goes to the
+    others. `carry` is all the state there is (it goes into checkpoints)."""
+
+    def __init__(self, weights):
+        self.weights = np.asarray(weights, np.float64)
+        if not len(self.weights) or (self.weights <= 0).any():
+            raise ValueError(f"mixture weights must be positive, got {list(weights)}")
+        self.carry = np.zeros(len(self.weights))
+
+    def counts(self, n: int, active=None) -> np.ndarray:
+        """How many of the next `n` prompts each source gives (int [sources], sum n)."""
+        active = np.ones(len(self.weights), bool) if active is None else np.asarray(active, bool)
+        if not active.any():
+            raise ValueError("no prompt source is active")
+        w = np.where(active, self.weights, 0.0)
+        self.carry = self.carry + n * w / w.sum()
+        counts = np.floor(self.carry + 1e-9).astype(np.int64)
+        missing = n - int(counts.sum())
+        if missing > 0:
+            rest = np.where(active, self.carry - counts, -np.inf)
+            counts[np.argsort(-rest, kind="stable")[:missing]] += 1
+        self.carry = self.carry - counts
+        return counts
+
+
+def _uses_reward_model(src: PromptSource, models) -> bool:
+    """Whether a source's rewards include a reward model (named in `models` or registered)."""
+    return any(name in models or rewards.is_batch(name)
+               for name, _ in rewards.parse_spec(src.rewards, known=tuple(models)))
+
+
+def read_prompts(path: str, language: str = "") -> list:
+    """The general prompts of a JSONL file as problems: {"prompt": ..., other fields} per
+    line (fields reach the rewards). Raises ConfigError naming the file and line."""
+    from eval.tasks import Problem
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"prompt file {path} does not exist")
+    problems = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+                raise ConfigError(f"{path}:{n}: expected an object with a non-empty 'prompt' string")
+            fields = {k: v for k, v in row.items() if k != "prompt"}
+            if language:
+                fields.setdefault("language", language)
+            problems.append(Problem(prompt=row["prompt"], question=row["prompt"], fields=fields, work="",
+                                    answer=str(fields.get("answer", "")), key=f"{path}:{n}"))
+    if not problems:
+        raise ConfigError(f"prompt file {path} holds no prompts")
+    return problems
+
+
+def _source_problems(src: PromptSource, g: GRPOConfig, seed: int) -> tuple[list, list]:
+    """(training problems, held-out test problems) of a source (a prompt file has no test split)."""
+    from eval.sampling import checkable
+
+    if src.prompts:
+        pool, test = read_prompts(src.prompts, src.language), []
+        needs = {"accuracy", "partial_credit"} & {name for name, _ in rewards.parse_spec(src.rewards, known=(
+            *parse_reward_models(g.reward_models),))}
+        if needs and not all(checkable(p) for p in pool):
+            raise ConfigError(f"grpo source {src.label}: the {sorted(needs)} reward needs an 'answer' (or "
+                              f"'numbers' and 'target') in every line of {src.prompts}")
+        return pool, test
+    task = tasks.get(src.task, src.difficulty, template=src.template)
+    try:
+        pool = task.split("train", src.problems, seed=seed)
+        test = task.split("test", g.eval_problems, seed=seed) if g.eval_problems else []
+    except ValueError as e:
+        raise ConfigError(f"grpo source {src.label}: {e}") from None
+    if src.language:
+        pool = [dataclasses.replace(p, fields={**p.fields, "language": src.language}) for p in pool]
+    return pool, test
+
+
+def _rm_score(scores: dict, rm_names) -> np.ndarray | None:
+    """Per row: the mean of the reward models' scores that scored it (NaN where none did)."""
+    parts = [scores["parts"][name] for name in rm_names if name in scores["parts"]]
+    if not parts:
+        return None
+    stacked = np.stack(parts)
+    seen = ~np.isnan(stacked)
+    return np.where(seen.any(0), np.nansum(stacked, 0) / np.maximum(seen.sum(0), 1), np.nan)
+
+
+def _source_metrics(label: str, s: dict, rows: np.ndarray, lengths: np.ndarray, rm) -> dict[str, float]:
+    """One source's rollout metrics: reward, accuracy where defined, format rate, completion
+    length, its rewards' parts, and with a reward model its score, the hack rule's pass
+    rate and the guard: the share of its completions that fail the rule while the reward
+    model scores them above the mean score of those that pass."""
+    out = {f"{label}/reward_mean": float(s["reward"][rows].mean()),
+           f"{label}/format_rate": float(s["format"][rows].mean()),
+           f"{label}/completion_len": float(lengths[rows].mean())}
+    acc = s["accuracy"][rows]
+    if not np.isnan(acc).all():
+        out[f"{label}/accuracy"] = float(np.nanmean(acc))
+    for name, values in s["parts"].items():
+        if not np.isnan(values[rows]).all():
+            out[f"{label}/{name}"] = float(np.nanmean(values[rows]))
+    rule = s["rule"][rows]
+    if rm is not None and not np.isnan(rule).all() and not np.isnan(rm[rows]).all():
+        score_, passing = rm[rows], rule > 0
+        out[f"{label}/rm_score"] = float(np.nanmean(score_))
+        out[f"{label}/hack_rule_rate"] = float(passing.mean())
+        if passing.any():
+            out[f"{label}/rm_high_rule_fail"] = float((~passing & (score_ > score_[passing].mean())).mean())
     return out

@@ -78,8 +78,9 @@ def plot_curves(workdir: str, baseline: float | None = None) -> str:
 
 
 def plot_grpo(workdir: str) -> str:
-    """Writes plots/grpo.png: reward, accuracy (rollouts and held-out greedy) and
-    completion length against the step. Returns the file path."""
+    """Writes plots/grpo.png: reward (per prompt source too), accuracy (rollouts and
+    held-out greedy), completion length and, with reward models, their score and the
+    reward-hacking guard against the step. Returns the file path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,11 +88,19 @@ def plot_grpo(workdir: str) -> str:
 
     records = read_metrics(workdir)
     series = lambda key: [(r["step"], r[key]) for r in records if key in r]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    panels = [("reward", [("reward_mean", "reward (mean over rollouts)")]),
+    keys = sorted({k for r in records for k in r})
+    sources = [k[:-len("/reward_mean")] for k in keys if k.endswith("/reward_mean")]
+    panels = [("reward", [("reward_mean", "reward (mean over rollouts)")] +
+               [(f"{src}/reward_mean", f"{src}") for src in sources]),
               ("accuracy", [("accuracy", "rollout accuracy (sampled)"), ("format_rate", "rollout format rate"),
                             ("test_accuracy", "held-out accuracy (greedy)")]),
-              ("completion length (tokens)", [("completion_len", "mean"), ("completion_len_max", "max")])]
+              ("completion length (tokens)", [("completion_len", "mean"), ("completion_len_max", "max")] +
+               [(f"{src}/completion_len", f"{src} mean") for src in sources])]
+    guard = [k for k in keys if k.endswith("/rm_high_rule_fail") or k.endswith("/hack_rule_rate")]
+    if "rm_score" in keys or guard:
+        panels.append(("reward model and hacking guard", [("rm_score", "reward-model score")] +
+                       [(k, k.replace("rm_high_rule_fail", "RM high, rule fails")) for k in guard]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (title, keys) in zip(axes, panels):
         for key, label in keys:
             points = series(key)
