@@ -74,6 +74,15 @@ def get(name: str) -> Reward:
     return _REWARDS[name]
 
 
+def get_batch(name: str) -> BatchReward:
+    """The reward `name` as fn(prompts, completions, fields) -> [float] (a rule-based
+    reward is called once per completion)."""
+    if name in _BATCH:
+        return _BATCH[name]
+    fn = get(name)
+    return lambda prompts, completions, fields: [fn(p, c, **f) for p, c, f in zip(prompts, completions, fields)]
+
+
 def register_reward_model(name: str, workdir: str, batch_size: int = 64, width: int | None = None) -> None:
     """Registers the reward model trained in `workdir` (`python -m train rm`) as the batch
     reward `name`: prompt + completion + EOS rows of `width` tokens (default: the run's
@@ -176,6 +185,14 @@ def accuracy(prompt: str, completion: str, **fields: Any) -> float:
 def format_reward(prompt: str, completion: str, **fields: Any) -> float:
     """1 for `<think>...</think> <answer>...</answer>` with each tag once, else 0."""
     return float(parse_tags(completion) is not None)
+
+
+@register("integer_answer")
+def integer_answer(prompt: str, completion: str, **fields: Any) -> float:
+    """1 for a well-formed completion whose answer is an integer in digits, else 0: the
+    rule for prompts without a known answer (it needs no `answer` field)."""
+    answer = answer_of(completion)
+    return float(answer is not None and normalize_int(answer) is not None)
 
 
 @register("partial_credit")

@@ -86,6 +86,9 @@ def test_rewards_on_hand_picked_completions(completion, fields, acc, fmt):
     assert rewards.format_reward("p", completion, **fields) == fmt
     assert rewards.partial_credit("p", completion, **fields) == float(fmt and not acc
                                                                        and bool(rewards.answer_of(completion)))
+    # integer_answer needs no fields: well formed with a signed integer in digits.
+    integer = fmt and re.fullmatch(r"\s*[+-]?\d{1,64}\s*", rewards.answer_of(completion) or "") is not None
+    assert rewards.get("integer_answer")("p", completion) == float(integer)
 
 
 def test_overlong_penalty_is_dapo_soft_linear():
