@@ -17,7 +17,15 @@ from typing import Any
 
 import yaml
 
-_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+def _config_dir(package_dir: str) -> str:
+    """configs/: inside the package as `dsjax/configs/` where `pip install .` puts the YAML
+    files (pyproject.toml), else beside it (a checkout, or an editable install)."""
+    installed = os.path.join(package_dir, "configs")
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package_dir), "configs")
+
+
+_CONFIG_DIR = _config_dir(os.path.dirname(os.path.abspath(__file__)))
 
 ATTN_IMPLS = ("naive", "absorb")
 ATTN_KERNELS = ("dense", "blockwise")
