@@ -341,8 +341,10 @@ def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
             ckpt = Checkpointer(ckpt_dir, keep=tcfg.keep_checkpoints)
         if lead:
             os.makedirs(workdir, exist_ok=True)
+            from train.config import config_yaml
+
             with open(os.path.join(workdir, "config.yaml"), "w") as f:
-                yaml.safe_dump({"stage": stage.name, **dataclasses.asdict(cfg)}, f, sort_keys=False)
+                f.write(config_yaml(cfg, stage.name))
         metrics_log = MetricsLog(workdir, start if start else None) if lead else None
         if start >= tcfg.steps:
             run.log(f"already trained to step {start} (train.steps={tcfg.steps}); nothing to do")
