@@ -17,7 +17,15 @@ from typing import Any
 
 import yaml
 
-_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+def _config_dir(package_dir: str) -> str:
+    """configs/: inside the package as `dsjax/configs/` where `pip install .` puts the YAML
+    files (pyproject.toml), else beside it (a checkout, or an editable install)."""
+    installed = os.path.join(package_dir, "configs")
+    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package_dir), "configs")
+
+
+_CONFIG_DIR = _config_dir(os.path.dirname(os.path.abspath(__file__)))
 
 ATTN_IMPLS = ("naive", "absorb")
 ATTN_KERNELS = ("dense", "blockwise")
@@ -46,7 +54,18 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """YaRN rope scaling (DeepSeek-V2 §2.1 / Appendix), HF `rope_scaling` keys."""
+    """YaRN rope scaling (DeepSeek-V2 §2.1 / Appendix), HF `rope_scaling` keys.
+
+    Attributes:
+      type: 'yarn', the only scaling supported.
+      factor: context extension factor s (new context / original_max_position_embeddings).
+      original_max_position_embeddings: the context the model was pretrained on.
+      beta_fast / beta_slow: rotary dimensions turning more than beta_fast times over the
+        original context keep their frequency, those turning fewer than beta_slow times are
+        interpolated by `factor`, a linear ramp between.
+      mscale / mscale_all_dim: cos/sin are multiplied by mscale(factor, mscale) /
+        mscale(factor, mscale_all_dim) and the softmax scale by mscale(factor, mscale_all_dim)^2.
+    """
 
     type: str = "yarn"
     factor: float = 1.0
@@ -107,6 +126,8 @@ class ModelConfig:
       rms_norm_eps: epsilon of the hidden-size norms (q/kv latent norms use 1e-6).
       tie_word_embeddings: share the embedding with the output head.
       bos_token_id / eos_token_id: special token ids.
+      initializer_range: standard deviation of the normal initializer of the weights.
+      model_type: 'deepseek_v3' or 'deepseek_v2' (the HF `model_type`, kept by `to_hf()`).
       attn_impl: 'naive' (expand K/V per head) or 'absorb' (attend in the latent space).
       attn_kernel: how the naive form's softmax(q k^T) v runs over a sequence: 'dense'
         (the float32 scores [B, H, T, S] materialized) or 'blockwise' (online softmax over

@@ -37,26 +37,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None,
                    help="'bytes' or a tokenizer.json (default: the run's, or the HF directory's)")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="generate: 128; tasks/reject: the run's grpo.max_new_tokens, else 256")
+                   help="tokens to sample per completion (default: generate 128; tasks/reject the "
+                        "run's grpo.max_new_tokens, else 256)")
     p.add_argument("--temperature", type=float, default=None,
                    help="0 is greedy (default: generate 0, tasks/reject 0.6 as R1)")
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (default: 0, all)")
     p.add_argument("--top-p", type=float, default=None, help="default: generate 1.0, tasks/reject 0.95 as R1")
     p.add_argument("--task", default=None,
                    help="tasks/reject: NAME[:DIFFICULTY] (comma-separated for several; default: the run's grpo task)")
     p.add_argument("--template", default=None, help="tasks/reject: prompt template (default: the run's, else 'r1')")
     p.add_argument("--split", choices=("train", "test"), default=None,
                    help="tasks/reject: problems from this split (default: tasks test, reject train)")
-    p.add_argument("--problems", type=int, default=500, help="tasks/reject: problems per task")
+    p.add_argument("--problems", type=int, default=500, help="tasks/reject: problems per task (default: 500)")
     p.add_argument("--samples", type=int, default=None, help="tasks/reject: completions per problem (default 4 / 8)")
-    p.add_argument("--batch-size", type=int, default=256, help="tasks/reject: completions per generate call")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="tasks/reject: completions per generate call (default: 256)")
     p.add_argument("--speculative", action="store_true", help="tasks/reject: draft with the MTP module")
     p.add_argument("--out", default=None,
                    help="tasks: JSONL of every completion with its rewards; reject: the SFT JSONL to write")
     p.add_argument("--shortest", action="store_true", help="reject: keep only the shortest passing sample per problem")
     p.add_argument("--no-dedup", action="store_true", help="reject: keep repeated (prompt, completion) pairs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attn-impl", choices=("absorb", "naive"), default="absorb")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--attn-impl", choices=("absorb", "naive"), default="absorb",
+                   help="MLA form for decoding (default: absorb, the latent cache)")
     p.add_argument("--batches", type=int, default=None,
                    help="loss: validation batches (default: the run's train.eval_batches)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.KEY=VALUE",
@@ -172,6 +175,41 @@ def reasoning(args) -> int:
     return 0
 
 
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def show_stream(tokens, decode, stop: tuple[int, ...], write) -> int:
+    """Writes a streamed continuation as it comes: a multi-byte character once whole,
+    whitespace once text follows it, so a completion that ends in a run of spaces or
+    newlines (as a small greedy model's often does) ends the line instead; then a newline.
+
+    Args:
+      tokens: iterable of token ids; stops at the first one in `stop`.
+      decode: token ids -> text.
+      write: called with each new piece of text.
+    Returns:
+      how many trailing whitespace characters were left out.
+    """
+    emitted: list[int] = []
+    shown = ""
+    for token in tokens:
+        if token in stop:
+            break
+        emitted.append(token)
+        text = decode(emitted)
+        if text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            continue
+        ready = text.rstrip()
+        if len(ready) > len(shown):
+            write(text[len(shown):len(ready)])
+            shown = ready
+    rest = decode(emitted)[len(shown):]
+    write(rest.rstrip() + "\n")
+    return len(rest) - len(rest.rstrip())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.task_name == "loss":
@@ -211,18 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    emitted: list[int] = []
-    shown = ""
-    for token in tokens:
-        if token in stop:
-            break
-        emitted.append(token)
-        text = tokenizer.decode(emitted)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
-    sys.stdout.write(tokenizer.decode(emitted)[len(shown):] + "\n")
+    hidden = show_stream(tokens, tokenizer.decode, stop, _write)
+    if hidden:
+        print(f"[{hidden} trailing whitespace characters not shown]", file=sys.stderr)
     return 0
 
 

@@ -1,5 +1,6 @@
 """ModelConfig: HF key mapping, validation messages, presets, full-size parameter counts."""
 
+import dataclasses
 import glob
 import os
 
@@ -139,3 +140,37 @@ def test_packages_import_one_way():
                     [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 for name in names:
                     assert name.split(".")[0] not in forbidden, f"{path} imports {name}"
+
+
+def test_help_shows_the_values_of_the_stage_run(capsys):
+    """`python -m train [STAGE] --help` lists each key with the value that stage's run
+    uses (configs/<stage>.yaml over the dataclass defaults), the default beside it."""
+    from train.__main__ import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    run = yaml.safe_load(open(os.path.join(ROOT, "configs", "pretrain.yaml")))
+    assert "  train.steps = 800   [default 500]" in text and run["train"]["steps"] == 800
+    assert "  train.seq_len = 128   [default 256]" in text
+    assert "  train.batch_size = 16\n" in text
+    for key, value in run["train"].items():
+        assert f"  train.{key} = {value!r}" in text, key
+    assert "--show-config" in text
+    with pytest.raises(SystemExit):
+        main(["sft", "--workdir", "somewhere", "--help"])
+    text = capsys.readouterr().out
+    assert "run config 'sft'" in text and "  train.lr = 0.0005   [default 0.003]" in text
+
+
+def test_show_config_prints_the_resolved_config(capsys, tmp_path):
+    from train.__main__ import main
+
+    assert main(["grpo", "--show-config", "--set", "train.steps=7", "--workdir", str(tmp_path / "w")]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["stage"] == "grpo" and shown["train"]["steps"] == 7
+    assert shown["grpo"]["group_size"] == build_config("grpo", []).grpo.group_size
+    assert shown["model"] == yaml.safe_load(yaml.safe_dump(dataclasses.asdict(dsjax.load_model_config("tiny"))))
+    assert not (tmp_path / "w").exists()
+    assert main(["--show-config", "--set", "train.nope=1"]) == 2

@@ -298,3 +298,21 @@ def test_generate_is_called_as_the_readme_shows():
     assert float(gen.tokens_per_forward) == 1.0  # no drafts without speculative=True
     logits = model.apply(variables, tokens).logits
     assert [int(gen.tokens[0, 0]), int(gen.tokens[1, 0])] == [int(logits[0, 3].argmax()), int(logits[1, 1].argmax())]
+
+
+def test_cli_stream_leaves_out_trailing_whitespace(capsys):
+    """`python -m eval generate` writes whitespace only once text follows it: a greedy run
+    ending in spaces ends the line; multi-byte characters appear whole."""
+    from eval.__main__ import _parser, show_stream
+
+    decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")  # noqa: E731
+    pieces: list[str] = []
+    tokens = list("ab  c".encode()) + list("é".encode()) + [32] * 40 + [1, 100]
+    assert show_stream(iter(tokens), decode, (1,), pieces.append) == 40
+    assert "".join(pieces) == "ab  cé\n"
+    assert all("\ufffd" not in p for p in pieces)
+    pieces.clear()
+    assert show_stream(iter([32, 10, 32]), decode, (), pieces.append) == 3
+    assert pieces == ["\n"]
+    help_text = " ".join(_parser().format_help().split())
+    assert "--max-new-tokens MAX_NEW_TOKENS tokens to sample per completion (default: generate 128" in help_text

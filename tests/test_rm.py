@@ -104,18 +104,13 @@ def test_reward_model_resumes_exactly_and_refuses_bad_pairs(tmp_path):
 def test_reward_model_starts_from_a_language_model_workdir(tmp_path):
     # A language model's workdir as `python -m train` leaves it (config.yaml and a
     # checkpoint of parameters and router bias), written here directly.
-    import dataclasses
-
-    import yaml
-
     from dsjax.checkpoint import Checkpointer
-    from train.loop import _plain
+    from train.config import config_yaml
 
     cfg = build_config("pretrain", _overrides())
     lm = dsjax.unbox(dsjax.Transformer(cfg.model).init(jax.random.key(7), np.zeros((1, 8), np.int32)))
     os.makedirs(tmp_path / "lm")
-    with open(tmp_path / "lm" / "config.yaml", "w") as f:
-        yaml.safe_dump(_plain({"stage": "pretrain", **dataclasses.asdict(cfg)}), f)
+    (tmp_path / "lm" / "config.yaml").write_text(config_yaml(cfg, "pretrain"))
     ckpt = Checkpointer(str(tmp_path / "lm" / "checkpoints"))
     ckpt.save(5, {"params": lm["params"], "moe_bias": lm["moe_bias"]}, {"step": 5})
     ckpt.close()

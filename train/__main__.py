@@ -20,13 +20,16 @@ import sys
 STAGES = ("pretrain", "sft", "grpo", "distill", "rm")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(config: str | None = None) -> argparse.ArgumentParser:
+    """The command line; its --help lists every --set key with the value the run config
+    `config` gives it (None: no list, for a parse that shows no help)."""
     from train.config import describe_options
 
     p = argparse.ArgumentParser(
         prog="python -m train", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train DeepSeek-style models with dsjax.",
-        epilog="options for --set (section.key = default):\n" + describe_options())
+        description="Train DeepSeek-style models with dsjax. `python -m train STAGE --help` lists the "
+                    "values that stage's run uses; --show-config prints its whole resolved config.",
+        epilog=describe_options(config) if config else None, add_help=config is not None)
     p.add_argument("stage", nargs="?", default="pretrain", choices=STAGES, help="what to run (default: pretrain)")
     p.add_argument("--config", default=None,
                    help="run config: a name under configs/ or a YAML path (default: the stage's own)")
@@ -38,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 for multi-process runs")
     p.add_argument("--num-processes", type=int, default=None, help="processes in a multi-process run")
     p.add_argument("--process-id", type=int, default=None, help="this process's index")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the resolved config (the run config and --set overrides, as the "
+                        "workdir's config.yaml will hold it) and exit")
     p.add_argument("--dry-run", action="store_true",
                    help="print the per-device memory plan of the layout and exit (allocates nothing)")
     p.add_argument("--devices", type=int, default=None, help="devices for --dry-run (default: those present)")
@@ -95,7 +101,11 @@ def _stage_class(stage: str):
 def main(argv: list[str] | None = None) -> int:
     from dsjax.config import ConfigError
 
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # --help shows the values of the run this command line would start: parse it once
+    # without help to learn the stage and --config.
+    known, _ = _parser().parse_known_args([a for a in argv if a not in ("-h", "--help")])
+    args = _parser(known.config or known.stage).parse_args(argv)
     try:
         from train.config import build_config
 
@@ -104,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.show_config:
+        from train.config import config_yaml
+
+        print(config_yaml(cfg, args.stage), end="")
+        return 0
     if args.dry_run:
         return dry_run(cfg, args)
     from train.loop import RunStopped, run_stage

@@ -248,14 +248,37 @@ def check_same_model(have: ModelConfig, asked: ModelConfig, where: str) -> None:
         raise ConfigError(f"{where} holds a different model: {shown}")
 
 
-def describe_options() -> str:
-    """Every key with its default, for --help."""
-    lines = []
+def config_yaml(cfg: RunConfig, stage: str) -> str:
+    """The resolved config as the workdir's config.yaml holds it (tuples, such as
+    grpo.sources, as YAML lists)."""
+    return yaml.safe_dump(_plain({"stage": stage, **dataclasses.asdict(cfg)}), sort_keys=False)
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def describe_options(config: str = "pretrain") -> str:
+    """Every --set key with the value the run config `config` (a stage's own, or a name or
+    path as --config takes) gives it, and the dataclass default where that differs; for --help.
+    The model keys' defaults are the `tiny` preset's."""
     defaults = RunConfig()
+    try:
+        run = build_config(config, [])
+        head = f"options for --set, as the run config {config!r} sets them [default where it differs]:"
+    except (ConfigError, FileNotFoundError) as e:
+        run = defaults
+        head = f"options for --set with their defaults (run config {config!r} not read: {e}):"
+    lines = [head]
     for section in ("train", "data", "mesh", "init", "sft", "grpo", "distill", "rm", "model"):
-        obj = getattr(defaults, section)
+        obj, base = getattr(run, section), getattr(defaults, section)
         for f in dataclasses.fields(obj):
-            lines.append(f"  {section}.{f.name} = {getattr(obj, f.name)!r}")
+            value, default = getattr(obj, f.name), getattr(base, f.name)
+            lines.append(f"  {section}.{f.name} = {value!r}" + (f"   [default {default!r}]" if value != default else ""))
         if section == "model":
             lines.append("  model.preset = 'tiny'   (one of configs/models/)")
     return "\n".join(lines)

@@ -56,7 +56,8 @@ class PromptSource:
       rewards: this source's weighted rewards: rule-based ones and reward models named in
         grpo.reward_models, e.g. 'helpful:1,format:0.1'.
       weight: its share of each step's prompts, relative to the active sources (a source
-        scored by a reward model is active from grpo.rm_from_step on).
+        scored by a reward model is active from grpo.rm_from_step on; dynamic sampling
+        then keeps the groups with reward spread, whatever their source).
       problems: how many training problems a task source draws (a prompt file gives all).
       language: the target script of the `language` reward for this source's prompts
         (eval.rewards.SCRIPTS; a prompt's own `language` field wins).

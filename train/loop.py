@@ -341,8 +341,10 @@ def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
             ckpt = Checkpointer(ckpt_dir, keep=tcfg.keep_checkpoints)
         if lead:
             os.makedirs(workdir, exist_ok=True)
+            from train.config import config_yaml
+
             with open(os.path.join(workdir, "config.yaml"), "w") as f:
-                yaml.safe_dump(_plain({"stage": stage.name, **dataclasses.asdict(cfg)}), f, sort_keys=False)
+                f.write(config_yaml(cfg, stage.name))
         metrics_log = MetricsLog(workdir, start if start else None) if lead else None
         if start >= tcfg.steps:
             run.log(f"already trained to step {start} (train.steps={tcfg.steps}); nothing to do")
@@ -364,15 +366,6 @@ def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
         if tcfg.sample_tokens and stage.samples:
             _print_sample(run, stage, state)
     return 0
-
-
-def _plain(value):
-    """A config dict as YAML writes it safely: tuples (lists of sources) become lists."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 class RunStopped(Exception):

@@ -1,0 +1,1 @@
+"""Training: data, optimizers, the pretrain/SFT/GRPO/distill/RM steps and `python -m train`."""
