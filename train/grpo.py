@@ -331,8 +331,10 @@ class GRPOStage(Stage):
             self.pools.append(pool)
             if test and not self.test:
                 self.test = test
-        self.orders = [np.random.default_rng([cfg.train.seed, i]).permutation(len(p)) if i else
-                       np.random.default_rng(cfg.train.seed).permutation(len(p)) for i, p in enumerate(self.pools)]
+        # The first source keeps the single-source order, so runs and checkpoints from
+        # before sources existed go on drawing the same problems.
+        self.orders = [np.random.default_rng(cfg.train.seed if i == 0 else [cfg.train.seed, i]).permutation(len(p))
+                       for i, p in enumerate(self.pools)]
         self.cursors = [0] * len(self.sources)
         self.mixture = Mixture([src.weight for src in self.sources])
         self.reward_fns = [rewards.combine(src.rewards) for src in self.sources]
