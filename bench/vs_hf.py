@@ -28,7 +28,8 @@ One JSON line per preset and measure, each with `dsjax_per_s`, `hf_per_s`, `spee
               tokens of the two are identical.
 
 `mfu` = model FLOPs per token x tokens/s / the float32 matmul throughput measured in the
-same run (a 2048^3 jnp.dot after warm-up); the FLOP formula is in each line. Decode lines
+same run (a 2048^3 jnp.dot after warm-up, the larger of two timings just before and after
+the measure); the FLOP formula is in each line. Decode lines
 add `fraction_of_bound`: tokens/s over batch x copy bandwidth (numpy copy of 512 MiB,
 read + written bytes per second) / the bytes one decode step must read (see
 `decode_bytes`: the assumption is in each line).
@@ -406,22 +407,29 @@ def main():
     for preset in args.presets.split(","):
         with tempfile.TemporaryDirectory() as d:
             model, variables, hf = build_pair(preset, d)
-        lines = []
+        jobs = []
         if "prefill" in measures:
-            lines.append(bench_prefill(model, variables, hf, args.batch, args.seq, args.reps, args.warmup, rng))
+            jobs.append(lambda: bench_prefill(model, variables, hf, args.batch, args.seq, args.reps, args.warmup, rng))
         if "decode" in measures:
             for b in map(int, args.decode_batches.split(",")):
-                lines.append(bench_decode(model, variables, hf, b, args.prompt_len, args.new_tokens, args.reps,
-                                          machine["copy_bytes_per_s"], rng))
+                jobs.append(lambda b=b: bench_decode(model, variables, hf, b, args.prompt_len, args.new_tokens,
+                                                     args.reps, machine["copy_bytes_per_s"], rng))
         if "train" in measures:  # last: it donates (and so consumes) the loaded parameters
-            lines.append(bench_train(preset, model, variables, hf, args.batch, args.seq, args.reps, args.warmup, rng))
-        for line in lines:
-            out = finish(line, preset, machine["matmul_flops_per_s"])
+            jobs.append(lambda: bench_train(preset, model, variables, hf, args.batch, args.seq, args.reps,
+                                            args.warmup, rng))
+        for job in jobs:
+            # The machine is shared: the matmul peak is measured again next to each measure.
+            machine.update(matmul_flops_per_s())
+            line = job()
+            after = matmul_flops_per_s()
+            peak = max(machine["matmul_flops_per_s"], after["matmul_flops_per_s"])
+            out = finish(line, preset, peak)
             out.update(n_active=active_params(model.cfg), threads=threads,
                        omp_wait_policy=os.environ["OMP_WAIT_POLICY"], hf_attn_impl=hf.config._attn_implementation,
                        hf_experts_impl=getattr(hf.config, "_experts_implementation", None),
-                       matmul_flops_per_s=round(machine["matmul_flops_per_s"]),
-                       torch_matmul_flops_per_s=round(machine["torch_matmul_flops_per_s"]),
+                       matmul_flops_per_s=round(peak),
+                       torch_matmul_flops_per_s=round(max(machine["torch_matmul_flops_per_s"],
+                                                          after["torch_matmul_flops_per_s"])),
                        copy_bytes_per_s=round(machine["copy_bytes_per_s"]))
             print(json.dumps(out), flush=True)
 
