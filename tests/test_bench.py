@@ -1,0 +1,125 @@
+"""The benchmark runner (`python -m bench`) and bench/vs_hf.py's arithmetic; no benchmark runs."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench import __main__ as runner
+from bench import vs_hf
+from dsjax.config import load_model_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_list_names_every_benchmark_and_marks_slow_ones():
+    out = subprocess.run([sys.executable, "-m", "bench", "--list"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    listed = {line.split()[0]: line for line in out.stdout.splitlines()}
+    files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "bench", "*.py"))
+             if not os.path.basename(p).startswith("_")}
+    assert set(listed) == files and "vs_hf" in files
+    for name in ("r1", "r1_full", "r1_distill", "fp8_quality", "fp8_ablation"):
+        assert " slow " in listed[name]
+    assert " gpu " in listed["gpu_check"]
+
+
+def test_default_selection_leaves_out_slow_ones_and_names_win():
+    available = runner.discover()
+    default = runner.select([], available, run_all=False)
+    assert "vs_hf" in default and not set(default) & set(runner.SLOW)
+    assert runner.select([], available, run_all=True) == list(available)
+    assert runner.select(["r1", "vs_hf"], available, run_all=False) == ["r1", "vs_hf"]
+    with pytest.raises(SystemExit, match="nosuch"):
+        runner.select(["nosuch"], available, run_all=False)
+    assert "VARIANT" in runner.skip_reason("fp8_ablation", [])
+    assert runner.skip_reason("fp8_ablation", ["forward_only"]) is None
+
+
+def test_parse_output_adds_names_and_keeps_other_lines():
+    text = ('compiled 1 device in 3.1 s\n'
+            '{"preset": "small", "runs": [{"impl": "absorb", "context": 256, "decode_tokens_per_s": 23.8}]}\n'
+            '{not json\n'
+            '[1, 2]\n'
+            '{"name": "own", "x": 1}\n\n')
+    records, other = runner.parse_output(text, "decode_cache")
+    assert records == [{"name": "decode_cache", "preset": "small",
+                        "runs": [{"impl": "absorb", "context": 256, "decode_tokens_per_s": 23.8}]},
+                       {"name": "own", "x": 1}]
+    assert other == ["compiled 1 device in 3.1 s", "{not json", "[1, 2]"]
+
+
+def test_table_rows_and_figures():
+    vs = {"name": "vs_hf", "preset": "tiny", "measure": "train", "dsjax_per_s": 1255.9, "hf_per_s": 1884.3,
+          "speedup": 0.667, "mfu": 0.0893, "target_met": False, "flops_formula": "6*N_active + ..."}
+    other = {"name": "attention_memory", "preset": "small", "seq_len": 4096, "dense_temp_mib": 2111.1,
+             "blockwise_temp_mib": 139.6, "reduction": 15.12, "heads": 8}
+    generic = {"name": "new_one", "a": 1, "nested": {"b": 2}, "long": "x" * 40, "c": 0.123456}
+    results = [{"name": "vs_hf", "status": "ok", "wall_s": 61.2, "records": [vs, dict(vs, preset="small")]},
+               {"name": "attention_memory", "status": "ok", "wall_s": 7.0, "records": [other]},
+               {"name": "new_one", "status": "ok", "wall_s": 1.0, "records": [generic]},
+               {"name": "gpu_check", "status": "skipped", "wall_s": None, "records": [], "reason": "needs a GPU"},
+               {"name": "r1", "status": "failed", "wall_s": 3.0, "records": [], "reason": "exit status 1"}]
+    lines = runner.format_table(results).splitlines()
+    assert lines[0].split() == ["benchmark", "status", "wall", "s", "figures"] and set(lines[1]) == {"-"}
+    assert len(lines) == 2 + 6
+    assert lines[2].startswith("vs_hf") and " 61 " in lines[2]
+    assert "preset=tiny  measure=train  dsjax_per_s=1256  hf_per_s=1884  speedup=0.667  mfu=0.0893  " \
+           "target_met=False" in lines[2]
+    assert lines[3].startswith(" ") and "preset=small" in lines[3]
+    assert "reduction=15.12" in lines[4] and "heads" not in lines[4]
+    assert "a=1  c=0.1235" in lines[5] and "nested" not in lines[5] and "long" not in lines[5]
+    assert "skipped" in lines[6] and "needs a GPU" in lines[6]
+    assert "failed" in lines[7] and "exit status 1" in lines[7]
+    decode = runner.key_figures({"name": "decode_cache", "runs": [
+        {"impl": "naive", "context": 256, "decode_tokens_per_s": 15.4, "cache_bytes": 1},
+        {"impl": "absorb", "context": 256, "decode_tokens_per_s": 23.8, "cache_bytes": 1}]})
+    assert decode == [("naive@256", 15.4), ("absorb@256", 23.8)]
+
+
+def test_flops_and_bytes_against_a_hand_count():
+    """tiny, MTP off: D 128, V 512, L 4 (1 dense + 3 MoE), H 4, Q 64, C 64, K 32, R 16, Vh 32,
+    dense F 384, E 16 experts of F 64, k 4, 1 shared expert."""
+    cfg = load_model_config("tiny").replace(num_nextn_predict_layers=0)
+    D, V, H, Q, C, K, R, Vh = 128, 512, 4, 64, 64, 32, 16, 32
+    attn = (D * Q + Q + Q * H * (K + R)            # wq_a, q_norm, wq_b
+            + D * (C + R) + C + C * H * (K + Vh)   # wkv_a, kv_norm, wkv_b
+            + H * Vh * D + 2 * D)                  # wo, the two layer norms
+    dense_layer = attn + 3 * D * 384
+    expert = 3 * D * 64
+    moe_layer = attn + D * 16 + 4 * expert + expert  # router, 4 routed experts, 1 shared
+    n_active = dense_layer + 3 * moe_layer + D + D * V  # final norm, output head
+    assert vs_hf.active_params(cfg) == n_active
+    T = 256
+    attention_fwd = 2 * 4 * H * (K + R + Vh) * (T / 2)   # per token: 2 FLOPs x H(K+R+V) x T/2 keys x L
+    assert vs_hf.train_flops_per_token(cfg, T) == 6 * n_active + 3 * attention_fwd
+    assert vs_hf.prefill_flops_per_token(cfg, T) == 2 * n_active + attention_fwd
+    assert vs_hf.decode_flops_per_token(cfg, 48) == 2 * n_active + 2 * 4 * H * (K + R + Vh) * 48
+    from train.steps import flops_per_token
+    assert vs_hf.train_flops_per_token(cfg, T) == flops_per_token(cfg, T)  # the trainer's own count
+
+    context = 48
+    one = vs_hf.decode_bytes(cfg, 1, context)
+    routed_non = n_active - 3 * 4 * expert
+    assert one["weight_bytes"] == 4 * (routed_non + 3 * 4 * expert + D)
+    assert one["cache_bytes"] == 4 * 1 * 4 * context * (C + R)
+    assert one["bytes"] == one["weight_bytes"] + one["cache_bytes"]
+    eight = vs_hf.decode_bytes(cfg, 8, context)  # 8 x 4 = 32 > 16: every expert is read
+    assert eight["experts_read_per_moe_layer"] == 16
+    assert eight["weight_bytes"] == 4 * (routed_non + 3 * 16 * expert + 8 * D)
+    assert eight["cache_bytes"] == 4 * 8 * 4 * context * (C + R)
+    assert vs_hf.decode_bound(cfg, 8, context, 1e10) == pytest.approx(8 * 1e10 / eight["bytes"])
+
+
+def test_targets_and_target_met():
+    assert vs_hf.targets("tiny", "train") == {"target_speedup": 1.5}
+    assert vs_hf.targets("small", "train") == {"target_speedup": 1.0, "target_mfu": 0.5}
+    assert vs_hf.targets("small", "prefill") == {"target_speedup": 1.0}
+    assert vs_hf.targets("tiny", "decode_b8") == {"target_speedup": 1.5, "target_fraction_of_bound": 0.6}
+    line = {"speedup": 1.2, "mfu": 0.6, "target_speedup": 1.0, "target_mfu": 0.5}
+    assert vs_hf.target_met(line)
+    assert not vs_hf.target_met(dict(line, mfu=0.4))
+    assert not vs_hf.target_met({"speedup": 2.0, "fraction_of_bound": 0.5, **vs_hf.targets("tiny", "decode_b1")})
