@@ -54,7 +54,7 @@ def _layer_activation_values(cfg, seq_len: int, moe: bool, tensor: int, dispatch
     """(all intermediates, matmul outputs) per token of one layer, in values (not bytes);
     the float32 attention scores are counted twice to weigh 4 bytes against 2. The routed
     experts count what the dispatch in force keeps: the dense form every expert's hidden
-    units, the grouped GEMMs the k copies', and the expert-parallel exchange only the
+    units, the grouped GEMMs (ragged, blocked) the k copies', and the expert-parallel exchange only the
     copies it sends and gets back (its backward pass moves them again and recomputes)."""
     D, H, T = cfg.hidden_size, cfg.num_attention_heads / tensor, seq_len
     K, R, V, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
@@ -67,7 +67,8 @@ def _layer_activation_values(cfg, seq_len: int, moe: bool, tensor: int, dispatch
             routed = 2 * k * D
         elif dispatch == "dense":  # per expert unit: x W1, x W3, SiLU's two factors, the gated
             routed = 7 * E * F / tensor + E  # product, its combine-weighted copy, and one more
-
+        elif dispatch == "blocked":  # per copy, its VJP keeps: its row, x W1, x W3, the unsorted
+            routed = k * (2 * D + 2 * F / tensor)  # output (plus < block rows per expert of padding)
         else:
             routed = k * (2 * D + 3 * F / tensor)
         ffn = routed + 3 * cfg.shared_intermediate_size / tensor
