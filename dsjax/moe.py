@@ -237,7 +237,7 @@ def _blocked_swiglu_fwd(xs, experts, used, w1, w3, w2):
 
 def _blocked_swiglu_bwd(res, dys):
     # A scan again, each block adding its weight gradients into its expert's slice of
-    # the carried [E, ...] sums in place.
+    # the carried float32 [E, ...] sums in place.
     xs, experts, used, w1, w3, w2, A1, A3 = res
 
     def run(g, xb, dy, e, a1, a3):
@@ -247,7 +247,8 @@ def _blocked_swiglu_bwd(res, dys):
         dh = dy @ w2[e].T
         da3 = dh * silu
         da1 = dh * a3 * sig * (1 + a1 * (1 - sig))
-        g = (g1.at[e].add(xb.T @ da1), g3.at[e].add(xb.T @ da3), g2.at[e].add((silu * a3).T @ dy))
+        f32 = lambda a: a.astype(jnp.float32)
+        g = (g1.at[e].add(f32(xb.T @ da1)), g3.at[e].add(f32(xb.T @ da3)), g2.at[e].add(f32((silu * a3).T @ dy)))
         return g, da1 @ w1[e].T + da3 @ w3[e].T
 
     def skip(g, xb, dy, e, a1, a3):
@@ -257,9 +258,9 @@ def _blocked_swiglu_bwd(res, dys):
         xb, dy, e, u, a1, a3 = a
         return jax.lax.cond(u, run, skip, g, xb, dy, e, a1, a3)
 
-    zeros = (jnp.zeros_like(w1), jnp.zeros_like(w3), jnp.zeros_like(w2))
+    zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in (w1, w3, w2))  # summed over blocks in float32
     (g1, g3, g2), dxs = jax.lax.scan(body, zeros, (xs, dys, experts, used, A1, A3))
-    return dxs, None, None, g1, g3, g2
+    return dxs, None, None, g1.astype(w1.dtype), g3.astype(w3.dtype), g2.astype(w2.dtype)
 
 
 _blocked_swiglu.defvjp(_blocked_swiglu_fwd, _blocked_swiglu_bwd)
