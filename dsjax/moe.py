@@ -155,9 +155,9 @@ def experts_gather(x, weights, indices, w1, w3, w2, fp8: Recipe | None = None):
 
 def block_rows(copies: int, experts: int) -> int:
     """Rows per block of `experts_blocked`: 128, halved (down to 8) while the padding of
-    up to block - 1 rows per expert could exceed twice the token copies."""
+    up to block - 1 rows per expert could exceed the token copies."""
     block = 128
-    while block > 8 and block * experts > 2 * copies:
+    while block > 8 and block * experts > copies:
         block //= 2
     return block
 

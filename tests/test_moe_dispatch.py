@@ -160,10 +160,11 @@ def test_block_layout_gives_each_block_one_expert():
     assert (blocks[6:] == 16).all()
 
 
-def test_block_rows_keep_padding_below_twice_the_copies():
+def test_block_rows_keep_padding_below_the_copies():
     assert moe.block_rows(8192, 24) == 128  # small's 8 x 256 training step, k = 4
     assert moe.block_rows(32, 24) == 8  # decoding 8 sequences
-    assert moe.block_rows(2048, 256) == 16
+    assert moe.block_rows(2048, 256) == 8
+    assert moe.block_rows(2048, 24) == 64  # 512 tokens per device
     assert moe.block_rows(10**6, 256) == 128
 
 
