@@ -29,7 +29,7 @@ _CONFIG_DIR = _config_dir(os.path.dirname(os.path.abspath(__file__)))
 
 ATTN_IMPLS = ("naive", "absorb")
 ATTN_KERNELS = ("dense", "blockwise")
-MOE_IMPLS = ("auto", "dense", "ragged")
+MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "gather")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -134,11 +134,14 @@ class ModelConfig:
         512-token blocks with a recomputing backward pass, dsjax/attention.py: the scores
         are never all live). Cached decoding (prefill included) uses the dense form.
       moe_impl: 'dense' (every expert on every token, reference), 'ragged' (dropless
-        sort + grouped GEMM with jax.lax.ragged_dot), or 'auto' (default): dense on a CPU,
-        ragged on GPUs and TPUs (`moe_dispatch`). XLA's CPU backend runs ragged_dot as a
-        masked GEMM over every expert, so there the dense form does no more arithmetic and
-        skips the sort; elsewhere the grouped GEMM computes only the routed copies. Expert
-        parallelism (experts split over a mesh axis) always runs the grouped GEMMs.
+        sort + grouped GEMM with jax.lax.ragged_dot), 'blocked' (dropless sort into
+        fixed-size row blocks, each one expert's, run as dense GEMMs by a scan), 'gather'
+        (each token copy gathers its expert's weights: for a few tokens, as in decoding),
+        or 'auto' (default, `moe_dispatch`): ragged on GPUs and TPUs; on a CPU, whose
+        XLA backend runs ragged_dot as a masked GEMM over every expert, gather when the
+        call's token copies are at most a quarter of the experts, else blocked, and dense
+        under the FP8 recipe (blocked and gather have no FP8 form). Expert parallelism
+        (experts split over a mesh axis) always runs the grouped GEMMs.
       dtype: activation/compute dtype; param_dtype: storage dtype of parameters.
       remat_policy: activation checkpointing of each decoder layer.
       precision: 'default', or 'fp8' for DeepSeek-V3's FP8 recipe in the linear layers of
@@ -225,6 +228,9 @@ class ModelConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
+        if self.precision == "fp8" and self.moe_impl in ("blocked", "gather"):
+            raise ConfigError(f"moe_impl={self.moe_impl!r} has no FP8 form: use 'auto', 'dense' or 'ragged' "
+                              "with precision='fp8'")
         if not isinstance(self.fp8_pow2_scales, bool):
             raise ConfigError(f"fp8_pow2_scales={self.fp8_pow2_scales!r} must be true or false")
         if self.first_k_dense_replace > self.num_hidden_layers:
@@ -268,14 +274,23 @@ class ModelConfig:
     def num_moe_layers(self) -> int:
         return self.num_hidden_layers - self.num_dense_layers
 
-    def moe_dispatch(self, backend: str | None = None) -> str:
-        """'dense' or 'ragged': `moe_impl` with 'auto' resolved for `backend` (default: the
-        one JAX runs on): dense on a CPU, ragged on GPUs and TPUs."""
+    def moe_dispatch(self, backend: str | None = None, tokens: int | None = None) -> str:
+        """'dense', 'ragged', 'blocked' or 'gather': `moe_impl` with 'auto' resolved for
+        `backend` (default: the one JAX runs on) and a call on `tokens` tokens (None: a
+        training-sized call). GPUs and TPUs: ragged. A CPU: dense under the FP8 recipe,
+        gather when tokens * num_experts_per_tok <= n_routed_experts / 4 (decoding a
+        few sequences), else blocked."""
         if self.moe_impl != "auto":
             return self.moe_impl
         import jax
 
-        return "dense" if (backend or jax.default_backend()) == "cpu" else "ragged"
+        if (backend or jax.default_backend()) != "cpu":
+            return "ragged"
+        if self.precision == "fp8":
+            return "dense"
+        if tokens is not None and 4 * tokens * self.num_experts_per_tok <= self.n_routed_experts:
+            return "gather"
+        return "blocked"
 
     @property
     def experts_per_group(self) -> int:

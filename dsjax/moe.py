@@ -10,12 +10,17 @@ Group-limited routing keeps the `topk_group` best of `n_group` expert groups fir
 (group score = max for V2's `group_limited_greedy`, sum of top-2 for V3's `noaux_tc`).
 Weights are renormalized when `norm_topk_prob` and scaled by `routed_scaling_factor`.
 
-Dispatch, chosen by `moe_impl` (`auto`: dense on a CPU, ragged elsewhere;
-`ModelConfig.moe_dispatch`):
+Dispatch, chosen by `moe_impl` (`auto`: ragged on GPUs and TPUs; on a CPU blocked, or
+gather for a few tokens; `ModelConfig.moe_dispatch`):
 - `dense`: every expert on every token, weighted by a sparse combine matrix (reference);
 - `ragged`: dropless; token copies sorted by expert and run through grouped GEMMs
-  (`jax.lax.ragged_dot`), then scattered back. Under a mesh that splits the tokens, each
-  device sorts only its own copies (`experts_local`, shard_map over the batch axes).
+  (`jax.lax.ragged_dot`), then scattered back;
+- `blocked`: dropless; the sorted copies padded per expert into fixed-size row blocks,
+  a scan of dense GEMMs over the blocks (XLA:CPU runs ragged_dot over every expert);
+- `gather`: each token copy gathers its expert's weights (decoding: reads k experts
+  per token, not E).
+Under a mesh that splits the tokens, ragged and blocked sort only each device's own
+copies (`experts_local`, shard_map over the batch axes).
 When the active mesh and logical-axis rules split `experts` over several devices, the
 routed experts run expert-parallel under shard_map instead (`experts_expert_parallel`):
 each token copy travels only to the device holding its expert and back, dropless.
@@ -27,6 +32,7 @@ MaxVio) and V3's sequence-wise balance loss Σ_i f_i P_i (eq. 17-20, without alp
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -130,6 +136,158 @@ def experts_ragged(x, weights, indices, w1, w3, w2, fp8: Recipe | None = None):
     ys = _grouped_swiglu(xs, w1, w3, w2, group_sizes, fp8)  # [N*k, D]
     ys = ys * weights.reshape(-1)[order][:, None].astype(ys.dtype)
     return jnp.zeros_like(x).at[token].add(ys)
+
+
+def experts_gather(x, weights, indices, w1, w3, w2, fp8: Recipe | None = None):
+    """Per-copy dispatch for few tokens (decoding): each token copy gathers its expert's
+    weights (w1[idx]: [N*k, D, F]) and runs a batched matrix-vector product, so a step
+    reads the k experts each token chose instead of all E. Same shapes as `experts_dense`;
+    no FP8 form (the FP8 recipe routes to `experts_dense`)."""
+    if fp8 is not None:
+        raise ValueError("moe_impl='gather' has no FP8 form")
+    N, k = indices.shape
+    flat = indices.reshape(-1)  # [N*k]
+    xs = jnp.repeat(x, k, axis=0)  # [N*k, D]
+    h = nn.silu(jnp.einsum("rd,rdf->rf", xs, w1[flat])) * jnp.einsum("rd,rdf->rf", xs, w3[flat])
+    ys = jnp.einsum("rf,rfd->rd", h, w2[flat]) * weights.reshape(-1)[:, None].astype(h.dtype)
+    return ys.reshape(N, k, -1).sum(1)
+
+
+def block_rows(copies: int, experts: int) -> int:
+    """Rows per block of `experts_blocked`: 128, halved (down to 8) while the padding of
+    up to block - 1 rows per expert could exceed the token copies."""
+    block = 128
+    while block > 8 and block * experts > copies:
+        block //= 2
+    return block
+
+
+@jax.custom_vjp
+def _permute_rows(a, idx, inverse):
+    """a [M, W] -> rows a[idx] [len(idx), W], index M giving a zero row. `inverse` is the
+    reverse map, so the transpose is the same kind of gather (XLA:CPU gathers rows much
+    faster than it scatter-adds them)."""
+    return jnp.concatenate([a, jnp.zeros((1, a.shape[1]), a.dtype)])[idx]
+
+
+def _permute_rows_fwd(a, idx, inverse):
+    return _permute_rows(a, idx, inverse), (idx, inverse)
+
+
+def _permute_rows_bwd(res, ct):
+    idx, inverse = res
+    return _permute_rows(ct, inverse, idx), None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+def _block_layout(indices, E: int, block: int):
+    """Expert-sorted token copies padded per expert to a multiple of `block` rows.
+
+    indices: [N, k]. Returns row [N*k] (padded row of each copy), copy [P] (the copy in
+    each padded row, N*k for padding), expert [nb] (the expert of each block) and used
+    [nb] (False for the blocks past the last expert's), with P = nb * block and
+    nb = ceil((N*k + E*(block-1)) / block), the static bound of the padded total.
+    """
+    R = indices.size
+    flat = indices.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.zeros((E,), jnp.int32).at[flat].add(1)
+    padded = (sizes + block - 1) // block * block
+    end = jnp.cumsum(padded)  # [E] padded end of each expert's rows
+    expert = flat[order]
+    sorted_row = end[expert] - padded[expert] + jnp.arange(R) - (jnp.cumsum(sizes) - sizes)[expert]
+    nb = -(-(R + E * (block - 1)) // block)
+    row = jnp.zeros((R,), jnp.int32).at[order].set(sorted_row)
+    copy = jnp.full((nb * block,), R, jnp.int32).at[sorted_row].set(order)
+    starts = jnp.arange(nb) * block
+    block_expert = jnp.minimum(jnp.searchsorted(end, starts, side="right"), E - 1).astype(jnp.int32)
+    return row, copy, block_expert, starts < end[-1]
+
+
+def _blocks_forward(xs, experts, used, w1, w3, w2):
+    """Per block: (SwiGLU output [b, D], x W1 [b, F], x W3 [b, F]); zeros for unused blocks."""
+    b, F = xs.shape[1], w1.shape[2]
+
+    def run(xb, e):
+        a1, a3 = xb @ w1[e], xb @ w3[e]
+        return (nn.silu(a1) * a3) @ w2[e], a1, a3
+
+    def skip(xb, e):
+        return jnp.zeros_like(xb), jnp.zeros((b, F), xb.dtype), jnp.zeros((b, F), xb.dtype)
+
+    def body(_, a):
+        xb, e, u = a
+        return None, jax.lax.cond(u, run, skip, xb, e)
+    return jax.lax.scan(body, None, (xs, experts, used))[1]
+
+
+@jax.custom_vjp
+def _blocked_swiglu(xs, experts, used, w1, w3, w2):
+    """The experts' SwiGLU on blocks of rows, each block one expert's: a scan of dense
+    [b, D] x [D, F] GEMMs. xs: [nb, b, D]; experts, used: [nb] -> [nb, b, D]."""
+    return _blocks_forward(xs, experts, used, w1, w3, w2)[0]
+
+
+def _blocked_swiglu_fwd(xs, experts, used, w1, w3, w2):
+    ys, a1, a3 = _blocks_forward(xs, experts, used, w1, w3, w2)
+    return ys, (xs, experts, used, w1, w3, w2, a1, a3)  # a1, a3: [nb, b, F], 2F per row
+
+
+def _blocked_swiglu_bwd(res, dys):
+    # A scan again, each block adding its weight gradients into its expert's slice of
+    # the carried float32 [E, ...] sums in place.
+    xs, experts, used, w1, w3, w2, A1, A3 = res
+
+    def run(g, xb, dy, e, a1, a3):
+        g1, g3, g2 = g
+        sig = jax.nn.sigmoid(a1)
+        silu = a1 * sig
+        dh = dy @ w2[e].T
+        da3 = dh * silu
+        da1 = dh * a3 * sig * (1 + a1 * (1 - sig))
+        f32 = lambda a: a.astype(jnp.float32)
+        g = (g1.at[e].add(f32(xb.T @ da1)), g3.at[e].add(f32(xb.T @ da3)), g2.at[e].add(f32((silu * a3).T @ dy)))
+        return g, da1 @ w1[e].T + da3 @ w3[e].T
+
+    def skip(g, xb, dy, e, a1, a3):
+        return g, jnp.zeros_like(xb)
+
+    def body(g, a):
+        xb, dy, e, u, a1, a3 = a
+        return jax.lax.cond(u, run, skip, g, xb, dy, e, a1, a3)
+
+    zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in (w1, w3, w2))  # summed over blocks in float32
+    (g1, g3, g2), dxs = jax.lax.scan(body, zeros, (xs, dys, experts, used, A1, A3))
+    return dxs, None, None, g1.astype(w1.dtype), g3.astype(w3.dtype), g2.astype(w2.dtype)
+
+
+_blocked_swiglu.defvjp(_blocked_swiglu_fwd, _blocked_swiglu_bwd)
+
+
+def experts_blocked(x, weights, indices, w1, w3, w2, fp8: Recipe | None = None, block: int | None = None):
+    """Dropless grouped GEMM in fixed-size row blocks, the fast dispatch on a CPU.
+
+    Token copies are sorted by expert and each expert's group padded to a multiple of
+    `block` rows (default `block_rows`), so every block belongs to one expert; a scan
+    runs each block through its expert's SwiGLU as dense GEMMs (blocks past the last
+    expert's are skipped), then the rows are unsorted and combined with the routing
+    weights. Only routed copies are computed (plus at most block - 1 padding rows per
+    expert). Moving rows in and out is a gather both ways, forward and backward. Same
+    shapes as `experts_dense`; no FP8 form (the FP8 recipe routes to the other paths).
+    """
+    if fp8 is not None:
+        raise ValueError("moe_impl='blocked' has no FP8 form")
+    N, k = indices.shape
+    E, D = w1.shape[0], w1.shape[1]
+    block = block or block_rows(N * k, E)
+    row, copy, experts, used = _block_layout(indices, E, block)
+    copies = jnp.broadcast_to(x[:, None], (N, k, D)).reshape(N * k, D)
+    xs = _permute_rows(copies, copy, row).reshape(-1, block, D)  # [nb, b, D]
+    ys = _blocked_swiglu(xs, experts, used, w1, w3, w2).reshape(-1, D)  # [P, D]
+    ys = _permute_rows(ys, row, copy).reshape(N, k, D)
+    return jnp.einsum("nkd,nk->nd", ys, weights.astype(ys.dtype))
 
 
 def _local_experts(x, weights, indices, w1, w3, w2, first_expert, fp8: Recipe | None = None):
@@ -332,22 +490,29 @@ def experts_expert_parallel(x, weights, indices, w1, w3, w2, expert_axis: str, t
                          check_vma=False)(x, weights, indices, w1, w3, w2)
 
 
-def experts_local(x, weights, indices, w1, w3, w2, token_axes, tensor_axis, fp8: Recipe | None = None):
-    """`experts_ragged` on each device's own tokens under shard_map: data-parallel
-    devices route, sort and gather only the rows they hold (GSPMD alone would sort the
-    global batch's copies). The expert weights are gathered whole on each device (FSDP)
-    except their hidden axis, which may be split over `tensor_axis`."""
+def experts_local(x, weights, indices, w1, w3, w2, token_axes, tensor_axis, fp8: Recipe | None = None,
+                  dispatch=None):
+    """`dispatch` (default `experts_ragged`; or `experts_blocked`) on each device's own
+    tokens under shard_map: data-parallel devices route, sort and gather only the rows
+    they hold (GSPMD alone would sort the global batch's copies). The expert weights are
+    gathered whole on each device (FSDP) except their hidden axis, which may be split
+    over `tensor_axis`."""
     from jax.sharding import PartitionSpec as P
 
     row = P(token_axes, None)
     w_in, w_out = P(None, None, tensor_axis), P(None, tensor_axis, None)
+    dispatch = dispatch or experts_ragged
 
     def local(x, weights, indices, w1, w3, w2):
-        out = experts_ragged(x, weights, indices, w1, w3, w2, fp8)
+        out = dispatch(x, weights, indices, w1, w3, w2, fp8)
         return jax.lax.psum(out, tensor_axis) if tensor_axis else out
 
     return jax.shard_map(local, in_specs=(row, row, row, w_in, w_in, w_out), out_specs=row,
                          check_vma=False)(x, weights, indices, w1, w3, w2)
+
+
+DISPATCH = {"dense": experts_dense, "ragged": experts_ragged, "blocked": experts_blocked,
+            "gather": experts_gather}
 
 
 def _mesh_axes():
@@ -419,15 +584,16 @@ class MoE(nn.Module):
         with jax.named_scope("routed_experts"):
             ep = expert_parallel_axes()
             fp8 = Recipe(cfg.fp8_gemm, cfg.fp8_pow2_scales) if cfg.precision == "fp8" else None
-            ragged = cfg.moe_dispatch() == "ragged"
-            dp = data_parallel_axes() if ep is None and ragged else None
+            dp = data_parallel_axes() if ep is None else None
+            mesh = jax.sharding.get_abstract_mesh()
+            shards = 1 if dp is None else math.prod(mesh.shape[a] for a in dp[0])
+            impl = cfg.moe_dispatch(tokens=B * T // shards)  # a device's tokens pick the dispatch
             if ep is not None:
                 y = experts_expert_parallel(flat, weights, indices, w1, w3, w2, *ep, fp8=fp8)
-            elif dp is not None:
-                y = experts_local(flat, weights, indices, w1, w3, w2, *dp, fp8=fp8)
+            elif dp is not None and impl in ("ragged", "blocked"):
+                y = experts_local(flat, weights, indices, w1, w3, w2, *dp, fp8=fp8, dispatch=DISPATCH[impl])
             else:
-                dispatch = experts_ragged if ragged else experts_dense
-                y = dispatch(flat, weights, indices, w1, w3, w2, fp8)
+                y = DISPATCH[impl](flat, weights, indices, w1, w3, w2, fp8)
             y = y.reshape(B, T, D)
         if cfg.n_shared_experts:
             with jax.named_scope("shared_experts"):

@@ -1,5 +1,5 @@
 """Component-level parity with transformers (norm, RoPE, MLA, gate, MoE) and fast vs
-reference paths (ragged vs dense MoE, absorbed vs naive MLA), values and gradients."""
+reference paths (ragged, blocked, gather vs dense MoE, absorbed vs naive MLA), values and gradients."""
 
 import chex
 import jax
@@ -89,7 +89,7 @@ def test_gate(captured):
                                np.take_along_axis(_np(ref_w), order_ref, -1), atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["dense", "ragged"])
+@pytest.mark.parametrize("impl", ["dense", "ragged", "blocked", "gather"])
 def test_moe_block(captured, impl):
     cfg, store, params, bias, _ = captured
     x, ref = store["moe"]
@@ -130,7 +130,8 @@ def _moe_cfg(**kw):
     return dsjax.ModelConfig(**{**base, **kw})
 
 
-def test_ragged_and_dense_moe_agree_in_value_and_gradient():
+@pytest.mark.parametrize("impl", ["ragged", "blocked", "gather"])
+def test_fast_and_dense_moe_agree_in_value_and_gradient(impl):
     cfg = _moe_cfg()
     x = jax.random.normal(jax.random.key(1), (2, 16, cfg.hidden_size))
     variables = MoE(cfg).init(jax.random.key(0), x)
@@ -142,8 +143,7 @@ def test_ragged_and_dense_moe_agree_in_value_and_gradient():
         return jnp.sum(jnp.sin(y)) + bal
 
     value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 2)), static_argnums=1)
-    (l_d, g_d), (l_r, g_r) = [value_and_grad(variables["params"], impl, x)
-                              for impl in ("dense", "ragged")]
+    (l_d, g_d), (l_r, g_r) = [value_and_grad(variables["params"], i, x) for i in ("dense", impl)]
     np.testing.assert_allclose(l_d, l_r, rtol=1e-6)
     chex.assert_trees_all_close(g_d, g_r, atol=1e-5)
 

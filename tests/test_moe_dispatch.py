@@ -1,6 +1,8 @@
-"""The routed experts' dispatch under a mesh: each device routes its own tokens, and
-expert parallelism moves each token copy only to its expert's device, in rounds when
-routing is skewed (dropless). Values and gradients equal the one-device dispatch."""
+"""The routed experts' dispatch: the CPU's blocked and gather forms equal the dense
+reference (values and gradients) under any routing, and `moe_impl='auto'` picks per
+backend and call size. Under a mesh each device routes its own tokens, and expert
+parallelism moves each token copy only to its expert's device, in rounds when routing is
+skewed (dropless). Values and gradients equal the one-device dispatch."""
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,19 @@ def _inputs(skew: bool):
     w1, w3 = (0.3 * jax.random.normal(k, (E, D, F)) for k in keys[3:5])
     w2 = 0.3 * jax.random.normal(keys[5], (E, F, D))
     return x, weights, indices, w1, w3, w2
+
+
+def _routing(kind: str, n: int, k: int, key):
+    """[n, k] distinct experts per token: random; over experts 0-2 only (the rest get no
+    token); or every token routed to expert 5 (plus random others)."""
+    pick = jnp.argsort(jax.random.uniform(key, (n, E)), axis=-1)
+    if kind == "random":
+        return pick[:, :k].astype(jnp.int32)
+    if kind == "empty_experts":
+        return pick[:, :k].astype(jnp.int32) % 3 if k == 1 else jnp.argsort(
+            jax.random.uniform(key, (n, 3)), axis=-1)[:, :k].astype(jnp.int32)
+    rest = jnp.where(pick == 5, E, pick)  # expert 5 sorts last among the others
+    return jnp.concatenate([jnp.full((n, 1), 5), jnp.sort(rest, axis=-1)[:, :k - 1]], axis=-1).astype(jnp.int32)
 
 
 def _loss(dispatch):
@@ -87,12 +102,13 @@ def test_ragged_exchange_lowers_to_ragged_all_to_all():
     assert gathers and all(line.endswith("-> tensor<8x8xi32>") for line in gathers)  # only the ep x ep sizes
 
 
-def test_data_parallel_dispatch_sorts_local_copies():
+@pytest.mark.parametrize("dispatch", [moe.experts_ragged, moe.experts_blocked], ids=["ragged", "blocked"])
+def test_data_parallel_dispatch_sorts_local_copies(dispatch):
     # Under fsdp=8 each device sorts its own 16 copies, not the global 128.
     x, weights, indices, w1, w3, w2 = _inputs(skew=False)
     (ref_loss, ref_y), ref_grads = jax.jit(_loss(moe.experts_ragged))(x, weights, w1, w3, w2, indices)
     mesh = make_mesh(MeshConfig(fsdp=8))
-    local = lambda *a: moe.experts_local(*a, ("fsdp",), None)
+    local = lambda *a: moe.experts_local(*a, ("fsdp",), None, dispatch=dispatch)
     with jax.set_mesh(mesh):
         rows = NamedSharding(mesh, P("fsdp"))
         args = jax.device_put((x, weights, w1, w3, w2, indices), (rows, rows) + (NamedSharding(mesh, P()),) * 3 + (rows,))
@@ -104,3 +120,84 @@ def test_data_parallel_dispatch_sorts_local_copies():
         np.testing.assert_allclose(g, ref, atol=1e-5)
     sorts = [line for line in hlo.splitlines() if " sort(" in line]
     assert sorts and not any(f"[{N * K}]" in line for line in sorts)
+
+
+@pytest.mark.parametrize("routing", ["random", "empty_experts", "one_expert_takes_all"])
+@pytest.mark.parametrize("n, k, block", [(64, 2, None), (37, 2, 8), (5, 3, 16), (1, 2, None)])
+@pytest.mark.parametrize("impl", ["blocked", "gather"])
+def test_cpu_dispatch_equals_dense(impl, routing, n, k, block):
+    # Values and gradients (x, routing weights, w1, w3, w2) in float32, with blocks that
+    # do not divide the copies, experts with no token and one expert holding every token.
+    keys = jax.random.split(jax.random.key(n * 10 + k), 7)
+    x = jax.random.normal(keys[0], (n, D))
+    weights = jax.random.uniform(keys[1], (n, k))
+    indices = _routing(routing, n, k, keys[2])
+    w1, w3 = (0.3 * jax.random.normal(key, (E, D, F)) for key in keys[3:5])
+    w2 = 0.3 * jax.random.normal(keys[5], (E, F, D))
+    dispatch = moe.experts_gather if impl == "gather" else (
+        lambda *a: moe.experts_blocked(*a, block=block))
+    (ref_loss, ref_y), ref_grads = jax.jit(_loss(moe.experts_dense))(x, weights, w1, w3, w2, indices)
+    (loss, y), grads = jax.jit(_loss(dispatch))(x, weights, w1, w3, w2, indices)
+    np.testing.assert_allclose(y, ref_y, atol=1e-5, rtol=1e-5)
+    for g, ref in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_block_layout_gives_each_block_one_expert():
+    # Sizes 5, 0, 9, 0, 2, 0, 0, 0 copies in blocks of 4: 2 + 3 + 1 used blocks of the
+    # ceil((16 + 8 * 3) / 4) = 10 the static bound allows.
+    flat = jnp.asarray([0] * 5 + [2] * 9 + [4] * 2, jnp.int32)
+    indices = flat[jax.random.permutation(jax.random.key(0), flat.size)].reshape(8, 2)
+    row, copy, experts, used = moe._block_layout(indices, E, 4)
+    assert copy.shape == (40,) and experts.shape == used.shape == (10,)
+    assert used.tolist() == [True] * 6 + [False] * 4
+    assert experts[:6].tolist() == [0, 0, 2, 2, 2, 4]
+    np.testing.assert_array_equal(copy[row], np.arange(16))  # each copy's row holds it
+    blocks = np.asarray(copy).reshape(10, 4)
+    for b in range(6):  # a block's copies all go to the block's expert (16: padding)
+        held = blocks[b][blocks[b] < 16]
+        assert held.size and (np.asarray(indices).reshape(-1)[held] == int(experts[b])).all()
+    assert (blocks[6:] == 16).all()
+
+
+def test_block_rows_keep_padding_below_the_copies():
+    assert moe.block_rows(8192, 24) == 128  # small's 8 x 256 training step, k = 4
+    assert moe.block_rows(32, 24) == 8  # decoding 8 sequences
+    assert moe.block_rows(2048, 256) == 8
+    assert moe.block_rows(2048, 24) == 64  # 512 tokens per device
+    assert moe.block_rows(10**6, 256) == 128
+
+
+def test_auto_dispatch_per_backend_and_call_size():
+    import dsjax
+
+    cfg = dsjax.load_model_config("small")  # 24 experts, 4 per token
+    assert cfg.moe_dispatch("gpu") == cfg.moe_dispatch("tpu") == cfg.moe_dispatch("gpu", tokens=1) == "ragged"
+    assert cfg.moe_dispatch("cpu") == cfg.moe_dispatch("cpu", tokens=2048) == "blocked"
+    assert cfg.moe_dispatch("cpu", tokens=1) == "gather"  # 4 copies <= 24 / 4
+    assert cfg.moe_dispatch("cpu", tokens=2) == "blocked"
+    assert cfg.replace(precision="fp8").moe_dispatch("cpu", tokens=1) == "dense"  # no FP8 form
+    assert cfg.replace(precision="fp8").moe_dispatch("gpu") == "ragged"
+    for impl in ("dense", "ragged", "blocked", "gather"):
+        assert cfg.replace(moe_impl=impl).moe_dispatch("cpu", tokens=1) == impl
+        assert cfg.replace(moe_impl=impl).moe_dispatch("gpu") == impl
+
+
+@pytest.mark.parametrize("tokens, expected", [(1, "gather"), (16, "blocked")])
+def test_moe_layer_runs_the_auto_dispatch_for_its_call(monkeypatch, tokens, expected):
+    import dsjax
+    from dsjax.moe import MoE
+
+    cfg = dsjax.ModelConfig(vocab_size=64, hidden_size=D, intermediate_size=32, moe_intermediate_size=F,
+                            num_hidden_layers=1, num_attention_heads=2, q_lora_rank=8, kv_lora_rank=8,
+                            qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=E,
+                            num_experts_per_tok=K, n_group=1, topk_group=1, first_k_dense_replace=0)
+    x = jax.random.normal(jax.random.key(0), (1, tokens, D))
+    variables = MoE(cfg).init(jax.random.key(1), x)
+    ran = []
+    for name, fn in list(moe.DISPATCH.items()):
+        monkeypatch.setitem(moe.DISPATCH, name, lambda *a, name=name, fn=fn: ran.append(name) or fn(*a))
+    y, _, _ = MoE(cfg).apply(variables, x)
+    y_ref, _, _ = MoE(cfg.replace(moe_impl="dense")).apply(variables, x)
+    assert ran == [expected, "dense"]
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)

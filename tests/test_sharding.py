@@ -162,7 +162,7 @@ def test_expert_parallel_dispatch_is_chosen(sizes, preset, expected):
 
 
 def test_dry_run_plan_agrees_with_the_compiled_step():
-    # The plan of `small` on 8 devices (fsdp=8, the CPU's dense dispatch) against XLA's
+    # The plan of `small` on 8 devices (fsdp=8, the CPU's blocked dispatch) against XLA's
     # memory_analysis of the same compiled train step: arguments (parameters, AdamW
     # moments, batch) plus temporaries (gradients, activations, gathered weights).
     import dataclasses
@@ -173,6 +173,6 @@ def test_dry_run_plan_agrees_with_the_compiled_step():
     cfg = build_config("pretrain", ["model.preset=small", "train.batch_size=16", "train.seq_len=256"])
     compiled = analyse(cfg, dict(fsdp=8), 8)
     plan = memory_plan(dataclasses.replace(cfg, mesh=MeshConfig(fsdp=8)), 8, 80)
-    assert plan.dispatch == "dense"
+    assert plan.dispatch == "blocked"
     ratio = plan.total / (compiled["argument_bytes"] + compiled["temp_bytes"])
     assert 0.75 <= ratio <= 1.25, ratio

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.model import Transformer
+from dsjax.moe import block_rows
 from sharding.mesh import AXES
 from sharding.rules import per_device_bytes
 
@@ -50,12 +51,13 @@ class MemoryPlan:
 
 
 def _layer_activation_values(cfg, seq_len: int, moe: bool, tensor: int, dispatch: str,
-                              expert_parallel: bool) -> tuple[float, float]:
+                              expert_parallel: bool, tokens: int = 1) -> tuple[float, float]:
     """(all intermediates, matmul outputs) per token of one layer, in values (not bytes);
     the float32 attention scores are counted twice to weigh 4 bytes against 2. The routed
     experts count what the dispatch in force keeps: the dense form every expert's hidden
-    units, the grouped GEMMs the k copies', and the expert-parallel exchange only the
-    copies it sends and gets back (its backward pass moves them again and recomputes)."""
+    units, the grouped GEMMs the k copies' (blocked: its padded rows, for a device's
+    `tokens`), and the expert-parallel exchange only the copies it sends and gets back
+    (its backward pass moves them again and recomputes)."""
     D, H, T = cfg.hidden_size, cfg.num_attention_heads / tensor, seq_len
     K, R, V, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     q = (cfg.q_lora_rank or 0) + H * (K + R)
@@ -67,7 +69,10 @@ def _layer_activation_values(cfg, seq_len: int, moe: bool, tensor: int, dispatch
             routed = 2 * k * D
         elif dispatch == "dense":  # per expert unit: x W1, x W3, SiLU's two factors, the gated
             routed = 7 * E * F / tensor + E  # product, its combine-weighted copy, and one more
-
+        elif dispatch == "blocked":  # its VJP keeps each padded row, x W1 and x W3; the combine
+            b = block_rows(tokens * k, E)  # keeps the k unsorted outputs
+            rows = -(-(tokens * k + E * (b - 1)) // b) * b / tokens  # padded rows per token
+            routed = rows * (D + 2 * F / tensor) + k * D
         else:
             routed = k * (2 * D + 3 * F / tensor)
         ffn = routed + 3 * cfg.shared_intermediate_size / tensor
@@ -97,7 +102,7 @@ def memory_plan(run_cfg, num_devices: int, device_memory_gib: float, backend: st
     expert_parallel = sizes["expert"] > 1 and preset != "dp"
     dense_all, dense_dots = _layer_activation_values(cfg, tcfg.seq_len, False, sizes["tensor"], dispatch, False)
     moe_all, moe_dots = _layer_activation_values(cfg, tcfg.seq_len, True, sizes["tensor"], dispatch,
-                                                 expert_parallel)
+                                                 expert_parallel, tokens)
     L_dense, L_moe = cfg.num_dense_layers, cfg.num_moe_layers + cfg.num_nextn_predict_layers
     if cfg.remat_policy == "none":
         per_token = L_dense * dense_all + L_moe * moe_all

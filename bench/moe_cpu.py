@@ -1,0 +1,149 @@
+"""The MoE dispatch on a CPU: dense (every expert on every token) against the blocked and
+gather dispatches that `moe_impl=auto` picks there (issue 18).
+
+    python bench/moe_cpu.py [--preset small] [--batch 8] [--seq-len 256] [--reps 3]
+                            [--decode-batches 1 8] [--new-tokens 32] [--no-profile]
+
+Reports, each alternative timed in the same process, interleaved, medians over --reps:
+- profile: one MoE layer's routed experts forward+backward on batch x seq-len tokens
+  (dense, ragged, blocked), one MoE layer (gate, routed and shared experts, the auto
+  dispatch) and one MLA attention layer forward+backward, in ms;
+- train: tokens/s of the full training step (train/steps.py make_train_step with
+  train/optim.py's optimizer, MTP off) with moe_impl=dense and moe_impl=auto;
+- decode: greedy dsjax.generate tokens/s (new tokens over the wall time of the call,
+  prefill included) with attn_impl=absorb at each decode batch, dense and auto.
+Prints one JSON line.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import dsjax  # noqa: E402
+from dsjax import moe  # noqa: E402
+from dsjax.mla import MLA  # noqa: E402
+from dsjax.model import attention_mask  # noqa: E402
+from dsjax.rope import rope_tables  # noqa: E402
+from train.config import build_config  # noqa: E402
+from train.optim import make_optimizer  # noqa: E402
+from train.steps import TrainState, make_train_step  # noqa: E402
+
+
+def interleaved(fns: dict, reps: int) -> dict:
+    """Median seconds of each no-argument callable (already compiled), run in turns."""
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def warm(fn):
+    jax.block_until_ready(fn())
+    return fn
+
+
+def profile(cfg, tokens: int, batch: int, reps: int) -> dict:
+    """ms of fwd+bwd: the routed experts alone per dispatch, one MoE layer, one MLA layer."""
+    D, F, E, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.num_experts_per_tok
+    keys = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(keys[0], (tokens, D))
+    weights, indices = jax.lax.top_k(jax.random.normal(keys[1], (tokens, E)), k)
+    w1, w3 = (0.02 * jax.random.normal(key, (E, D, F)) for key in keys[2:4])
+    w2 = 0.02 * jax.random.normal(keys[4], (E, F, D))
+    fns = {}
+    for name in ("dense", "ragged", "blocked"):
+        grad = jax.jit(jax.grad(lambda x, w1, w3, w2, f=moe.DISPATCH[name]: jnp.sum(
+            f(x, weights, indices, w1, w3, w2) ** 2), argnums=(0, 1, 2, 3)))
+        fns[f"routed_{name}"] = warm(lambda g=grad: g(x, w1, w3, w2))
+    h = x.reshape(batch, tokens // batch, D)
+    for name, module in (("moe_layer_auto", moe.MoE(cfg)), ("moe_layer_dense", moe.MoE(cfg.replace(moe_impl="dense")))):
+        params = module.init(jax.random.key(1), h)
+        grad = jax.jit(jax.grad(lambda p, h, m=module: jnp.sum(m.apply(p, h)[0] ** 2), argnums=(0, 1)))
+        fns[name] = warm(lambda g=grad, p=params: g(p, h))
+    T = tokens // batch
+    cos, sin = rope_tables(cfg, jnp.broadcast_to(jnp.arange(T), (batch, T)))
+    mask = attention_mask(batch, T)
+    mla = MLA(cfg)
+    params = mla.init(jax.random.key(2), h, cos, sin, mask)
+    grad = jax.jit(jax.grad(lambda p, h: jnp.sum(mla.apply(p, h, cos, sin, mask) ** 2), argnums=(0, 1)))
+    fns["mla_layer"] = warm(lambda: grad(params, h))
+    return {name: round(1e3 * s, 1) for name, s in interleaved(fns, reps).items()}
+
+
+def train_steps(preset: str, batch: int, seq_len: int, impls, reps: int) -> dict:
+    """tokens/s of the training step per moe_impl."""
+    fns = {}
+    for impl in impls:
+        cfg = build_config("pretrain", [f"model.preset={preset}", f"train.batch_size={batch}",
+                                        f"train.seq_len={seq_len}", "model.num_nextn_predict_layers=0",
+                                        f"model.moe_impl={impl}"])
+        model = dsjax.Transformer(cfg.model)
+        tokens = jax.random.randint(jax.random.key(0), (batch, seq_len + 1), 2, cfg.model.vocab_size)
+        boxed = model.init(jax.random.key(1), tokens[:, :-1])
+        variables = dsjax.unbox(boxed)
+        tx, schedule = make_optimizer(cfg.train, boxed["params"])
+        state = TrainState(jnp.zeros((), jnp.int32), variables["params"], tx.init(variables["params"]),
+                           variables["moe_bias"])
+        step = jax.jit(make_train_step(model, tx, cfg.train, schedule))
+        data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+        fns[impl] = warm(lambda step=step, state=state, data=data: step(state, data))
+    return {impl: round(batch * seq_len / s, 1) for impl, s in interleaved(fns, reps).items()}
+
+
+def decode(preset: str, batches, new_tokens: int, prompt_len: int, impls, reps: int) -> dict:
+    """Greedy dsjax.generate tokens/s per (decode batch, moe_impl), attn_impl=absorb."""
+    base = dsjax.load_model_config(preset).replace(attn_impl="absorb")
+    prompts = jax.random.randint(jax.random.key(0), (max(batches), prompt_len), 2, base.vocab_size)
+    variables = dsjax.Transformer(base).init(jax.random.key(1), prompts[:1])
+    out = {}
+    for B in batches:
+        fns = {}
+        for impl in impls:
+            model = dsjax.Transformer(base.replace(moe_impl=impl))
+            lengths = jnp.full((B,), prompt_len, jnp.int32)
+            fns[impl] = warm(lambda m=model, B=B, lengths=lengths: dsjax.generate(
+                m, variables, prompts[:B], lengths, max_new_tokens=new_tokens, temperature=0.0).tokens)
+        seconds = interleaved(fns, reps)
+        out[f"batch{B}"] = {impl: round(B * new_tokens / s, 1) for impl, s in seconds.items()}
+        out[f"batch{B}"]["auto_is"] = base.moe_dispatch(tokens=B)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--no-profile", action="store_true")
+    args = parser.parse_args()
+    cfg = dsjax.load_model_config(args.preset)
+    result = {"bench": "moe_cpu", "backend": jax.default_backend(), "preset": args.preset,
+              "batch": args.batch, "seq_len": args.seq_len, "reps": args.reps,
+              "auto_train_dispatch": cfg.moe_dispatch(tokens=args.batch * args.seq_len)}
+    if not args.no_profile:
+        result["profile_fwd_bwd_ms"] = profile(cfg, args.batch * args.seq_len, args.batch, args.reps)
+    result["train_tokens_per_s"] = train_steps(args.preset, args.batch, args.seq_len, ("dense", "auto"), args.reps)
+    result["train_speedup"] = round(result["train_tokens_per_s"]["auto"] / result["train_tokens_per_s"]["dense"], 2)
+    result["decode_tokens_per_s"] = decode(args.preset, args.decode_batches, args.new_tokens, args.prompt_len,
+                                           ("dense", "auto"), max(args.reps, 3))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
