@@ -146,6 +146,7 @@ def experts_gather(x, weights, indices, w1, w3, w2, fp8: Recipe | None = None):
     if fp8 is not None:
         raise ValueError("moe_impl='gather' has no FP8 form")
     N, k = indices.shape
+    w1, w3, w2 = (jnp.asarray(w) for w in (w1, w3, w2))  # numpy weights cannot take traced indices
     flat = indices.reshape(-1)  # [N*k]
     xs = jnp.repeat(x, k, axis=0)  # [N*k, D]
     h = nn.silu(jnp.einsum("rd,rdf->rf", xs, w1[flat])) * jnp.einsum("rd,rdf->rf", xs, w3[flat])
@@ -280,6 +281,7 @@ def experts_blocked(x, weights, indices, w1, w3, w2, fp8: Recipe | None = None, 
     if fp8 is not None:
         raise ValueError("moe_impl='blocked' has no FP8 form")
     N, k = indices.shape
+    w1, w3, w2 = (jnp.asarray(w) for w in (w1, w3, w2))  # numpy weights cannot take traced indices
     E, D = w1.shape[0], w1.shape[1]
     block = block or block_rows(N * k, E)
     row, copy, experts, used = _block_layout(indices, E, block)
