@@ -94,8 +94,7 @@ def train_steps(preset: str, batch: int, seq_len: int, impls, reps: int) -> dict
         boxed = model.init(jax.random.key(1), tokens[:, :-1])
         variables = dsjax.unbox(boxed)
         tx, schedule = make_optimizer(cfg.train, boxed["params"])
-        state = TrainState(jnp.zeros((), jnp.int32), variables["params"], tx.init(variables["params"]),
-                           variables["moe_bias"])
+        state = TrainState.start(variables, tx)
         step = jax.jit(make_train_step(model, tx, cfg.train, schedule))
         data = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
         fns[impl] = warm(lambda step=step, state=state, data=data: step(state, data))

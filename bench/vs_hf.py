@@ -223,8 +223,7 @@ def bench_train(preset, model, variables, hf, batch, seq, reps, warmup, rng):
                                      f"train.batch_size={batch}", f"train.seq_len={seq}"]).train
     boxed = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, seq), jnp.int32))
     tx, schedule = make_optimizer(tcfg, boxed["params"])
-    state = TrainState(jnp.zeros((), jnp.int32), variables["params"], tx.init(variables["params"]),
-                       variables["moe_bias"])
+    state = TrainState.start(variables, tx)
     step = jax.jit(make_train_step(model, tx, tcfg, schedule), donate_argnums=(0,))
     tokens = rng.integers(2, cfg.vocab_size, (batch, seq + 1))
     jbatch = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32)}

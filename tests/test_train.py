@@ -155,8 +155,7 @@ def step_setup():
     boxed = model.init(jax.random.key(1), tokens[:, :-1])
     variables = dsjax.unbox(boxed)
     tx, schedule = make_optimizer(cfg.train, boxed["params"])
-    state = TrainState(jnp.zeros((), jnp.int32), variables["params"], tx.init(variables["params"]),
-                       variables["moe_bias"])
+    state = TrainState.start(variables, tx)
     step = jax.jit(make_train_step(model, tx, cfg.train, schedule))
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     return cfg, model, boxed, state, step, batch

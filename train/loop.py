@@ -303,15 +303,10 @@ def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
               process_index=proc, process_count=n_proc)
 
     def init_state(rng):
-        variables = unbox(model.init(rng, jnp.zeros((1, tcfg.seq_len), jnp.int32)))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                          opt_state=tx.init(variables["params"]), moe_bias=variables.get("moe_bias", {}),
-                          ref_params=variables["params"] if reference else {})
+        return TrainState.start(unbox(model.init(rng, jnp.zeros((1, tcfg.seq_len), jnp.int32))), tx, reference)
 
     def state_from(variables):
-        return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                          opt_state=tx.init(variables["params"]), moe_bias=variables["moe_bias"],
-                          ref_params=variables["params"] if reference else {})
+        return TrainState.start(variables, tx, reference)
 
     with jax.set_mesh(mesh):
         stage = stage_cls(run)

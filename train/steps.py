@@ -36,6 +36,14 @@ class TrainState:
     moe_bias: Any
     ref_params: Any = flax.struct.field(default_factory=dict)
 
+    @classmethod
+    def start(cls, variables: dict, tx: optax.GradientTransformation, reference: bool = False) -> "TrainState":
+        """Step 0 from {'params', 'moe_bias'}: `tx`'s initial optimizer state, and with
+        `reference` the parameters kept as GRPO's frozen reference too."""
+        params = variables["params"]
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                   moe_bias=variables.get("moe_bias", {}), ref_params=params if reference else {})
+
 
 def max_violation(loads: jnp.ndarray) -> jnp.ndarray:
     """DeepSeek-V3's MaxVio per layer, max load / mean load - 1, averaged. loads: [L, E]."""
