@@ -152,14 +152,7 @@ def matmul_flops_per_s(n: int = 2048, reps: int = 5) -> dict:
     dot(a, b).block_until_ready()
     ta, tb = torch.randn(n, n), torch.randn(n, n)
     torch.matmul(ta, tb)
-    jt, tt = [], []
-    for _ in range(reps):
-        start = time.perf_counter()
-        dot(a, b).block_until_ready()
-        jt.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        torch.matmul(ta, tb)
-        tt.append(time.perf_counter() - start)
+    jt, tt = _interleaved(lambda: dot(a, b).block_until_ready(), lambda: torch.matmul(ta, tb), reps)
     flops = 2 * n ** 3
     return {"matmul_flops_per_s": flops / float(np.median(jt)), "torch_matmul_flops_per_s": flops / float(np.median(tt))}
 
@@ -199,6 +192,18 @@ def build_pair(preset: str, directory: str, seed: int = 0):
     hf.save_pretrained(directory)
     model, variables = dsjax.from_pretrained(directory, mtp="off")
     return model, variables, hf.eval()
+
+
+def _interleaved(ours, theirs, reps: int) -> tuple[list, list]:
+    """Wall times of `ours()` and `theirs()` called in turn `reps` times (each call returns
+    only when its work is done), so load on the machine falls on both alike."""
+    times = ([], [])
+    for _ in range(reps):
+        for fn, out in zip((ours, theirs), times):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return times
 
 
 def _median(xs) -> float:
@@ -248,19 +253,13 @@ def bench_train(preset, model, variables, hf, batch, seq, reps, warmup, rng):
     compile_s = time.perf_counter() - start
     first_loss = float(metrics["ce"])
     hf_first_loss = hf_step()
-    for _ in range(warmup - 1):
+    def our_step():
+        nonlocal state
         state, _ = step(state, jbatch)
         jax.block_until_ready(state)
-        hf_step()
-    ours, theirs = [], []
-    for _ in range(reps):
-        start = time.perf_counter()
-        state, metrics = step(state, jbatch)
-        jax.block_until_ready(state)
-        ours.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        hf_step()
-        theirs.append(time.perf_counter() - start)
+
+    _interleaved(our_step, hf_step, warmup - 1)
+    ours, theirs = _interleaved(our_step, hf_step, reps)
     hf.eval()
     tokens_per_step = batch * seq
     return {"measure": "train", "batch": batch, "seq": seq, "moe_dispatch": cfg.moe_dispatch(),
@@ -289,17 +288,9 @@ def bench_prefill(model, variables, hf, batch, seq, reps, warmup, rng):
     ours_logits = np.asarray(forward(variables, jt))
     compile_s = time.perf_counter() - start
     theirs_logits = hf_forward().numpy()
-    for _ in range(warmup - 1):
-        forward(variables, jt).block_until_ready()
-        hf_forward()
-    ours, theirs = [], []
-    for _ in range(reps):
-        start = time.perf_counter()
-        forward(variables, jt).block_until_ready()
-        ours.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        hf_forward()
-        theirs.append(time.perf_counter() - start)
+    our_forward = lambda: forward(variables, jt).block_until_ready()  # noqa: E731
+    _interleaved(our_forward, hf_forward, warmup - 1)
+    ours, theirs = _interleaved(our_forward, hf_forward, reps)
     n = batch * seq
     return {"measure": "prefill", "batch": batch, "seq": seq, "moe_dispatch": cfg.moe_dispatch(),
             "dsjax_per_s": n / _median(ours), "hf_per_s": n / _median(theirs),
