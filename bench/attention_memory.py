@@ -1,16 +1,19 @@
 """Compiled temp memory of one MLA layer's attention, forward + backward, dense scores vs
 the blockwise online softmax (model.attn_kernel), from XLA's own memory_analysis.
 
-    python bench/attention_memory.py [--preset small] [--seq-len 4096] [--batch 1]
+    python bench/attention_memory.py [--preset small] [--seq-len 4096] [--batch 1] [--speed]
 
 Prints one JSON line: temp bytes of each kernel and their ratio. Compiles only (nothing
-runs), so it takes seconds on a CPU.
+runs), so it takes seconds on a CPU. `--speed` also times the layer's forward + backward
+under both kernels on this machine at 8 x 256 and 1 x 2048 tokens (interleaved, best of
+5), the figures behind `attn_kernel=auto` picking blockwise off GPUs.
 """
 
 import argparse
 import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,8 +26,8 @@ from dsjax.model import attention_mask, unbox  # noqa: E402
 from dsjax.rope import rope_tables  # noqa: E402
 
 
-def temp_bytes(cfg, batch: int, seq_len: int) -> int:
-    """Temp memory of value_and_grad over one MLA layer (parameters and input) at this length."""
+def _layer_step(cfg, batch: int, seq_len: int):
+    """(jitted value_and_grad over one MLA layer w.r.t. parameters and input, its arguments)."""
     mla = MLA(cfg)
     x = jax.ShapeDtypeStruct((batch, seq_len, cfg.hidden_size), jnp.float32)
     positions = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
@@ -35,8 +38,31 @@ def temp_bytes(cfg, batch: int, seq_len: int) -> int:
     def loss(p, x):
         return mla.apply(p, x, cos, sin, attention_mask(batch, seq_len)).sum()
 
-    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
-    return int(compiled.memory_analysis().temp_size_in_bytes)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (params, x)
+
+
+def temp_bytes(cfg, batch: int, seq_len: int) -> int:
+    """Temp memory of value_and_grad over one MLA layer (parameters and input) at this length."""
+    step, args = _layer_step(cfg, batch, seq_len)
+    return int(step.lower(*args).compile().memory_analysis().temp_size_in_bytes)
+
+
+def layer_ms(cfg, batch: int, seq_len: int, kernels=("dense", "blockwise"), reps: int = 5) -> dict[str, float]:
+    """Best-of-`reps` milliseconds of one layer's forward + backward under each kernel,
+    the kernels timed in turn so that both see the same machine."""
+    runs = {}
+    for kernel in kernels:
+        step, (shapes, x) = _layer_step(cfg.replace(attn_kernel=kernel), batch, seq_len)
+        params = jax.tree.map(lambda s: jnp.full(s.shape, 0.02, s.dtype), shapes)
+        xs = jax.random.normal(jax.random.key(1), x.shape, x.dtype)
+        jax.block_until_ready(step(params, xs))
+        runs[kernel] = (step, params, xs, [])
+    for _ in range(reps):
+        for step, params, xs, times in runs.values():
+            t = time.perf_counter()
+            jax.block_until_ready(step(params, xs))
+            times.append(time.perf_counter() - t)
+    return {k: round(min(r[3]) * 1e3, 1) for k, r in runs.items()}
 
 
 def main() -> int:
@@ -44,14 +70,20 @@ def main() -> int:
     p.add_argument("--preset", default="small")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--speed", action="store_true", help="also time both kernels at 8 x 256 and 1 x 2048")
     args = p.parse_args()
     cfg = load_model_config(args.preset)
     dense = temp_bytes(cfg.replace(attn_kernel="dense"), args.batch, args.seq_len)
     block = temp_bytes(cfg.replace(attn_kernel="blockwise"), args.batch, args.seq_len)
-    print(json.dumps({"name": "attention_memory", "preset": args.preset, "batch": args.batch,
-                      "seq_len": args.seq_len, "heads": cfg.num_attention_heads,
-                      "dense_temp_mib": round(dense / 2**20, 1), "blockwise_temp_mib": round(block / 2**20, 1),
-                      "reduction": round(dense / max(block, 1), 2)}))
+    out = {"name": "attention_memory", "preset": args.preset, "batch": args.batch,
+           "seq_len": args.seq_len, "heads": cfg.num_attention_heads,
+           "dense_temp_mib": round(dense / 2**20, 1), "blockwise_temp_mib": round(block / 2**20, 1),
+           "reduction": round(dense / max(block, 1), 2)}
+    if args.speed:
+        for b, t in ((8, 256), (1, 2048)):
+            for kernel, ms in layer_ms(cfg, b, t).items():
+                out[f"{kernel}_ms_{b}x{t}"] = ms
+    print(json.dumps(out))
     return 0
 
 

@@ -7,6 +7,14 @@ only the output and its log-sum-exp; the backward pass recomputes each block's
 probabilities from them (a custom VJP), so memory grows with T x (block + head dims),
 not T x S. Masked scores are set to -1e30 as the dense softmax does, so the two agree on
 every row that attends to at least one key (causal masks have no other kind).
+
+Keys and values may have one head shared by every query head (absorbed MLA attends to
+the latents [B, S, 1, C + R] this way): each block is broadcast over the heads and its
+gradients summed back, so the shared keys are never copied per head in full.
+
+`fused_attention` is the same product through `jax.nn.dot_product_attention` (cuDNN's
+flash attention on GPUs): MLA's value head is narrower than its query/key head, so V is
+zero-padded to the key width and the output cut back.
 """
 
 from __future__ import annotations
@@ -41,9 +49,19 @@ def _unblock(x, axis: int):
     return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
 
 
+def _heads(x, H: int):
+    """A block of shared keys or values [B, bk, 1, K] broadcast to the query heads."""
+    return x if x.shape[2] == H else jnp.broadcast_to(x, x.shape[:2] + (H,) + x.shape[3:])
+
+
+def _unheads(g, like):
+    """A block's gradient [B, bk, H, K] summed back to `like`'s heads (1 when shared)."""
+    return g if g.shape[2] == like.shape[2] else g.sum(2, keepdims=True)
+
+
 def _scores(qb, kb, mb, scale):
-    """qb [B, bq, H, K], kb [B, bk, H, K], mb [B, bq, bk] -> float32 [B, H, bq, bk]."""
-    s = jnp.einsum("bthk,bshk->bhts", qb, kb, preferred_element_type=jnp.float32) * scale
+    """qb [B, bq, H, K], kb [B, bk, H or 1, K], mb [B, bq, bk] -> float32 [B, H, bq, bk]."""
+    s = jnp.einsum("bthk,bshk->bhts", qb, _heads(kb, qb.shape[2]), preferred_element_type=jnp.float32) * scale
     return jnp.where(mb[:, None], s, _NEG)
 
 
@@ -65,7 +83,7 @@ def _forward(q, k, v, mask, scale, bq, bk):
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             fix = jnp.exp(m - m_new)
-            acc = acc * fix[..., None] + jnp.einsum("bhts,bshv->bhtv", p.astype(vb.dtype), vb,
+            acc = acc * fix[..., None] + jnp.einsum("bhts,bshv->bhtv", p.astype(vb.dtype), _heads(vb, H),
                                                     preferred_element_type=jnp.float32)
             return (m_new, l * fix + p.sum(-1), acc), None
 
@@ -79,6 +97,7 @@ def _forward(q, k, v, mask, scale, bq, bk):
 def _backward(q, k, v, mask, o, lse, do, scale, bq, bk):
     """Gradients of the padded inputs, recomputing each block's probabilities."""
     delta = jnp.einsum("bthv,bthv->bht", do.astype(jnp.float32), o)  # [B, H, T]
+    H = q.shape[2]
     qbs, dobs, mqs = _blocks(q, 1, bq), _blocks(do, 1, bq), _blocks(mask, 1, bq)
     lses, deltas = _blocks(lse, 2, bq), _blocks(delta, 2, bq)
 
@@ -93,10 +112,10 @@ def _backward(q, k, v, mask, o, lse, do, scale, bq, bk):
             qb, dob, mq, lse_b, delta_b = blk
             mb = jax.lax.dynamic_slice_in_dim(mq, j * bk, bk, axis=2)
             p = probs(qb, kb, mb, lse_b)
-            dv = dv + jnp.einsum("bhts,bthv->bshv", p, dob, preferred_element_type=jnp.float32)
-            dp = jnp.einsum("bthv,bshv->bhts", dob, vb, preferred_element_type=jnp.float32)
+            dv = dv + _unheads(jnp.einsum("bhts,bthv->bshv", p, dob, preferred_element_type=jnp.float32), vb)
+            dp = jnp.einsum("bthv,bshv->bhts", dob, _heads(vb, H), preferred_element_type=jnp.float32)
             ds = p * (dp - delta_b[..., None])
-            dk = dk + jnp.einsum("bhts,bthk->bshk", ds, qb, preferred_element_type=jnp.float32) * scale
+            dk = dk + _unheads(jnp.einsum("bhts,bthk->bshk", ds, qb, preferred_element_type=jnp.float32), kb) * scale
             return (dk, dv), None
 
         init = (jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
@@ -115,9 +134,10 @@ def _backward(q, k, v, mask, o, lse, do, scale, bq, bk):
         def step(dq, blk):
             kb, vb, mb = blk
             p = probs(qb, kb, mb, lse_b)
-            dp = jnp.einsum("bthv,bshv->bhts", dob, vb, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bthv,bshv->bhts", dob, _heads(vb, H), preferred_element_type=jnp.float32)
             ds = p * (dp - delta_b[..., None])
-            return dq + jnp.einsum("bhts,bshk->bthk", ds, kb, preferred_element_type=jnp.float32) * scale, None
+            dq = dq + jnp.einsum("bhts,bshk->bthk", ds, _heads(kb, H), preferred_element_type=jnp.float32) * scale
+            return dq, None
 
         dq, _ = jax.lax.scan(step, jnp.zeros(qb.shape, jnp.float32), (kbs, vbs, mqb))
         return dq
@@ -148,11 +168,25 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def blockwise_attention(q, k, v, mask, scale: float, block_q: int = 512, block_k: int = 512) -> jnp.ndarray:
     """softmax(q k^T * scale, masked) v without materializing the scores.
 
-    q: [B, T, H, K]; k: [B, S, H, K]; v: [B, S, H, V]; mask: bool [B, T, S] (True attends).
-    Returns float32 [B, T, H, V]. T and S are padded to the block sizes internally.
+    q: [B, T, H, K]; k: [B, S, H, K]; v: [B, S, H, V] (or one head [B, S, 1, *] shared by
+    all H); mask: bool [B, T, S] (True attends). Returns float32 [B, T, H, V]. T and S are padded to the block sizes internally.
     """
     T, S = q.shape[1], k.shape[1]
     bq, bk = min(block_q, T), min(block_k, S)
     qp, kp, vp = _pad(q, 1, bq), _pad(k, 1, bk), _pad(v, 1, bk)
     mp = _pad(_pad(mask, 1, bq), 2, bk)
     return _attention(qp, kp, vp, mp, float(scale), bq, bk)[:, :T]
+
+
+def fused_attention(q, k, v, mask, scale: float, implementation: str | None = "cudnn") -> jnp.ndarray:
+    """softmax(q k^T * scale, masked) v through `jax.nn.dot_product_attention`
+    (`implementation='cudnn'`: cuDNN's flash attention on a GPU, bfloat16 or float16; 'xla'
+    runs the same call anywhere). q: [B, T, H, K]; k: [B, S, H, K]; v: [B, S, H, V] with
+    V <= K, zero-padded to K (cuDNN wants one head width); mask: bool [B, T, S].
+    Returns [B, T, H, V] in q's dtype."""
+    V, K = v.shape[-1], q.shape[-1]
+    if V > K:
+        raise ValueError(f"fused_attention: value head {V} wider than the key head {K}")
+    vp = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, K - V))) if V < K else v
+    o = jax.nn.dot_product_attention(q, k, vp, mask=mask[:, None], scale=float(scale), implementation=implementation)
+    return o[..., :V]

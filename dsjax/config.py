@@ -28,7 +28,7 @@ def _config_dir(package_dir: str) -> str:
 _CONFIG_DIR = _config_dir(os.path.dirname(os.path.abspath(__file__)))
 
 ATTN_IMPLS = ("naive", "absorb")
-ATTN_KERNELS = ("dense", "blockwise")
+ATTN_KERNELS = ("auto", "dense", "blockwise", "cudnn")
 MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "gather")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -129,10 +129,14 @@ class ModelConfig:
       initializer_range: standard deviation of the normal initializer of the weights.
       model_type: 'deepseek_v3' or 'deepseek_v2' (the HF `model_type`, kept by `to_hf()`).
       attn_impl: 'naive' (expand K/V per head) or 'absorb' (attend in the latent space).
-      attn_kernel: how the naive form's softmax(q k^T) v runs over a sequence: 'dense'
-        (the float32 scores [B, H, T, S] materialized) or 'blockwise' (online softmax over
-        512-token blocks with a recomputing backward pass, dsjax/attention.py: the scores
-        are never all live). Cached decoding (prefill included) uses the dense form.
+      attn_kernel: how softmax(q k^T) v runs over a sequence (`attention_kernel`):
+        'dense' (the float32 scores [B, H, T, S] materialized), 'blockwise' (online
+        softmax over 512-token blocks with a recomputing backward pass,
+        dsjax/attention.py: the scores are never all live; absorbed MLA attends to the
+        shared latents the same way), 'cudnn' (jax.nn.dot_product_attention's cuDNN flash
+        attention for the naive form, V padded to the key width; GPUs, bf16/fp16), or
+        'auto' (default): dense for one-token decoding steps, cuDNN on a GPU where it
+        accepts the shapes, blockwise otherwise (also the faster one on a CPU).
       moe_impl: 'dense' (every expert on every token, reference), 'ragged' (dropless
         sort + grouped GEMM with jax.lax.ragged_dot), 'blocked' (dropless sort into
         fixed-size row blocks, each one expert's, run as dense GEMMs by a scan), 'gather'
@@ -190,7 +194,7 @@ class ModelConfig:
     model_type: str = "deepseek_v3"
     # dsjax implementation choices (not HF keys).
     attn_impl: str = "naive"
-    attn_kernel: str = "dense"
+    attn_kernel: str = "auto"
     moe_impl: str = "auto"
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -291,6 +295,23 @@ class ModelConfig:
         if tokens is not None and 4 * tokens * self.num_experts_per_tok <= self.n_routed_experts:
             return "gather"
         return "blocked"
+
+    def attention_kernel(self, queries: int, backend: str | None = None, absorbed: bool = False) -> str:
+        """'dense', 'blockwise' or 'cudnn': `attn_kernel` with 'auto' resolved for a call
+        with `queries` new tokens on `backend` (default: the one JAX runs on). One-token
+        decoding steps hold only [B, H, 1, S] scores: dense. A GPU in bfloat16/float16 gets
+        cuDNN for the naive form (MLA's callers fall back to blockwise when cuDNN refuses
+        the shapes); everything else, the absorbed form's 576-wide latent head included,
+        blockwise. 'cudnn' set by hand also leaves the absorbed form blockwise."""
+        kernel = self.attn_kernel
+        if kernel == "auto":
+            import jax
+
+            if queries == 1:
+                return "dense"
+            gpu = (backend or jax.default_backend()) == "gpu"
+            kernel = "cudnn" if gpu and self.dtype in ("bfloat16", "float16") else "blockwise"
+        return "blockwise" if kernel == "cudnn" and absorbed else kernel
 
     @property
     def experts_per_group(self) -> int:

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsjax.attention import blockwise_attention
+from dsjax.attention import blockwise_attention, fused_attention
 from dsjax.config import ModelConfig
 from dsjax.layers import RMSNorm, dtype_of, linear, param
 from dsjax.rope import apply_rope
@@ -113,18 +113,27 @@ class MLA(nn.Module):
         k_rope = jnp.broadcast_to(k_pe[:, :, None, :], k_pe.shape[:2] + (k_nope.shape[2], k_pe.shape[-1]))
         return jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1), v
 
-    def attend_expanded(self, q, k, v, mask, decode: bool = False) -> jnp.ndarray:
+    def attend_expanded(self, q, k, v, mask) -> jnp.ndarray:
         """Naive attention. q: [B, T, H, K + R]; k: [B, S, H, K + R]; v: [B, S, H, V] -> [B, T, D]."""
         dt = dtype_of(self.cfg.dtype)
-        if self.cfg.attn_kernel == "blockwise" and not decode:
+        kernel = self.cfg.attention_kernel(q.shape[1])
+        o = None
+        if kernel == "cudnn":
+            try:
+                with jax.named_scope("cudnn_attention"):
+                    o = fused_attention(q, k, v, mask, self.cfg.softmax_scale).astype(dt)
+            except (NotImplementedError, RuntimeError, ValueError):
+                if self.cfg.attn_kernel == "cudnn":  # asked for by name: say why not
+                    raise
+                kernel = "blockwise"  # 'auto': cuDNN refused these shapes or this machine
+        if kernel == "blockwise":
             with jax.named_scope("blockwise_attention"):
                 o = blockwise_attention(q, k, v, mask, self.cfg.softmax_scale).astype(dt)
-            o = nn.with_logical_constraint(o, ("batch", "seq", "heads", "head_dim"))
-            return linear(self.cfg, o, self.wo, contract=2)
-        with jax.named_scope("naive_attention"):
-            scores = jnp.einsum("bthk,bshk->bhts", q, k)
-            probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(dt)
-            o = jnp.einsum("bhts,bshv->bthv", probs, v)
+        elif o is None:
+            with jax.named_scope("naive_attention"):
+                scores = jnp.einsum("bthk,bshk->bhts", q, k)
+                probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(dt)
+                o = jnp.einsum("bhts,bshv->bthv", probs, v)
         o = nn.with_logical_constraint(o, ("batch", "seq", "heads", "head_dim"))
         return linear(self.cfg, o, self.wo, contract=2)
 
@@ -137,9 +146,15 @@ class MLA(nn.Module):
         w_uk, w_uv = self._split_wkv_b()
         with jax.named_scope("absorbed_attention"):
             q_lat = jnp.einsum("bthk,chk->bthc", q_nope, w_uk)
-            scores = jnp.einsum("bthc,bsc->bhts", q_lat, c_kv) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
-            probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(dt)
-            o_lat = jnp.einsum("bhts,bsc->bthc", probs, c_kv)
+            if self.cfg.attention_kernel(q_nope.shape[1], absorbed=True) == "blockwise":
+                # one shared key head [c_kv, k_pe] and value head c_kv for every query head
+                keys = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], -1)[:, :, None]
+                q_all = jnp.concatenate([q_lat, q_pe.astype(q_lat.dtype)], -1)
+                o_lat = blockwise_attention(q_all, keys, c_kv[:, :, None], mask, self.cfg.softmax_scale).astype(dt)
+            else:
+                scores = jnp.einsum("bthc,bsc->bhts", q_lat, c_kv) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
+                probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(dt)
+                o_lat = jnp.einsum("bhts,bsc->bthc", probs, c_kv)
             o = jnp.einsum("bthc,chv->bthv", o_lat, w_uv)
         o = nn.with_logical_constraint(o, ("batch", "seq", "heads", "head_dim"))
         return linear(self.cfg, o, self.wo, contract=2)
@@ -165,4 +180,4 @@ class MLA(nn.Module):
         if decode:
             k, v = self.cache_k(k, positions), self.cache_v(v, positions)
             mask = causal(k.shape[1])
-        return self.attend_expanded(jnp.concatenate([q_nope, q_pe], -1), k, v, mask, decode)
+        return self.attend_expanded(jnp.concatenate([q_nope, q_pe], -1), k, v, mask)

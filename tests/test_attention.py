@@ -1,5 +1,7 @@
-"""Blockwise attention (model.attn_kernel=blockwise) equals the dense softmax in value and
-gradient, with causal masks, packed segments and padding, and never holds all the scores."""
+"""Blockwise attention (model.attn_kernel=blockwise, the default off GPUs) and the
+cuDNN-shaped fused call equal the dense softmax in value and gradient, with causal masks,
+packed segments and padding, in the naive and the absorbed MLA forms; blockwise never
+holds all the scores."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +9,7 @@ import numpy as np
 import pytest
 
 import dsjax
-from dsjax.attention import blockwise_attention
+from dsjax.attention import blockwise_attention, fused_attention
 from dsjax.mla import masked_softmax
 from dsjax.model import attention_mask
 
@@ -42,13 +44,62 @@ def test_blockwise_equals_dense_in_value_and_gradient(block_q, block_k):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
 
 
-def test_mla_with_blockwise_attention_equals_dense():
-    """The MLA layer under model.attn_kernel=blockwise: same output and gradients (parameters
-    and input) as the dense scores, with packed segments and padding."""
+def test_shared_key_head_equals_the_keys_broadcast_to_every_head():
+    """One key/value head shared by every query head (the absorbed form's latents):
+    equals dense attention on the keys broadcast to all heads; its gradients are the
+    per-head gradients summed."""
+    q, k, v, mask, w = _inputs()
+    k1, v1 = k[:, :, :1], v[:, :, :1]
+    H = q.shape[2]
+    full = lambda q, k1, v1: _dense(q, jnp.repeat(k1, H, 2), jnp.repeat(v1, H, 2), mask, 0.3)
+    shared = lambda q, k1, v1: blockwise_attention(q, k1, v1, mask, 0.3, block_q=16, block_k=8)
+    np.testing.assert_allclose(np.asarray(shared(q, k1, v1)), np.asarray(full(q, k1, v1)), atol=1e-5)
+    ga = jax.grad(lambda *x: (full(*x) * w).sum(), argnums=(0, 1, 2))(q, k1, v1)
+    gb = jax.grad(lambda *x: (shared(*x) * w).sum(), argnums=(0, 1, 2))(q, k1, v1)
+    for x, y in zip(ga, gb):
+        assert x.shape == y.shape
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
+
+
+def test_fused_call_equals_dense_with_the_value_head_padded():
+    """jax.nn.dot_product_attention as MLA calls it on GPUs (V narrower than K, padded and
+    cut back), run here with its XLA implementation: the dense product in value and
+    gradient with packed segments and padding."""
+    q, k, v, mask, w = _inputs()
+    a = _dense(q, k, v, mask, 0.3)
+    b = fused_attention(q, k, v, mask, 0.3, implementation="xla")
+    assert b.shape == a.shape
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+    ga = jax.grad(lambda *x: (_dense(*x, mask, 0.3) * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    gb = jax.grad(lambda *x: (fused_attention(*x, mask, 0.3, "xla") * w).sum(), argnums=(0, 1, 2))(q, k, v)
+    for x, y in zip(ga, gb):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
+
+
+def test_auto_kernel_per_backend_and_call():
+    cfg = dsjax.load_model_config("tiny")
+    assert cfg.attn_kernel == "auto"
+    assert cfg.attention_kernel(1, "gpu") == "dense"  # a decoding step: [B, H, 1, S] scores
+    assert cfg.attention_kernel(256, "cpu") == "blockwise"
+    assert cfg.attention_kernel(256, "tpu") == "blockwise"
+    assert cfg.attention_kernel(256, "gpu") == "blockwise"  # float32: cuDNN takes bf16/fp16
+    bf16 = cfg.replace(dtype="bfloat16")
+    assert bf16.attention_kernel(256, "gpu") == "cudnn"
+    assert bf16.attention_kernel(256, "gpu", absorbed=True) == "blockwise"  # 576-wide latent head
+    assert cfg.replace(attn_kernel="dense").attention_kernel(256, "gpu") == "dense"
+    with pytest.raises(ValueError, match="attn_kernel"):
+        cfg.replace(attn_kernel="flash")
+
+
+@pytest.mark.parametrize("attn_impl", ["naive", "absorb"])
+def test_mla_with_blockwise_attention_equals_dense(attn_impl):
+    """The MLA layer under model.attn_kernel=blockwise, in the naive and the absorbed form:
+    same output and gradients (parameters and input) as the dense scores, with packed
+    segments and padding."""
     from dsjax.mla import MLA
     from dsjax.rope import rope_tables
 
-    cfg = dsjax.load_model_config("tiny")
+    cfg = dsjax.load_model_config("tiny").replace(attn_kernel="dense", attn_impl=attn_impl)
     B, T = 2, 24
     x = jnp.asarray(np.random.default_rng(1).normal(size=(B, T, cfg.hidden_size)), jnp.float32)
     segments = jnp.asarray([[1] * 10 + [2] * 14, [1] * 20 + [0] * 4], jnp.int32)

@@ -51,7 +51,8 @@ class MemoryPlan:
 
 
 def _layer_activation_values(cfg, seq_len: int, moe: bool, tensor: int, dispatch: str,
-                              expert_parallel: bool, tokens: int = 1) -> tuple[float, float]:
+                              expert_parallel: bool, tokens: int = 1, backend: str | None = None
+                              ) -> tuple[float, float]:
     """(all intermediates, matmul outputs) per token of one layer, in values (not bytes);
     the float32 attention scores are counted twice to weigh 4 bytes against 2. The routed
     experts count what the dispatch in force keeps: the dense form every expert's hidden
@@ -62,7 +63,7 @@ def _layer_activation_values(cfg, seq_len: int, moe: bool, tensor: int, dispatch
     K, R, V, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     q = (cfg.q_lora_rank or 0) + H * (K + R)
     kv = (C + R) + H * (K + V)
-    scores = 0 if cfg.attn_kernel == "blockwise" else 2 * H * T  # float32
+    scores = 0 if cfg.attention_kernel(T, backend) != "dense" else 2 * H * T  # float32
     if moe:
         k, E, F = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.moe_intermediate_size
         if expert_parallel:
@@ -100,9 +101,10 @@ def memory_plan(run_cfg, num_devices: int, device_memory_gib: float, backend: st
     act_bytes = jnp.dtype(cfg.dtype).itemsize
     dispatch = cfg.moe_dispatch(backend)
     expert_parallel = sizes["expert"] > 1 and preset != "dp"
-    dense_all, dense_dots = _layer_activation_values(cfg, tcfg.seq_len, False, sizes["tensor"], dispatch, False)
+    dense_all, dense_dots = _layer_activation_values(cfg, tcfg.seq_len, False, sizes["tensor"], dispatch, False,
+                                                     backend=backend)
     moe_all, moe_dots = _layer_activation_values(cfg, tcfg.seq_len, True, sizes["tensor"], dispatch,
-                                                 expert_parallel, tokens)
+                                                 expert_parallel, tokens, backend)
     L_dense, L_moe = cfg.num_dense_layers, cfg.num_moe_layers + cfg.num_nextn_predict_layers
     if cfg.remat_policy == "none":
         per_token = L_dense * dense_all + L_moe * moe_all
