@@ -445,8 +445,9 @@ def test_fp8_pow2_scales_switch_reaches_the_layers_and_experts():
     from tests.test_sharding import OVERRIDES
     from train.config import build_config
 
+    # (dense attention: the blockwise kernel's custom_vjp holds dot_generals too)
     cfg = build_config("pretrain", OVERRIDES + ["model.hidden_size=128", "model.precision=fp8",
-                                                "model.moe_impl=ragged"]).model
+                                                "model.moe_impl=ragged", "model.attn_kernel=dense"]).model
     assert "fp8_pow2_scales" not in cfg.to_hf()
     with pytest.raises(ConfigError, match="fp8_pow2_scales"):
         cfg.replace(fp8_pow2_scales="yes")

@@ -98,6 +98,11 @@ def _stage_class(stage: str):
     return PretrainStage
 
 
+# Words of the errors a process sees when a peer of its run has died (gloo's transport,
+# the coordination service), whatever exception type carries them.
+_PEER_GONE = ("Gloo", "Connection reset by peer", "Connection closed by peer", "heartbeat", "UNAVAILABLE")
+
+
 def main(argv: list[str] | None = None) -> int:
     from dsjax.config import ConfigError
 
@@ -134,15 +139,22 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001
         import jax
 
-        if jax.process_count() < 2 or not isinstance(e, jax.errors.JaxRuntimeError):
+        if jax.process_count() < 2:
             raise
-        # A collective failed: another process of this run died. Say so in one line and
-        # leave at once: jax.distributed's shutdown barrier would wait for the dead peer.
+        # Several processes: leave at once either way, since jax.distributed's shutdown
+        # barrier at exit would wait for a peer that has died (or will never get there).
         import os
 
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: process {jax.process_index()}: another process of this run stopped ({first[:200]}); "
-              f"exiting. Start every process again to resume from the last checkpoint", file=sys.stderr)
+        text = str(e).strip()
+        first = text.splitlines()[0] if text else type(e).__name__
+        if isinstance(e, jax.errors.JaxRuntimeError) or any(s in text for s in _PEER_GONE):
+            # A collective or the coordination service failed: another process died.
+            print(f"error: process {jax.process_index()}: another process of this run stopped ({first[:200]}); "
+                  f"exiting. Start every process again to resume from the last checkpoint", file=sys.stderr)
+        else:
+            import traceback
+
+            traceback.print_exc()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
