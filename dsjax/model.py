@@ -54,12 +54,13 @@ class ModelOutput:
 
 
 def scanned_blocks(cfg: ModelConfig, moe: bool, length: int, name: str, decode: bool = False) -> nn.Module:
-    """`length` Blocks stacked on a leading `layers` axis, run with nn.scan (+ remat)."""
+    """`length` Blocks stacked on a leading `layers` axis, run with nn.scan (+ remat),
+    unrolled where `cfg.unroll_layers()` says so."""
     block = Block
     if cfg.remat_policy != "none" and not decode:
         block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
     scanned = nn.scan(block, variable_axes={"params": 0, "moe_bias": 0, "cache": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast,) * 4, length=length,
+                      in_axes=(nn.broadcast,) * 4, length=length, unroll=length if cfg.unroll_layers() else 1,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, moe=moe, decode=decode, name=name)
 
