@@ -123,3 +123,21 @@ def test_targets_and_target_met():
     assert vs_hf.target_met(line)
     assert not vs_hf.target_met(dict(line, mfu=0.4))
     assert not vs_hf.target_met({"speedup": 2.0, "fraction_of_bound": 0.5, **vs_hf.targets("tiny", "decode_b1")})
+
+
+def test_profile_step_attributes_ops_to_the_model_part_in_their_scope():
+    from bench import profile_step
+
+    hlo = """
+  %ynn_fusion.3 = f32[8,64]{1,0} fusion(%a, %b), kind=kCustom, metadata={op_name="jit(train_step)/jvp(Transformer)/Transformer.trunk/moe_layers/moe/ffn/routed_experts/while/body/dot_general" stack_frame_id=1}
+  ROOT %add.1 = f32[8]{0} add(%c, %d), metadata={op_name="jit(train_step)/transpose(jvp(Transformer))/Transformer.trunk/moe_layers/attention/attn/add"}
+  %select.2 = f32[8]{0} select(%p, %c, %d), metadata={op_name="jit(train_step)/jit(_where)/select_n"}
+"""
+    scopes = profile_step.op_scopes(hlo)
+    assert set(scopes) == {"ynn_fusion.3", "add.1", "select.2"}
+    assert [profile_step.part_of(scopes[n]) for n in ("ynn_fusion.3", "add.1", "select.2")] == [
+        "routed experts", "attention (MLA)", "optimizer and guard"]
+    assert profile_step.part_of("jit(train_step)/jvp(Transformer)/Transformer.trunk/moe_layers/moe/gate/top_k") == \
+        "MoE router, shared expert, combine"
+    assert profile_step.part_of("") == "other"
+    assert profile_step.CONTAINERS.match("while.12") and not profile_step.CONTAINERS.match("ynn_fusion.3")
