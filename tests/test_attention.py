@@ -133,3 +133,27 @@ def test_blockwise_attention_never_holds_the_scores():
     block = bench.temp_bytes(cfg.replace(attn_kernel="blockwise"), 1, 2048)
     scores = 8 * 2048 * 2048 * 4  # one float32 [H, T, S]
     assert dense > 2 * scores and block < scores and dense / block > 6, (dense, block)
+
+
+def test_auto_falls_back_to_blockwise_where_cudnn_refuses(monkeypatch):
+    """'auto' resolved to cuDNN on a machine without it (this CPU) runs blockwise and gives
+    the dense output; 'cudnn' asked for by name raises instead."""
+    from dsjax.config import ModelConfig
+    from dsjax.mla import MLA
+    from dsjax.rope import rope_tables
+
+    cfg = dsjax.load_model_config("tiny")
+    B, T = 2, 12
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(B, T, cfg.hidden_size)), jnp.float32)
+    mask = attention_mask(B, T)
+    cos, sin = rope_tables(cfg, jnp.broadcast_to(jnp.arange(T), (B, T)))
+    params = MLA(cfg).init(jax.random.key(0), x, cos, sin, mask)
+    dense = MLA(cfg.replace(attn_kernel="dense")).apply(params, x, cos, sin, mask)
+    resolve = ModelConfig.attention_kernel
+    monkeypatch.setattr(ModelConfig, "attention_kernel",
+                        lambda self, q, backend=None, absorbed=False: "cudnn" if q > 1 else resolve(self, q, backend,
+                                                                                                  absorbed))
+    out = MLA(cfg).apply(params, x, cos, sin, mask)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(dense), atol=1e-5)
+    with pytest.raises((NotImplementedError, RuntimeError, ValueError)):
+        MLA(cfg.replace(attn_kernel="cudnn")).apply(params, x, cos, sin, mask)
