@@ -190,3 +190,14 @@ def fused_attention(q, k, v, mask, scale: float, implementation: str | None = "c
     vp = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, K - V))) if V < K else v
     o = jax.nn.dot_product_attention(q, k, vp, mask=mask[:, None], scale=float(scale), implementation=implementation)
     return o[..., :V]
+
+
+def cudnn_or_blockwise(q, k, v, mask, scale: float, fallback: bool) -> jnp.ndarray:
+    """`fused_attention` on cuDNN; where cuDNN refuses the shapes or the machine (it says so
+    while tracing), `blockwise_attention` when `fallback`, else its error."""
+    try:
+        return fused_attention(q, k, v, mask, scale, implementation="cudnn")
+    except (NotImplementedError, RuntimeError, ValueError):
+        if not fallback:
+            raise
+        return blockwise_attention(q, k, v, mask, scale)

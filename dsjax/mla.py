@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsjax.attention import blockwise_attention, fused_attention
+from dsjax.attention import blockwise_attention, cudnn_or_blockwise
 from dsjax.config import ModelConfig
 from dsjax.layers import RMSNorm, dtype_of, linear, param
 from dsjax.rope import apply_rope
@@ -117,19 +117,14 @@ class MLA(nn.Module):
         """Naive attention. q: [B, T, H, K + R]; k: [B, S, H, K + R]; v: [B, S, H, V] -> [B, T, D]."""
         dt = dtype_of(self.cfg.dtype)
         kernel = self.cfg.attention_kernel(q.shape[1])
-        o = None
         if kernel == "cudnn":
-            try:
-                with jax.named_scope("cudnn_attention"):
-                    o = fused_attention(q, k, v, mask, self.cfg.softmax_scale).astype(dt)
-            except (NotImplementedError, RuntimeError, ValueError):
-                if self.cfg.attn_kernel == "cudnn":  # asked for by name: say why not
-                    raise
-                kernel = "blockwise"  # 'auto': cuDNN refused these shapes or this machine
-        if kernel == "blockwise":
+            with jax.named_scope("cudnn_attention"):
+                o = cudnn_or_blockwise(q, k, v, mask, self.cfg.softmax_scale,
+                                       fallback=self.cfg.attn_kernel == "auto").astype(dt)
+        elif kernel == "blockwise":
             with jax.named_scope("blockwise_attention"):
                 o = blockwise_attention(q, k, v, mask, self.cfg.softmax_scale).astype(dt)
-        elif o is None:
+        else:
             with jax.named_scope("naive_attention"):
                 scores = jnp.einsum("bthk,bshk->bhts", q, k)
                 probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(dt)
