@@ -148,8 +148,9 @@ class ModelConfig:
         (each token copy gathers its expert's weights: for a few tokens, as in decoding),
         or 'auto' (default, `moe_dispatch`): ragged on GPUs and TPUs; on a CPU, whose
         XLA backend runs ragged_dot as a masked GEMM over every expert, gather when the
-        call's token copies are at most a quarter of the experts, else blocked, and dense
-        under the FP8 recipe (blocked and gather have no FP8 form). Expert parallelism
+        call's token copies are at most a quarter of the experts, dense while they are at
+        most 16 per expert (decoding a batch), else blocked, and dense under the FP8
+        recipe (blocked and gather have no FP8 form). Expert parallelism
         (experts split over a mesh axis) always runs the grouped GEMMs.
       dtype: activation/compute dtype; param_dtype: storage dtype of parameters.
       remat_policy: activation checkpointing of each decoder layer.
@@ -287,9 +288,12 @@ class ModelConfig:
     def moe_dispatch(self, backend: str | None = None, tokens: int | None = None) -> str:
         """'dense', 'ragged', 'blocked' or 'gather': `moe_impl` with 'auto' resolved for
         `backend` (default: the one JAX runs on) and a call on `tokens` tokens (None: a
-        training-sized call). GPUs and TPUs: ragged. A CPU: dense under the FP8 recipe,
-        gather when tokens * num_experts_per_tok <= n_routed_experts / 4 (decoding a
-        few sequences), else blocked."""
+        training-sized call). GPUs and TPUs: ragged. A CPU: dense under the FP8 recipe;
+        with c = tokens * num_experts_per_tok token copies, gather when c <= E / 4
+        (decoding one or two sequences: a step reads only the chosen experts), dense when
+        c <= 16 E (decoding a batch: nearly every expert is read anyway, and a few rows
+        per expert cost little more than reading its weights, while the blocked scan's
+        padding, weight slices and loop cost more), else blocked."""
         if self.moe_impl != "auto":
             return self.moe_impl
         import jax
@@ -298,8 +302,11 @@ class ModelConfig:
             return "ragged"
         if self.precision == "fp8":
             return "dense"
-        if tokens is not None and 4 * tokens * self.num_experts_per_tok <= self.n_routed_experts:
+        copies = None if tokens is None else tokens * self.num_experts_per_tok
+        if copies is not None and 4 * copies <= self.n_routed_experts:
             return "gather"
+        if copies is not None and copies <= 16 * self.n_routed_experts:
+            return "dense"
         return "blocked"
 
     def unroll_layers(self, backend: str | None = None) -> bool:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dsjax.model import Transformer, init_cache
+from dsjax.model import Transformer, init_cache, to_layout
 
 
 @flax.struct.dataclass
@@ -174,6 +174,16 @@ def _replicated(tree):
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, PartitionSpec()), tree)
 
 
+def _decoder(model: Transformer, variables):
+    """The decode-mode model and its variables. Where the layers run unrolled, in the
+    'layers' layout (`to_layout`, one copy of the layers' weights made inside the jitted
+    call before the decoding loop), so that a step reads each weight where it lies
+    instead of copying it out of the stacks."""
+    if model.layout == "stacked" and model.cfg.unroll_layers():
+        return model.clone(decode=True, layout="layers"), to_layout(variables, "layers")
+    return model.clone(decode=True), variables
+
+
 def _prefill(decoder, variables, cache, prompts):
     B, P = prompts.shape
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
@@ -199,9 +209,9 @@ def _plain(model, variables, prompts, lengths, rng, temperature, *, max_new_toke
            stop_tokens):
     B, P = prompts.shape
     N = max_new_tokens
-    decoder = model.clone(decode=True)
+    decoder, variables = _decoder(model, variables)
     rows = jnp.arange(B)
-    out, cache, _ = _prefill(decoder, variables, init_cache(model, B, P + N), prompts)
+    out, cache, _ = _prefill(decoder, variables, init_cache(decoder, B, P + N), prompts)
     last = out.logits[rows, lengths - 1]
 
     def cond(s):
@@ -232,9 +242,9 @@ def _speculative(model, variables, prompts, lengths, rng, temperature, *, max_ne
                  stop_tokens):
     B, P = prompts.shape
     N = max_new_tokens
-    decoder = model.clone(decode=True)
+    decoder, variables = _decoder(model, variables)
     rows = jnp.arange(B)
-    out, cache, positions = _prefill(decoder, variables, init_cache(model, B, P + N + 2), prompts)
+    out, cache, positions = _prefill(decoder, variables, init_cache(decoder, B, P + N + 2), prompts)
     rng, k0, k1 = jax.random.split(rng, 3)
     first, _ = _choose(k0, out.logits[rows, lengths - 1], greedy, temperature, top_k, top_p)
     first_logp = jax.nn.log_softmax(out.logits[rows, lengths - 1])[rows, first]
@@ -368,7 +378,7 @@ def _stream_prefill(model, variables, prompt, length, max_len, rules):
     never read: each query sees only slots at or before its position."""
     with nn.logical_axis_rules(rules):
         decoder = model.clone(decode=True)
-        out, cache, _ = _prefill(decoder, variables, init_cache(model, 1, max_len), prompt)
+        out, cache, _ = _prefill(decoder, variables, init_cache(decoder, 1, max_len), prompt)
     return _replicated(out.logits[0, length - 1]), cache
 
 
@@ -415,6 +425,8 @@ def _stream(model, variables, padded, length, max_new_tokens, temperature, rng, 
             rules):
     on_mesh = lambda: contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)  # noqa: E731
     with on_mesh():
+        if model.layout == "stacked" and model.cfg.unroll_layers():  # one copy of the weights, not one per step
+            model, variables = model.clone(layout="layers"), jax.jit(to_layout, static_argnums=1)(variables, "layers")
         logits, cache = _stream_prefill(model, variables, jnp.asarray(padded), jnp.int32(length),
                                         padded.shape[1] + max_new_tokens, rules=rules)
     rng = jax.random.key(0) if rng is None else rng

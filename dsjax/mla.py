@@ -97,12 +97,6 @@ class MLA(nn.Module):
         k_pe = apply_rope(kv[..., cfg.kv_lora_rank:], cos, sin, cfg.rope_interleave)
         return c_kv, k_pe
 
-    def _split_wkv_b(self):
-        dt = dtype_of(self.cfg.dtype)
-        wkv_b = self.wkv_b.astype(dt)
-        K = self.cfg.qk_nope_head_dim
-        return wkv_b[..., :K], wkv_b[..., K:]  # W_UK [C, H, K], W_UV [C, H, V]
-
     def expand(self, c_kv, k_pe):
         """Per-head keys and values from latents: c_kv [B, S, C], k_pe [B, S, R] ->
         (k [B, S, H, K + R], v [B, S, H, V]), the rope key repeated for every head."""
@@ -138,9 +132,14 @@ class MLA(nn.Module):
         q_nope: [B, T, H, K]; q_pe: [B, T, H, R]; c_kv: [B, S, C]; k_pe: [B, S, R] -> [B, T, D].
         """
         dt = dtype_of(self.cfg.dtype)
-        w_uk, w_uv = self._split_wkv_b()
+        K = self.cfg.qk_nope_head_dim
+        # W_UK = wkv_b[..., :K] and W_UV = wkv_b[..., K:] are used in place, not sliced out
+        # (a copy of wkv_b per call): the query is zero-padded over the V columns, and the
+        # output's first K columns are dropped.
+        wkv_b = self.wkv_b.astype(dt)  # [C, H, K + V]
         with jax.named_scope("absorbed_attention"):
-            q_lat = jnp.einsum("bthk,chk->bthc", q_nope, w_uk)
+            q_pad = jnp.pad(q_nope, ((0, 0),) * 3 + ((0, wkv_b.shape[-1] - K),))
+            q_lat = jnp.einsum("bthk,chk->bthc", q_pad, wkv_b)
             if self.cfg.attention_kernel(q_nope.shape[1], absorbed=True) == "blockwise":
                 # one shared key head [c_kv, k_pe] and value head c_kv for every query head
                 keys = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], -1)[:, :, None]
@@ -150,7 +149,7 @@ class MLA(nn.Module):
                 scores = jnp.einsum("bthc,bsc->bhts", q_lat, c_kv) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
                 probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(dt)
                 o_lat = jnp.einsum("bhts,bsc->bthc", probs, c_kv)
-            o = jnp.einsum("bthc,chv->bthv", o_lat, w_uv)
+            o = jnp.einsum("bthc,chv->bthv", o_lat, wkv_b)[..., K:]
         o = nn.with_logical_constraint(o, ("batch", "seq", "heads", "head_dim"))
         return linear(self.cfg, o, self.wo, contract=2)
 

@@ -65,6 +65,51 @@ def scanned_blocks(cfg: ModelConfig, moe: bool, length: int, name: str, decode: 
     return scanned(cfg, moe=moe, decode=decode, name=name)
 
 
+class LayerList(nn.Module):
+    """`length` Blocks with their own weights (`layer_0`, `layer_1`, ...): the 'layers'
+    layout of `Transformer.layout`, with the same call and outputs as `scanned_blocks`."""
+
+    cfg: ModelConfig
+    moe: bool
+    length: int
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, positions):
+        aux = []
+        for i in range(self.length):
+            x, a = Block(self.cfg, moe=self.moe, decode=self.decode, name=f"layer_{i}")(x, cos, sin, mask, positions)
+            aux.append(a)
+        return x, jax.tree.map(lambda *a: jnp.stack(a), *aux)
+
+
+LAYOUTS = ("stacked", "layers")
+_STACKS = ("dense_layers", "moe_layers")
+
+
+def to_layout(variables: dict, layout: str) -> dict:
+    """Variables of a stacked Transformer (the checkpoint layout) in `layout` (see
+    `Transformer.layout`): for 'layers', each collection's `dense_layers` / `moe_layers`
+    tree of [L, ...] arrays becomes {'layer_0': tree[0], ...}, a copy of the layers'
+    weights."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "stacked":
+        return variables
+
+    def split(tree):
+        if not isinstance(tree, dict):
+            return tree
+        out = dict(tree)
+        for key in _STACKS:
+            if key in tree:
+                length = jax.tree.leaves(tree[key])[0].shape[0]
+                out[key] = {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], tree[key]) for i in range(length)}
+        return out
+
+    return {name: split(tree) for name, tree in variables.items()}
+
+
 def attention_mask(batch: int, length: int, segment_ids=None) -> jnp.ndarray:
     """Causal mask, restricted to equal segments when given. Returns bool [B, T, T]."""
     B, T = batch, length
@@ -85,18 +130,31 @@ class Transformer(nn.Module):
     With `decode=True` the attention layers keep a KV cache in the `cache` collection
     (create it with `init_cache`, pass it with mutable=["cache"]); tokens are written at
     their `positions` and see every earlier slot. Same parameters either way.
+
+    `layout` is how the decoder layers' weights are held: 'stacked' (default; the layout
+    of checkpoints and training, [L, ...] arrays run by `nn.scan`) or 'layers' (each
+    layer's apart, `LayerList`; convert stacked variables with `to_layout`).
+    `dsjax.generate` decodes in 'layers' where the layers run unrolled
+    (`ModelConfig.unroll_layers`): XLA copies a layer's weights out of the stacks wherever
+    they are used and does not hoist the copies out of the decoding loop, so each step
+    would copy every weight it reads.
     """
 
     cfg: ModelConfig
     decode: bool = False
+    layout: str = "stacked"
 
     def setup(self):
         cfg = self.cfg
         self.embed = param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        layers = scanned_blocks if self.layout == "stacked" else (
+            lambda cfg, moe, length, name, decode: LayerList(cfg, moe, length, decode, name=name))
         if cfg.num_dense_layers:
-            self.dense_layers = scanned_blocks(cfg, False, cfg.num_dense_layers, "dense_layers", self.decode)
+            self.dense_layers = layers(cfg, False, cfg.num_dense_layers, "dense_layers", self.decode)
         if cfg.num_moe_layers:
-            self.moe_layers = scanned_blocks(cfg, True, cfg.num_moe_layers, "moe_layers", self.decode)
+            self.moe_layers = layers(cfg, True, cfg.num_moe_layers, "moe_layers", self.decode)
         self.norm = RMSNorm(cfg, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
             self.head = param(self, "head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))

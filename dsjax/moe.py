@@ -10,9 +10,10 @@ Group-limited routing keeps the `topk_group` best of `n_group` expert groups fir
 (group score = max for V2's `group_limited_greedy`, sum of top-2 for V3's `noaux_tc`).
 Weights are renormalized when `norm_topk_prob` and scaled by `routed_scaling_factor`.
 
-Dispatch, chosen by `moe_impl` (`auto`: ragged on GPUs and TPUs; on a CPU blocked, or
-gather for a few tokens; `ModelConfig.moe_dispatch`):
-- `dense`: every expert on every token, weighted by a sparse combine matrix (reference);
+Dispatch, chosen by `moe_impl` (`auto`: ragged on GPUs and TPUs; on a CPU blocked, gather
+for one or two tokens, dense for a decoding batch; `ModelConfig.moe_dispatch`):
+- `dense`: every expert on every token, weighted by a sparse combine matrix (reference;
+  as one batched GEMM per weight, the fastest form on a CPU for a few tokens per expert);
 - `ragged`: dropless; token copies sorted by expert and run through grouped GEMMs
   (`jax.lax.ragged_dot`), then scattered back;
 - `blocked`: dropless; the sorted copies padded per expert into fixed-size row blocks,
@@ -96,17 +97,25 @@ def experts_dense(x, weights, indices, w1, w3, w2, fp8: Recipe | None = None):
     """Reference dispatch: all experts on all tokens, weighted by a sparse combine matrix.
 
     x: [N, D]; weights/indices: [N, k]; w1, w3: [E, D, F]; w2: [E, F, D] -> [N, D].
-    The experts are laid side by side as one [D, E*F] matmul; the combine weights scale
-    the hidden units, so the sum over experts happens inside the second matmul. With
-    `fp8` (a dsjax.fp8.Recipe), both matmuls run through the FP8 recipe; its 128x128 weight blocks and 1x128
+    One batched GEMM per weight ([E, N, D] x [E, D, F]: each weight read where it lies, no
+    transposed copy; the tokens broadcast over the experts go through an optimization
+    barrier, which keeps XLA from folding the batch into a [D, E*F] GEMM that transposes
+    the weights); the combine weights scale the hidden units, so the sum over experts
+    happens inside the last GEMM. With `fp8` (a dsjax.fp8.Recipe) the experts are laid
+    side by side as [D, E*F] matmuls through the FP8 recipe; its 128x128 weight blocks and 1x128
     hidden tiles stay within one expert when moe_intermediate_size is a multiple of 128 (as
     in every DeepSeek release), and span neighbouring experts otherwise.
     """
     N, E = x.shape[0], w1.shape[0]
     D, F = w1.shape[1], w1.shape[2]
     combine = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], indices].add(weights)
+    if fp8 is None:
+        xs = jax.lax.optimization_barrier(jnp.broadcast_to(x, (E,) + x.shape))  # [E, N, D]
+        h = nn.silu(jnp.einsum("end,edf->enf", xs, w1)) * jnp.einsum("end,edf->enf", xs, w3)
+        h = h * combine.T[:, :, None].astype(h.dtype)  # [E, N, F]
+        return jnp.einsum("enf,efd->nd", h, w2)
     side_by_side = lambda w: w.transpose(1, 0, 2).reshape(D, E * F)
-    mm = functools.partial(fp8_matmul, **fp8._asdict()) if fp8 else jnp.matmul
+    mm = functools.partial(fp8_matmul, **fp8._asdict())
     h = nn.silu(mm(x, side_by_side(w1))) * mm(x, side_by_side(w3))  # [N, E*F]
     h = (h.reshape(N, E, F) * combine[:, :, None].astype(h.dtype)).reshape(N, E * F)
     return mm(h, w2.reshape(E * F, D))

@@ -74,6 +74,32 @@ def test_cached_decoding_matches_full_recompute(random_model, impl):
     np.testing.assert_allclose(other.logprobs, out.logprobs, atol=1e-4)
 
 
+def test_decoding_holds_the_layers_apart_where_they_run_unrolled(random_model):
+    """On one CPU device the decoder runs on per-layer weights (`to_layout`); with the
+    layer scan it keeps the stacks. Same tokens and log-probs either way, batched and
+    streamed; variables already in the 'layers' layout are used as they are."""
+    from dsjax.model import to_layout
+
+    cfg, variables = random_model
+    model = dsjax.Transformer(cfg.replace(attn_impl="absorb"))
+    apart = jax.eval_shape(model.clone(layout="layers").init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    split = to_layout(variables, "layers")
+    assert jax.tree.map(lambda x: x.shape, dsjax.unbox(apart)) == jax.tree.map(lambda x: x.shape, split)
+    assert gen_lib._decoder(model, variables)[0].layout == "layers"
+    scanned = dsjax.Transformer(cfg.replace(attn_impl="absorb", layer_loop="scan"))
+    assert gen_lib._decoder(scanned, variables)[0].layout == "stacked"
+    out = generate(model, variables, PROMPTS, LENGTHS, max_new_tokens=6)
+    ref = generate(scanned, variables, PROMPTS, LENGTHS, max_new_tokens=6)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-4)
+    again = generate(model.clone(layout="layers"), split, PROMPTS, LENGTHS, max_new_tokens=6)
+    np.testing.assert_array_equal(again.tokens, ref.tokens)
+    streamed = list(dsjax.generate_stream(model, variables, PROMPTS[0, :LENGTHS[0]], max_new_tokens=6))
+    assert streamed == list(np.asarray(out.tokens[0]))
+    with pytest.raises(ValueError, match="layout must be one of"):
+        to_layout(variables, "experts")
+
+
 def test_stop_tokens_end_rows(random_model):
     cfg, variables = random_model
     model = dsjax.Transformer(cfg)
