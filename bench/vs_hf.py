@@ -262,7 +262,7 @@ def bench_train(preset, model, variables, hf, batch, seq, reps, warmup, rng):
     ours, theirs = _interleaved(our_step, hf_step, reps)
     hf.eval()
     tokens_per_step = batch * seq
-    return {"measure": "train", "batch": batch, "seq": seq, "moe_dispatch": cfg.moe_dispatch(),
+    return {"measure": "train", "batch": batch, "seq": seq, "moe_dispatch": cfg.moe_dispatch(tokens=batch * seq),
             "dsjax_per_s": tokens_per_step / _median(ours), "hf_per_s": tokens_per_step / _median(theirs),
             "dsjax_step_s": round(_median(ours), 4), "hf_step_s": round(_median(theirs), 4),
             "dsjax_compile_s": round(compile_s, 2), "first_loss_dsjax": round(first_loss, 5),
@@ -292,7 +292,7 @@ def bench_prefill(model, variables, hf, batch, seq, reps, warmup, rng):
     _interleaved(our_forward, hf_forward, warmup - 1)
     ours, theirs = _interleaved(our_forward, hf_forward, reps)
     n = batch * seq
-    return {"measure": "prefill", "batch": batch, "seq": seq, "moe_dispatch": cfg.moe_dispatch(),
+    return {"measure": "prefill", "batch": batch, "seq": seq, "moe_dispatch": cfg.moe_dispatch(tokens=batch * seq),
             "dsjax_per_s": n / _median(ours), "hf_per_s": n / _median(theirs),
             "dsjax_compile_s": round(compile_s, 2), "reps": reps,
             "max_abs_logit_diff": float(np.abs(ours_logits - theirs_logits).max()),
@@ -345,7 +345,7 @@ def bench_decode(model, variables, hf, batch, prompt_len, new_tokens, reps, band
     ours_rate = steps / max(med["dsjax", new_tokens] - med["dsjax", 1], 1e-9)
     theirs_rate = steps / max(med["hf", new_tokens] - med["hf", 1], 1e-9)
     return {"measure": f"decode_b{batch}", "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "attn_impl": cfg.attn_impl, "moe_dispatch": cfg.moe_dispatch(),
+            "attn_impl": cfg.attn_impl, "moe_dispatch": cfg.moe_dispatch(tokens=batch),  # a step's
             "dsjax_per_s": ours_rate, "hf_per_s": theirs_rate,
             "dsjax_e2e_per_s": _rate(batch * new_tokens / med["dsjax", new_tokens]),
             "hf_e2e_per_s": _rate(batch * new_tokens / med["hf", new_tokens]),

@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsjax.config import ModelConfig
+from dsjax.config import DENSE_COPIES_PER_EXPERT, ModelConfig
 from dsjax.fp8 import Recipe, fp8_matmul, fp8_ragged_dot
 from dsjax.layers import MLP, dtype_of, param
 
@@ -97,25 +97,27 @@ def experts_dense(x, weights, indices, w1, w3, w2, fp8: Recipe | None = None):
     """Reference dispatch: all experts on all tokens, weighted by a sparse combine matrix.
 
     x: [N, D]; weights/indices: [N, k]; w1, w3: [E, D, F]; w2: [E, F, D] -> [N, D].
-    One batched GEMM per weight ([E, N, D] x [E, D, F]: each weight read where it lies, no
-    transposed copy; the tokens broadcast over the experts go through an optimization
-    barrier, which keeps XLA from folding the batch into a [D, E*F] GEMM that transposes
-    the weights); the combine weights scale the hidden units, so the sum over experts
-    happens inside the last GEMM. With `fp8` (a dsjax.fp8.Recipe) the experts are laid
-    side by side as [D, E*F] matmuls through the FP8 recipe; its 128x128 weight blocks and 1x128
+    For a few tokens per expert (decoding a batch; `DENSE_COPIES_PER_EXPERT`), one batched
+    GEMM per weight, [E, N, D] x [E, D, F]: each weight is read where it lies (the tokens
+    broadcast over the experts pass an optimization barrier, which keeps XLA from folding
+    the batch into one [D, E*F] GEMM that copies the weights transposed first). For more
+    tokens, that copy costs less than the batched GEMMs: the experts are laid side by side
+    as one [D, E*F] matmul. Either way the combine weights scale the hidden units, so the
+    sum over experts happens inside the last GEMM. With `fp8` (a dsjax.fp8.Recipe) the
+    side-by-side matmuls run through the FP8 recipe; its 128x128 weight blocks and 1x128
     hidden tiles stay within one expert when moe_intermediate_size is a multiple of 128 (as
     in every DeepSeek release), and span neighbouring experts otherwise.
     """
     N, E = x.shape[0], w1.shape[0]
     D, F = w1.shape[1], w1.shape[2]
     combine = jnp.zeros((N, E), jnp.float32).at[jnp.arange(N)[:, None], indices].add(weights)
-    if fp8 is None:
+    if fp8 is None and indices.size <= DENSE_COPIES_PER_EXPERT * E:
         xs = jax.lax.optimization_barrier(jnp.broadcast_to(x, (E,) + x.shape))  # [E, N, D]
         h = nn.silu(jnp.einsum("end,edf->enf", xs, w1)) * jnp.einsum("end,edf->enf", xs, w3)
         h = h * combine.T[:, :, None].astype(h.dtype)  # [E, N, F]
         return jnp.einsum("enf,efd->nd", h, w2)
     side_by_side = lambda w: w.transpose(1, 0, 2).reshape(D, E * F)
-    mm = functools.partial(fp8_matmul, **fp8._asdict())
+    mm = functools.partial(fp8_matmul, **fp8._asdict()) if fp8 else jnp.matmul
     h = nn.silu(mm(x, side_by_side(w1))) * mm(x, side_by_side(w3))  # [N, E*F]
     h = (h.reshape(N, E, F) * combine[:, :, None].astype(h.dtype)).reshape(N, E * F)
     return mm(h, w2.reshape(E * F, D))
