@@ -493,13 +493,13 @@ def override_model(model: ModelConfig, overrides: list[str], allowed: tuple[str,
     return apply_updates("model", model, updates)
 
 
-# The fields that choose how the model computes, not what it is: they leave the parameters'
-# shapes and meaning alone, so a trained checkpoint can be run under any of their values.
 # Up to this many token copies per routed expert on average, a call's experts are a few
 # GEMM rows each: reading every expert's weights costs about what the rows cost, so the
 # dense dispatch (one batched GEMM per weight) beats sorting into blocks on a CPU.
 DENSE_COPIES_PER_EXPERT = 16
 
+# The fields that choose how the model computes, not what it is: they leave the parameters'
+# shapes and meaning alone, so a trained checkpoint can be run under any of their values.
 IMPL_FIELDS = ("attn_impl", "attn_kernel", "moe_impl", "dtype", "param_dtype", "remat_policy", "layer_loop", "precision",
                "fp8_gemm", "fp8_pow2_scales")
 

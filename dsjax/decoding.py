@@ -174,13 +174,18 @@ def _replicated(tree):
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, PartitionSpec()), tree)
 
 
-def _decoder(model: Transformer, variables):
-    """The decode-mode model and its variables. Where the layers run unrolled, in the
-    'layers' layout (`to_layout`, one copy of the layers' weights made inside the jitted
-    call before the decoding loop), so that a step reads each weight where it lies
-    instead of copying it out of the stacks."""
+def _in_place(model: Transformer, variables):
+    """`model` and `variables` in the weight layout that decoding reads in place: where
+    the layers run unrolled, 'layers' (`to_layout`: one copy of the layers' weights, made
+    before the decoding loop), so that a step does not copy each weight out of the stacks."""
     if model.layout == "stacked" and model.cfg.unroll_layers():
-        return model.clone(decode=True, layout="layers"), to_layout(variables, "layers")
+        return model.clone(layout="layers"), to_layout(variables, "layers")
+    return model, variables
+
+
+def _decoder(model: Transformer, variables):
+    """The decode-mode model and its variables, in the layout of `_in_place`."""
+    model, variables = _in_place(model, variables)
     return model.clone(decode=True), variables
 
 
@@ -425,8 +430,7 @@ def _stream(model, variables, padded, length, max_new_tokens, temperature, rng, 
             rules):
     on_mesh = lambda: contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)  # noqa: E731
     with on_mesh():
-        if model.layout == "stacked" and model.cfg.unroll_layers():  # one copy of the weights, not one per step
-            model, variables = model.clone(layout="layers"), jax.jit(to_layout, static_argnums=1)(variables, "layers")
+        model, variables = _in_place(model, variables)  # one copy of the weights, not one per step
         logits, cache = _stream_prefill(model, variables, jnp.asarray(padded), jnp.int32(length),
                                         padded.shape[1] + max_new_tokens, rules=rules)
     rng = jax.random.key(0) if rng is None else rng
