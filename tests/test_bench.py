@@ -129,15 +129,55 @@ def test_profile_step_attributes_ops_to_the_model_part_in_their_scope():
     from bench import profile_step
 
     hlo = """
-  %ynn_fusion.3 = f32[8,64]{1,0} fusion(%a, %b), kind=kCustom, metadata={op_name="jit(train_step)/jvp(Transformer)/Transformer.trunk/moe_layers/moe/ffn/routed_experts/while/body/dot_general" stack_frame_id=1}
+  %dot.9 = f32[8,64]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %ynn_fusion.3 = f32[8,64]{1,0} fusion(%dot.9, %b), kind=kCustom, metadata={op_name="jit(train_step)/jvp(Transformer)/Transformer.trunk/moe_layers/moe/ffn/routed_experts/while/body/dot_general" stack_frame_id=1}
   ROOT %add.1 = f32[8]{0} add(%c, %d), metadata={op_name="jit(train_step)/transpose(jvp(Transformer))/Transformer.trunk/moe_layers/attention/attn/add"}
   %select.2 = f32[8]{0} select(%p, %c, %d), metadata={op_name="jit(train_step)/jit(_where)/select_n"}
 """
     scopes = profile_step.op_scopes(hlo)
-    assert set(scopes) == {"ynn_fusion.3", "add.1", "select.2"}
+    assert {"ynn_fusion.3", "add.1", "select.2", "dot.9"} <= set(scopes)
+    assert scopes["dot.9"] == scopes["ynn_fusion.3"]  # no metadata: the scope of its user
     assert [profile_step.part_of(scopes[n]) for n in ("ynn_fusion.3", "add.1", "select.2")] == [
         "routed experts", "attention (MLA)", "optimizer and guard"]
     assert profile_step.part_of("jit(train_step)/jvp(Transformer)/Transformer.trunk/moe_layers/moe/gate/top_k") == \
         "MoE router, shared expert, combine"
     assert profile_step.part_of("") == "other"
     assert profile_step.CONTAINERS.match("while.12") and not profile_step.CONTAINERS.match("ynn_fusion.3")
+
+
+def test_profile_step_decode_counts_only_the_decoding_loop():
+    from bench import profile_step
+
+    hlo = """
+%fused_computation.1 (param_0: f32[8]) -> f32[8] {
+  %param_0 = f32[8]{0} parameter(0)
+  ROOT %mul.1 = f32[8]{0} multiply(%param_0, %param_0)
+}
+
+%body.2 (arg: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %arg = (s32[], f32[8]) parameter(0)
+  %gte.3 = f32[8]{0} get-tuple-element(%arg), index=1
+  %fusion.4 = f32[8]{0} fusion(%gte.3), kind=kLoop, calls=%fused_computation.1
+  ROOT %tuple.5 = (s32[], f32[8]) tuple(%gte.3, %fusion.4)
+}
+
+%cond.6 (arg.1: (s32[], f32[8])) -> pred[] {
+  %arg.1 = (s32[], f32[8]) parameter(0)
+  ROOT %constant.7 = pred[] constant(false)
+}
+
+ENTRY %main.8 (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  %prefill.9 = f32[8]{0} add(%p, %p)
+  %tuple.10 = (s32[], f32[8]) tuple(%p, %prefill.9)
+  %while.11 = (s32[], f32[8]) while(%tuple.10), condition=%cond.6, body=%body.2
+  ROOT %out.12 = f32[8]{0} get-tuple-element(%while.11), index=1
+}
+"""
+    names = profile_step.loop_ops(hlo)
+    assert {"fusion.4", "gte.3", "mul.1", "constant.7"} <= names
+    assert not names & {"prefill.9", "while.11", "out.12"}
+    assert profile_step.part_of("jit(run)/while/body/argmax", decode=True) == "sampling and loop"
+    assert profile_step.part_of("jit(run)/while/body/jit(log_softmax)/reduce_max", decode=True) == "sampling and loop"
+    assert profile_step.part_of("jit(run)/while/body/Transformer/Transformer.trunk/moe_layers/layer_0/attention/x",
+                                decode=True) == "attention (MLA)"
