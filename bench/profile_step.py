@@ -18,8 +18,9 @@ leaves, so the parts add up to the busy time of all threads, which can exceed th
 batch B: the ops of its decoding loop (found in the compiled HLO), per step, without the
 prefill and the per-call weight copy; the wall time per step is the difference of a call
 with --new-tokens and one with a single new token. Ops outside the model (choosing
-tokens, the loop) count as "sampling and loop"; "other" is ops whose scope XLA dropped
-(at batch 1, the matrix-vector products).
+tokens, the loop) count as "sampling and loop". An op whose scope XLA dropped (at batch 1,
+the matrix-vector products) is charged to the scope of its user (`op_scopes`); "other"
+is what is left without one.
 """
 
 from __future__ import annotations
@@ -150,8 +151,9 @@ def profile_decode(preset: str, batch: int, new_tokens: int, top: int) -> int:
     def run(n):
         return jax.block_until_ready(dsjax.generate(model, variables, prompts, lengths, max_new_tokens=n).tokens)
 
-    # The HLO of the call `generate` makes (its scopes name the ops in the trace).
-    padded = jnp.zeros((batch, 64), jnp.int32)
+    # The HLO of the call `generate` makes (its scopes name the ops in the trace): the
+    # prompts padded to generate's default 64-token bucket, greedy.
+    padded = jnp.zeros((batch, -(-prompts.shape[1] // 64) * 64), jnp.int32)
     hlo = _generate_plain.lower(model, variables, padded, jnp.asarray(lengths, jnp.int32), jax.random.key(0),
                                 jnp.float32(1e-6), max_new_tokens=new_tokens, greedy=True, top_k=0, top_p=1.0,
                                 stop_tokens=(), rules=()).compile().as_text()
