@@ -28,6 +28,7 @@ ROOT = os.path.dirname(HERE)
 
 # Opt-in benchmarks: run only when named or with --all (why: roughly how long on 2 cores).
 SLOW = {
+    "allocator": "4 child processes compiling the small step, about 7 minutes",
     "decode_cache": "about 5 minutes",
     "fp8_ablation": "800 training steps",
     "fp8_quality": "nine 800-step training runs",
@@ -46,6 +47,7 @@ KEY_FIGURES = {
     "speculative": ("speculative_tokens_per_forward", "acceptance_rate", "speedup", "identical_tokens"),
     "gpu_check": ("device_kind", "fp8_speedup", "losses_finite", "fp8_lowered_to_f8_dots"),
     "scale": ("preset", "batch", "seq_len", "moe_impl", "targets_met"),
+    "allocator": ("preset", "hugepages_train_ms", "plain_train_ms", "train_speedup", "forward_speedup"),
 }
 MAX_FIGURES = 6
 

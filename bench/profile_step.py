@@ -46,7 +46,7 @@ PARTS = (("routed_experts", "routed experts"), ("/moe/", "MoE router, shared exp
          ("attention", "attention (MLA)"), ("/mlp/", "dense MLP"), ("logits_from_hidden", "output head"),
          ("cross_entropy", "loss"), ("log_softmax", "loss"), ("norm", "norms"), ("embed", "embedding"))
 # Ops with other ops inside them in the trace: only their leaves are counted.
-CONTAINERS = re.compile(r"^(while|cond|call|conditional)(\.\d+)?$")
+CONTAINERS = re.compile(r"^(while|cond|call|conditional)(\.\d+)*(\.clone(\.\d+)*)?$")
 
 
 def op_scopes(hlo: str) -> dict[str, str]:

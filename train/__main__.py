@@ -161,4 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from train.allocator import reexec
+
+    reexec()  # huge pages for XLA's buffers (train/allocator.py), before JAX loads
     sys.exit(main())

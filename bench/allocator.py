@@ -1,0 +1,120 @@
+"""The training step and forward pass with and without transparent huge pages for XLA's
+buffers (train/allocator.py: what `python -m train` sets for itself), each setting in its
+own child process, the settings alternated.
+
+    python bench/allocator.py [--preset small] [--batch 8] [--seq-len 256] [--steps 6] [--rounds 2]
+
+Each child builds `python -m train`'s step for the preset (MTP off, AdamW, the dispatch
+`auto` picks, the state donated), compiles it, times --steps forward passes (logits) and
+then --steps training steps, and prints the median milliseconds and the minor page faults
+of each. The parent runs --rounds rounds of (huge pages, plain), in turns so that load on
+the machine falls on both alike, and prints one JSON line: the medians of each setting over the rounds and the
+speedup of huge pages (plain ms / huge-page ms). Only Linux with glibc 2.35 or later has
+the tunable; elsewhere the line says so.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from train.allocator import OPT_OUT, hugepage_env  # noqa: E402
+
+
+def child(preset: str, batch: int, seq_len: int, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import dsjax
+    from train.config import build_config
+    from train.optim import make_optimizer
+    from train.steps import TrainState, make_train_step
+
+    run = build_config("pretrain", [f"model.preset={preset}", "model.num_nextn_predict_layers=0",
+                                    f"train.batch_size={batch}", f"train.seq_len={seq_len}"])
+    cfg, tcfg = run.model, run.train
+    model = dsjax.Transformer(cfg)
+    variables = dsjax.unbox(model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32)))
+    forward = jax.jit(lambda v, t: model.apply(v, t).logits)
+    tx, schedule = make_optimizer(tcfg, variables["params"])
+    state = TrainState.start(variables, tx)
+    step = jax.jit(make_train_step(model, tx, tcfg, schedule), donate_argnums=(0,))  # as train/loop.py
+    tokens = np.random.default_rng(0).integers(2, cfg.vocab_size, (batch, seq_len + 1))
+    data = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32)}
+
+    def timed(fn):
+        jax.block_until_ready(fn())  # compile and warm up
+        jax.block_until_ready(fn())
+        times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(steps):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(time.perf_counter() - start)
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
+        return float(np.median(times)) * 1e3, faults
+
+    def train():
+        nonlocal state
+        state, metrics = step(state, data)
+        return metrics["loss"]
+
+    forward_ms, forward_faults = timed(lambda: forward(variables, data["inputs"]))  # before the step donates them
+    train_ms, train_faults = timed(train)
+    return {"train_ms": round(train_ms, 1), "forward_ms": round(forward_ms, 1),
+            "train_faults": round(train_faults), "forward_faults": round(forward_faults)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--steps", type=int, default=6, help="timed steps (and forward passes) per child")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of (huge pages, plain) children")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args.preset, args.batch, args.seq_len, args.steps)))
+        return 0
+    plain = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" or "hugetlb" not in v}
+    plain[OPT_OUT] = "0"
+    huge = hugepage_env({k: v for k, v in plain.items() if k != OPT_OUT})
+    head = {"name": "allocator", "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len}
+    if huge is None:
+        print(json.dumps({**head, "skipped": "no glibc 2.35+ on Linux: the hugetlb tunable does not exist here"}))
+        return 0
+    runs = {"hugepages": [], "plain": []}
+    command = [sys.executable, os.path.abspath(__file__), "--child", "--preset", args.preset, "--batch",
+               str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
+    for r in range(args.rounds):
+        for setting, env in (("hugepages", huge), ("plain", plain)):
+            out = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+            if out.returncode:
+                print(out.stderr[-2000:], file=sys.stderr)
+                return 1
+            runs[setting].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"[allocator] round {r + 1} {setting}: {runs[setting][-1]}", file=sys.stderr, flush=True)
+
+    def median(setting, key):
+        xs = sorted(run[key] for run in runs[setting])
+        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+    line = dict(head, rounds=args.rounds, steps=args.steps, tunable=huge["GLIBC_TUNABLES"])
+    for key in ("train_ms", "forward_ms", "train_faults", "forward_faults"):
+        line[f"hugepages_{key}"] = median("hugepages", key)
+        line[f"plain_{key}"] = median("plain", key)
+    line["train_speedup"] = round(line["plain_train_ms"] / line["hugepages_train_ms"], 3)
+    line["forward_speedup"] = round(line["plain_forward_ms"] / line["hugepages_forward_ms"], 3)
+    print(json.dumps(line))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
