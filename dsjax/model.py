@@ -87,11 +87,20 @@ LAYOUTS = ("stacked", "layers")
 _STACKS = ("dense_layers", "moe_layers")
 
 
+def _boxed(x) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def _layer(x, i: int):
+    """Layer i of a stacked array, or of a boxed one (its leading `layers` axis name dropped)."""
+    return x.replace(value=x.value[i], names=x.names[1:]) if _boxed(x) else x[i]
+
+
 def to_layout(variables: dict, layout: str) -> dict:
     """Variables of a stacked Transformer (the checkpoint layout) in `layout` (see
     `Transformer.layout`): for 'layers', each collection's `dense_layers` / `moe_layers`
     tree of [L, ...] arrays becomes {'layer_0': tree[0], ...}, a copy of the layers'
-    weights."""
+    weights (boxed variables keep their axis names, less the leading `layers`)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "stacked":
@@ -104,7 +113,8 @@ def to_layout(variables: dict, layout: str) -> dict:
         for key in _STACKS:
             if key in tree:
                 length = jax.tree.leaves(tree[key])[0].shape[0]
-                out[key] = {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], tree[key]) for i in range(length)}
+                out[key] = {f"layer_{i}": jax.tree.map(lambda x, i=i: _layer(x, i), tree[key], is_leaf=_boxed)
+                            for i in range(length)}
         return out
 
     return {name: split(tree) for name, tree in variables.items()}

@@ -2,6 +2,7 @@
 sizes, MTP speculative decoding (greedy equality, the sampling rule, the sampled output
 distribution end to end), compile reuse (batched and streamed)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,6 +86,15 @@ def test_decoding_holds_the_layers_apart_where_they_run_unrolled(random_model):
     apart = jax.eval_shape(model.clone(layout="layers").init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     split = to_layout(variables, "layers")
     assert jax.tree.map(lambda x: x.shape, dsjax.unbox(apart)) == jax.tree.map(lambda x: x.shape, split)
+    # boxed variables convert with their axis names, as init in that layout names them
+    boxed = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    names = lambda tree: [x.names for x in jax.tree.leaves(  # noqa: E731
+        tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))]
+    assert names(to_layout(boxed, "layers")) == names(apart)
+    # the naive (training) form of attention on them: same logits
+    naive = dsjax.Transformer(cfg.replace(attn_impl="naive"))
+    np.testing.assert_allclose(naive.clone(layout="layers").apply(split, PROMPTS).logits,
+                               naive.apply(variables, PROMPTS).logits, atol=1e-5)
     assert gen_lib._decoder(model, variables)[0].layout == "layers"
     scanned = dsjax.Transformer(cfg.replace(attn_impl="absorb", layer_loop="scan"))
     assert gen_lib._decoder(scanned, variables)[0].layout == "stacked"
