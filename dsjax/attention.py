@@ -165,13 +165,32 @@ def _attention_bwd(scale, bq, bk, res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def blockwise_attention(q, k, v, mask, scale: float, block_q: int = 512, block_k: int = 512) -> jnp.ndarray:
+# Rows per query chunk of a short causal call (see `blockwise_attention`), and most chunks.
+CAUSAL_CHUNK = 64
+CAUSAL_CHUNKS = 4
+
+
+def blockwise_attention(q, k, v, mask, scale: float, block_q: int = 512, block_k: int = 512,
+                        causal: bool = False) -> jnp.ndarray:
     """softmax(q k^T * scale, masked) v without materializing the scores.
 
     q: [B, T, H, K]; k: [B, S, H, K]; v: [B, S, H, V] (or one head [B, S, 1, *] shared by
-    all H); mask: bool [B, T, S] (True attends). Returns float32 [B, T, H, V]. T and S are padded to the block sizes internally.
+    all H); mask: bool [B, T, S] (True attends). Returns float32 [B, T, H, V]. T and S are
+    padded to the block sizes internally.
+
+    `causal`: the caller promises that the mask never lets query t see a key s > t (queries
+    and keys at the same positions, T == S; causal masks with or without segments). A call
+    that fits one query block then runs as up to CAUSAL_CHUNKS chunks of queries, each
+    against the keys up to its own end, and skips the masked upper triangle: at 4 chunks,
+    5/8 of the scores. On a CPU, 8 x 256 tokens, forward + backward: 54 -> 48 ms for
+    `small`'s heads, 12.5 -> 7.4 ms for `tiny`'s.
     """
     T, S = q.shape[1], k.shape[1]
+    if causal and T == S and T <= block_q and T >= 2 * CAUSAL_CHUNK:
+        n = min(CAUSAL_CHUNKS, T // CAUSAL_CHUNK)
+        ends = [round(i * T / n) for i in range(n + 1)]
+        return jnp.concatenate([blockwise_attention(q[:, a:b], k[:, :b], v[:, :b], mask[:, a:b, :b], scale, block_q,
+                                                    block_k) for a, b in zip(ends, ends[1:])], axis=1)
     bq, bk = min(block_q, T), min(block_k, S)
     qp, kp, vp = _pad(q, 1, bq), _pad(k, 1, bk), _pad(v, 1, bk)
     mp = _pad(_pad(mask, 1, bq), 2, bk)
@@ -192,12 +211,12 @@ def fused_attention(q, k, v, mask, scale: float, implementation: str | None = "c
     return o[..., :V]
 
 
-def cudnn_or_blockwise(q, k, v, mask, scale: float, fallback: bool) -> jnp.ndarray:
+def cudnn_or_blockwise(q, k, v, mask, scale: float, fallback: bool, causal: bool = False) -> jnp.ndarray:
     """`fused_attention` on cuDNN; where cuDNN refuses the shapes or the machine (it says so
-    while tracing), `blockwise_attention` when `fallback`, else its error."""
+    while tracing), `blockwise_attention` (with `causal`) when `fallback`, else its error."""
     try:
         return fused_attention(q, k, v, mask, scale, implementation="cudnn")
     except (NotImplementedError, RuntimeError, ValueError):
         if not fallback:
             raise
-        return blockwise_attention(q, k, v, mask, scale)
+        return blockwise_attention(q, k, v, mask, scale, causal=causal)

@@ -107,17 +107,18 @@ class MLA(nn.Module):
         k_rope = jnp.broadcast_to(k_pe[:, :, None, :], k_pe.shape[:2] + (k_nope.shape[2], k_pe.shape[-1]))
         return jnp.concatenate([k_nope, k_rope.astype(k_nope.dtype)], axis=-1), v
 
-    def attend_expanded(self, q, k, v, mask) -> jnp.ndarray:
-        """Naive attention. q: [B, T, H, K + R]; k: [B, S, H, K + R]; v: [B, S, H, V] -> [B, T, D]."""
+    def attend_expanded(self, q, k, v, mask, causal: bool = False) -> jnp.ndarray:
+        """Naive attention. q: [B, T, H, K + R]; k: [B, S, H, K + R]; v: [B, S, H, V] -> [B, T, D].
+        `causal`: `mask` is causal over the same positions (see `blockwise_attention`)."""
         dt = dtype_of(self.cfg.dtype)
         kernel = self.cfg.attention_kernel(q.shape[1])
         if kernel == "cudnn":
             with jax.named_scope("cudnn_attention"):
                 o = cudnn_or_blockwise(q, k, v, mask, self.cfg.softmax_scale,
-                                       fallback=self.cfg.attn_kernel == "auto").astype(dt)
+                                       fallback=self.cfg.attn_kernel == "auto", causal=causal).astype(dt)
         elif kernel == "blockwise":
             with jax.named_scope("blockwise_attention"):
-                o = blockwise_attention(q, k, v, mask, self.cfg.softmax_scale).astype(dt)
+                o = blockwise_attention(q, k, v, mask, self.cfg.softmax_scale, causal=causal).astype(dt)
         else:
             with jax.named_scope("naive_attention"):
                 scores = jnp.einsum("bthk,bshk->bhts", q, k)
@@ -126,7 +127,7 @@ class MLA(nn.Module):
         o = nn.with_logical_constraint(o, ("batch", "seq", "heads", "head_dim"))
         return linear(self.cfg, o, self.wo, contract=2)
 
-    def attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask) -> jnp.ndarray:
+    def attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask, causal: bool = False) -> jnp.ndarray:
         """Absorbed attention on the latents (W_UK folded into q, W_UV applied after).
 
         q_nope: [B, T, H, K]; q_pe: [B, T, H, R]; c_kv: [B, S, C]; k_pe: [B, S, R] -> [B, T, D].
@@ -144,7 +145,8 @@ class MLA(nn.Module):
                 # one shared key head [c_kv, k_pe] and value head c_kv for every query head
                 keys = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], -1)[:, :, None]
                 q_all = jnp.concatenate([q_lat, q_pe.astype(q_lat.dtype)], -1)
-                o_lat = blockwise_attention(q_all, keys, c_kv[:, :, None], mask, self.cfg.softmax_scale).astype(dt)
+                o_lat = blockwise_attention(q_all, keys, c_kv[:, :, None], mask, self.cfg.softmax_scale,
+                                            causal=causal).astype(dt)
             else:
                 scores = jnp.einsum("bthc,bsc->bhts", q_lat, c_kv) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
                 probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(dt)
@@ -155,23 +157,25 @@ class MLA(nn.Module):
 
     def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray | None,
                  positions: jnp.ndarray | None = None, decode: bool = False) -> jnp.ndarray:
-        """x: [B, T, D]. Training: `mask` bool [B, T, T]. Decoding (`decode=True`): the new
-        tokens are written into the `cache` collection at `positions` [B, T] and attend to
-        every cached slot at or before their own position (later slots are stale or empty).
+        """x: [B, T, D]. Training: `mask` bool [B, T, T], causal (`attention_mask`: no query
+        sees a later position; the blockwise kernel skips those scores). Decoding
+        (`decode=True`): the new tokens are written into the `cache` collection at
+        `positions` [B, T] and attend to every cached slot at or before their own position
+        (later slots are stale or empty).
         `absorb` caches c_kv [B, S, C] and k_pe [B, S, R]; `naive` caches K [B, S, H, K+R]
         and V [B, S, H, V]."""
         cfg = self.cfg
         x = x.astype(dtype_of(cfg.dtype))
         q_nope, q_pe = self.queries(x, cos, sin)
         c_kv, k_pe = self.latents(x, cos, sin)
-        causal = lambda S: jnp.arange(S)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        cache_mask = lambda S: jnp.arange(S)[None, None, :] <= positions[:, :, None]  # [B, T, S]
         if cfg.attn_impl == "absorb":
             if decode:
                 c_kv, k_pe = self.cache_c_kv(c_kv, positions), self.cache_k_pe(k_pe, positions)
-                mask = causal(c_kv.shape[1])
-            return self.attend_latent(q_nope, q_pe, c_kv, k_pe, mask)
+                mask = cache_mask(c_kv.shape[1])
+            return self.attend_latent(q_nope, q_pe, c_kv, k_pe, mask, causal=not decode)
         k, v = self.expand(c_kv, k_pe)
         if decode:
             k, v = self.cache_k(k, positions), self.cache_v(v, positions)
-            mask = causal(k.shape[1])
-        return self.attend_expanded(jnp.concatenate([q_nope, q_pe], -1), k, v, mask)
+            mask = cache_mask(k.shape[1])
+        return self.attend_expanded(jnp.concatenate([q_nope, q_pe], -1), k, v, mask, causal=not decode)

@@ -44,6 +44,42 @@ def test_blockwise_equals_dense_in_value_and_gradient(block_q, block_k):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("T, chunks", [(200, 3), (256, 4), (130, 2)])
+def test_causal_chunks_equal_the_whole_call(T, chunks, monkeypatch):
+    """`causal=True` on a short call splits the queries into chunks that see only the keys
+    up to their end; with packed segments, padding and a shared key head, values and
+    gradients equal dense attention's, and the chunks are really taken."""
+    import dsjax.attention as attention
+
+    rng = np.random.default_rng(1)
+    B, H, K, V = 2, 3, 8, 4
+    q, k = (jnp.asarray(rng.normal(size=(B, T, H, K)), jnp.float32) for _ in range(2))
+    v, w = (jnp.asarray(rng.normal(size=(B, T, H, V)), jnp.float32) for _ in range(2))
+    segments = np.ones((B, T), np.int32)
+    segments[0, T // 3:] = 2
+    segments[1, T - 20:] = 0
+    mask = attention_mask(B, T, jnp.asarray(segments))
+    calls = []
+    inner = attention._attention
+    monkeypatch.setattr(attention, "_attention", lambda q, *a: calls.append(q.shape[1]) or inner(q, *a))
+    for kh in (H, 1):  # per-head keys, and one shared key head
+        ks, vs = k[:, :, :kh], v[:, :, :kh]
+
+        def full(q, k, v):
+            return _dense(q, jnp.repeat(k, H // k.shape[2], 2), jnp.repeat(v, H // v.shape[2], 2), mask, 0.3)
+
+        chunked = lambda q, k, v: blockwise_attention(q, k, v, mask, 0.3, causal=True)  # noqa: E731
+        np.testing.assert_allclose(np.asarray(chunked(q, ks, vs)), np.asarray(full(q, ks, vs)), atol=1e-5)
+        ga = jax.grad(lambda *x: (full(*x) * w).sum(), argnums=(0, 1, 2))(q, ks, vs)
+        gb = jax.grad(lambda *x: (chunked(*x) * w).sum(), argnums=(0, 1, 2))(q, ks, vs)
+        for x, y in zip(ga, gb):
+            np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
+    assert calls[:chunks] == [round((i + 1) * T / chunks) - round(i * T / chunks) for i in range(chunks)]
+    calls.clear()
+    blockwise_attention(q, k, v, mask, 0.3)  # not promised causal: one call
+    assert calls == [T]
+
+
 def test_shared_key_head_equals_the_keys_broadcast_to_every_head():
     """One key/value head shared by every query head (the absorbed form's latents):
     equals dense attention on the keys broadcast to all heads; its gradients are the
