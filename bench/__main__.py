@@ -35,7 +35,7 @@ SLOW = {
     "r1": "about 15-25 minutes",
     "r1_distill": "about 10 minutes, after r1",
     "r1_full": "about 20-25 minutes, after r1",
-    "scale": "compiles the small step in 4 layouts, 10+ minutes",
+    "scale": "compiles the small step in 4 layouts, about 3 minutes",
 }
 GPU_ONLY = {"gpu_check"}
 # The table's figures per benchmark (others: their first few scalar fields).

@@ -4,7 +4,8 @@ analysis of the compiled step (fake CPU devices: nothing runs, everything is com
     python bench/scale.py [--preset small] [--batch 16] [--seq-len 256] [--moe-impl ragged]
 
 For each layout (one device, fsdp=8, expert=8, fsdp=2+expert=4) it compiles
-`python -m train`'s step (MTP on as the preset says, AdamW, the bias update) and
+`python -m train`'s step (MTP on as the preset says, AdamW, the bias update, the layer
+scan in every layout as meshes run it) and
 reports per device: FLOPs (`cost_analysis`), temp bytes (`memory_analysis`), the bytes
 its collectives produce (summed over the compiled HLO, ops inside loops counted per
 iteration where XLA knows the trip count, the expert exchange's rounds counted once),
@@ -144,8 +145,11 @@ def main() -> int:
     p.add_argument("--moe-impl", default="ragged")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of: " + ", ".join(LAYOUTS))
     args = p.parse_args()
+    # The layer scan in every layout, as a mesh runs it: on one CPU device `layer_loop=auto`
+    # unrolls the layers, a different program (16 GB of temp for `small`), not a baseline.
     cfg = build_config("pretrain", [f"model.preset={args.preset}", f"model.moe_impl={args.moe_impl}",
-                                    f"train.batch_size={args.batch}", f"train.seq_len={args.seq_len}"])
+                                    "model.layer_loop=scan", f"train.batch_size={args.batch}",
+                                    f"train.seq_len={args.seq_len}"])
     names = args.layouts.split(",")
     unknown = [n for n in names if n not in LAYOUTS]
     if unknown:
