@@ -170,6 +170,12 @@ CAUSAL_CHUNK = 64
 CAUSAL_CHUNKS = 4
 
 
+def causal_chunks(T: int, block_q: int = 512) -> int:
+    """Query chunks of a causal call with T queries and keys (1: not chunked); see
+    `blockwise_attention`."""
+    return min(CAUSAL_CHUNKS, T // CAUSAL_CHUNK) if 2 * CAUSAL_CHUNK <= T <= block_q else 1
+
+
 def blockwise_attention(q, k, v, mask, scale: float, block_q: int = 512, block_k: int = 512,
                         causal: bool = False) -> jnp.ndarray:
     """softmax(q k^T * scale, masked) v without materializing the scores.
@@ -186,8 +192,8 @@ def blockwise_attention(q, k, v, mask, scale: float, block_q: int = 512, block_k
     `small`'s heads, 12.5 -> 7.4 ms for `tiny`'s.
     """
     T, S = q.shape[1], k.shape[1]
-    if causal and T == S and T <= block_q and T >= 2 * CAUSAL_CHUNK:
-        n = min(CAUSAL_CHUNKS, T // CAUSAL_CHUNK)
+    n = causal_chunks(T, block_q) if causal and T == S else 1
+    if n > 1:
         ends = [round(i * T / n) for i in range(n + 1)]
         return jnp.concatenate([blockwise_attention(q[:, a:b], k[:, :b], v[:, :b], mask[:, a:b, :b], scale, block_q,
                                                     block_k) for a, b in zip(ends, ends[1:])], axis=1)

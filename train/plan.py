@@ -19,6 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from dsjax.attention import causal_chunks
 from dsjax.model import Transformer
 from dsjax.moe import block_rows
 from sharding.mesh import AXES
@@ -54,7 +55,8 @@ def _layer_activation_values(cfg, seq_len: int, moe: bool, tensor: int, dispatch
                               expert_parallel: bool, tokens: int = 1, backend: str | None = None
                               ) -> tuple[float, float]:
     """(all intermediates, matmul outputs) per token of one layer, in values (not bytes);
-    the float32 attention scores are counted twice to weigh 4 bytes against 2. The routed
+    the float32 attention scores are counted twice to weigh 4 bytes against 2 (blockwise:
+    none, but the key and value prefixes of its causal query chunks). The routed
     experts count what the dispatch in force keeps: the dense form every expert's hidden
     units, the grouped GEMMs the k copies' (blocked: its padded rows, for a device's
     `tokens`), and the expert-parallel exchange only the copies it sends and gets back
@@ -63,7 +65,10 @@ def _layer_activation_values(cfg, seq_len: int, moe: bool, tensor: int, dispatch
     K, R, V, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     q = (cfg.q_lora_rank or 0) + H * (K + R)
     kv = (C + R) + H * (K + V)
-    scores = 0 if cfg.attention_kernel(T, backend) != "dense" else 2 * H * T  # float32
+    kernel = cfg.attention_kernel(T, backend)
+    scores = 0 if kernel != "dense" else 2 * H * T  # float32
+    if kernel == "blockwise":  # each causal chunk keeps its own key and value prefix
+        scores += (causal_chunks(T) - 1) / 2 * H * (K + R + V)
     if moe:
         k, E, F = cfg.num_experts_per_tok, cfg.n_routed_experts, cfg.moe_intermediate_size
         if expert_parallel:
