@@ -8,15 +8,16 @@ Each child builds `python -m train`'s step for the preset (MTP off, AdamW, the d
 `auto` picks, the state donated), compiles it, times --steps forward passes (logits) and
 then --steps training steps, and prints the median milliseconds and the minor page faults
 of each. The parent runs --rounds rounds of (huge pages, plain), in turns so that load on
-the machine falls on both alike, and prints one JSON line: the medians of each setting over the rounds and the
-speedup of huge pages (plain ms / huge-page ms). Only Linux with glibc 2.35 or later has
-the tunable; elsewhere the line says so.
+the machine falls on both alike, and prints one JSON line: the medians of each setting
+over the rounds and the speedup of huge pages (plain ms / huge-page ms). Only Linux with
+glibc 2.35 or later has the tunable; elsewhere the line says so.
 """
 
 import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -29,25 +30,11 @@ from train.allocator import OPT_OUT, hugepage_env  # noqa: E402
 
 def child(preset: str, batch: int, seq_len: int, steps: int) -> dict:
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
-    import dsjax
-    from train.config import build_config
-    from train.optim import make_optimizer
-    from train.steps import TrainState, make_train_step
+    from bench.profile_step import train_step
 
-    run = build_config("pretrain", [f"model.preset={preset}", "model.num_nextn_predict_layers=0",
-                                    f"train.batch_size={batch}", f"train.seq_len={seq_len}"])
-    cfg, tcfg = run.model, run.train
-    model = dsjax.Transformer(cfg)
-    variables = dsjax.unbox(model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32)))
+    model, variables, state, step, data = train_step(preset, batch, seq_len)
     forward = jax.jit(lambda v, t: model.apply(v, t).logits)
-    tx, schedule = make_optimizer(tcfg, variables["params"])
-    state = TrainState.start(variables, tx)
-    step = jax.jit(make_train_step(model, tx, tcfg, schedule), donate_argnums=(0,))  # as train/loop.py
-    tokens = np.random.default_rng(0).integers(2, cfg.vocab_size, (batch, seq_len + 1))
-    data = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32)}
 
     def timed(fn):
         jax.block_until_ready(fn())  # compile and warm up
@@ -58,7 +45,7 @@ def child(preset: str, batch: int, seq_len: int, steps: int) -> dict:
             jax.block_until_ready(fn())
             times.append(time.perf_counter() - start)
         faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
-        return float(np.median(times)) * 1e3, faults
+        return statistics.median(times) * 1e3, faults
 
     def train():
         nonlocal state
@@ -102,14 +89,10 @@ def main() -> int:
             runs[setting].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"[allocator] round {r + 1} {setting}: {runs[setting][-1]}", file=sys.stderr, flush=True)
 
-    def median(setting, key):
-        xs = sorted(run[key] for run in runs[setting])
-        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-
     line = dict(head, rounds=args.rounds, steps=args.steps, tunable=huge["GLIBC_TUNABLES"])
     for key in ("train_ms", "forward_ms", "train_faults", "forward_faults"):
-        line[f"hugepages_{key}"] = median("hugepages", key)
-        line[f"plain_{key}"] = median("plain", key)
+        for setting, results in runs.items():
+            line[f"{setting}_{key}"] = statistics.median(r[key] for r in results)
     line["train_speedup"] = round(line["plain_train_ms"] / line["hugepages_train_ms"], 3)
     line["forward_speedup"] = round(line["plain_forward_ms"] / line["hugepages_forward_ms"], 3)
     print(json.dumps(line))

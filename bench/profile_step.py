@@ -196,6 +196,29 @@ def op_times(trace_dir: str, steps: int) -> collections.Counter:
     return times
 
 
+def train_step(preset: str, batch: int, seq_len: int):
+    """`python -m train`'s jitted step for `preset` (MTP off, AdamW, the dispatch and
+    attention kernel `auto` picks, the state donated as train/loop.py does) on a random
+    batch x seq_len batch: (model, variables, state, step, batch). The state holds the
+    variables' parameters, so use `variables` before the first step."""
+    import dsjax
+    from train.config import build_config
+    from train.optim import make_optimizer
+    from train.steps import TrainState, make_train_step
+
+    run = build_config("pretrain", [f"model.preset={preset}", "model.num_nextn_predict_layers=0",
+                                    f"train.batch_size={batch}", f"train.seq_len={seq_len}"])
+    cfg, tcfg = run.model, run.train
+    model = dsjax.Transformer(cfg)
+    variables = dsjax.unbox(model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32)))
+    tx, schedule = make_optimizer(tcfg, variables["params"])
+    state = TrainState.start(variables, tx)
+    step = jax.jit(make_train_step(model, tx, tcfg, schedule), donate_argnums=(0,))
+    tokens = np.random.default_rng(0).integers(2, cfg.vocab_size, (batch, seq_len + 1))
+    data = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32)}
+    return model, variables, state, step, data
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small")
@@ -210,21 +233,8 @@ def main() -> int:
     if args.decode:
         return profile_decode(args.preset, args.decode, args.new_tokens, args.top)
 
-    import dsjax
-    from train.config import build_config
-    from train.optim import make_optimizer
-    from train.steps import TrainState, make_train_step
-
-    run = build_config("pretrain", [f"model.preset={args.preset}", "model.num_nextn_predict_layers=0",
-                                    f"train.batch_size={args.batch}", f"train.seq_len={args.seq_len}"])
-    cfg, tcfg = run.model, run.train
-    model = dsjax.Transformer(cfg)
-    variables = dsjax.unbox(model.init(jax.random.key(0), jnp.zeros((1, args.seq_len), jnp.int32)))
-    tx, schedule = make_optimizer(tcfg, variables["params"])
-    state = TrainState.start(variables, tx)
-    step = jax.jit(make_train_step(model, tx, tcfg, schedule), donate_argnums=(0,))
-    tokens = np.random.default_rng(0).integers(2, cfg.vocab_size, (args.batch, args.seq_len + 1))
-    batch = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32)}
+    model, _, state, step, batch = train_step(args.preset, args.batch, args.seq_len)
+    cfg = model.cfg
     scopes = op_scopes(step.lower(state, batch).compile().as_text())
     for _ in range(3):  # compile and warm up
         state, _ = step(state, batch)

@@ -247,11 +247,11 @@ def init_cache(model: Transformer, batch: int, max_len: int) -> dict:
     boxed = jax.eval_shape(decoder.init, jax.random.key(0), jnp.zeros((batch, max_len), jnp.int32))["cache"]
 
     def zeros(leaf):
-        if isinstance(leaf, nn.LogicallyPartitioned):
+        if _boxed(leaf):
             return nn.with_logical_constraint(jnp.zeros(leaf.value.shape, leaf.value.dtype), leaf.names)
         return jnp.zeros(leaf.shape, leaf.dtype)
 
-    return jax.tree.map(zeros, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return jax.tree.map(zeros, boxed, is_leaf=_boxed)
 
 
 def cache_bytes(model: Transformer, batch: int, max_len: int, mtp: bool = False) -> int:
