@@ -102,8 +102,10 @@ def test_sharded_step_equals_one_device(grpo_setup, sizes, preset):
     for key in ("loss", "grad_norm", "kl", "entropy", "clip_frac", "max_vio"):
         np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-6, err_msg=key)
     # Adam turns a gradient's last-bit difference into up to lr of parameter change where
-    # the gradient is near zero: 1% of lr (3e-3) bounds it.
-    chex.assert_trees_all_close(jax.device_get(new_state.params), ref_state.params, atol=3e-5)
+    # the gradient is near zero (a sum that cancels): 2% of lr (3e-3) bounds it. (1% did,
+    # until the optimizer moved into the guard's lax.cond and XLA fused it differently:
+    # one of 4,096 elements of a matrix then differed by 1.03% of lr.)
+    chex.assert_trees_all_close(jax.device_get(new_state.params), ref_state.params, atol=6e-5)
     chex.assert_trees_all_close(jax.device_get(new_state.moe_bias), ref_state.moe_bias, atol=1e-7)
 
 

@@ -37,7 +37,7 @@ from eval.sampling import Completions, complete, encode_prompts, evaluate, promp
 from train.grpo_loss import AGGREGATIONS, IMPORTANCE, SCALES, group_advantages, policy_loss
 from train.loop import Run, Stage
 from train.report import plot_grpo
-from train.steps import guarded, max_violation, schedules, update_moe_bias
+from train.steps import guarded_update, max_violation, schedules, update_moe_bias
 
 MOE_BIAS_MODES = ("frozen", "update")
 
@@ -256,16 +256,11 @@ def make_grpo_step(model, tx, g: GRPOConfig, tcfg, lr_schedule, max_tokens: int,
     def grpo_step(state, batch):
         (loss, (out, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.moe_bias,
                                                                                   batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        moe_bias = state.moe_bias
-        if update_bias and moe_bias:
-            moe_bias = update_moe_bias(moe_bias, out, gamma(state.step))
         metrics.update(loss=loss, grad_norm=optax.tree_utils.tree_norm(grads), lr=lr_schedule(state.step))
         if out.expert_loads is not None:
             metrics["max_vio"] = max_violation(out.expert_loads)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, moe_bias=moe_bias)
-        return guarded(state, new, loss, grads, metrics)
+        bias = (lambda b: update_moe_bias(b, out, gamma(state.step))) if update_bias and state.moe_bias else None
+        return guarded_update(state, tx, loss, grads, metrics, bias)
 
     return grpo_step
 

@@ -27,7 +27,7 @@ from dsjax.data import is_validation, source_files
 from dsjax.losses import model_variables
 from dsjax.reward import RewardModel, bradley_terry, encode_responses
 from train.loop import SupervisedStage
-from train.steps import guarded
+from train.steps import guarded_update
 
 HEAD_PARAMS = ("score", "score_bias")
 
@@ -113,12 +113,9 @@ def make_rm_step(model: RewardModel, tx, lr_schedule, rules=()):
     def rm_step(state, batch):
         (loss, (accuracy, margin)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, state.moe_bias, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            opt_state=opt_state)
-        return guarded(state, new, loss, grads, {"loss": loss, "accuracy": accuracy, "margin": margin,
-                                                 "grad_norm": optax.tree_utils.tree_norm(grads),
-                                                 "lr": lr_schedule(state.step)})
+        return guarded_update(state, tx, loss, grads, {"loss": loss, "accuracy": accuracy, "margin": margin,
+                                                       "grad_norm": optax.tree_utils.tree_norm(grads),
+                                                       "lr": lr_schedule(state.step)})
 
     def eval_step(params, moe_bias, batch):
         s = scores(params, moe_bias, batch)
