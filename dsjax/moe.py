@@ -17,7 +17,7 @@ for one or two tokens, dense for a decoding batch; `ModelConfig.moe_dispatch`):
 - `ragged`: dropless; token copies sorted by expert and run through grouped GEMMs
   (`jax.lax.ragged_dot`), then scattered back;
 - `blocked`: dropless; the sorted copies padded per expert into fixed-size row blocks,
-  a scan of dense GEMMs over the blocks (XLA:CPU runs ragged_dot over every expert);
+  dense GEMMs block by block, a loop per expert (XLA:CPU runs ragged_dot over every expert);
 - `gather`: each token copy gathers its expert's weights (decoding: reads k experts
   per token, not E).
 Under a mesh that splits the tokens, ragged and blocked sort only each device's own
@@ -198,9 +198,9 @@ def _block_layout(indices, E: int, block: int):
     """Expert-sorted token copies padded per expert to a multiple of `block` rows.
 
     indices: [N, k]. Returns row [N*k] (padded row of each copy), copy [P] (the copy in
-    each padded row, N*k for padding), expert [nb] (the expert of each block) and used
-    [nb] (False for the blocks past the last expert's), with P = nb * block and
-    nb = ceil((N*k + E*(block-1)) / block), the static bound of the padded total.
+    each padded row, N*k for padding), first [E] (each expert's first block) and count [E]
+    (its blocks), with P = nb * block and nb = ceil((N*k + E*(block-1)) / block), the
+    static bound of the padded total; the blocks past the last expert's hold no copy.
     """
     R = indices.size
     flat = indices.reshape(-1)
@@ -213,66 +213,76 @@ def _block_layout(indices, E: int, block: int):
     nb = -(-(R + E * (block - 1)) // block)
     row = jnp.zeros((R,), jnp.int32).at[order].set(sorted_row)
     copy = jnp.full((nb * block,), R, jnp.int32).at[sorted_row].set(order)
-    starts = jnp.arange(nb) * block
-    block_expert = jnp.minimum(jnp.searchsorted(end, starts, side="right"), E - 1).astype(jnp.int32)
-    return row, copy, block_expert, starts < end[-1]
+    return row, copy, ((end - padded) // block).astype(jnp.int32), (padded // block).astype(jnp.int32)
 
 
-def _blocks_forward(xs, experts, used, w1, w3, w2):
-    """Per block: (SwiGLU output [b, D], x W1 [b, F], x W3 [b, F]); zeros for unused blocks."""
-    b, F = xs.shape[1], w1.shape[2]
+def _take(a, i):
+    return jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
 
-    def run(xb, e):
-        a1, a3 = xb @ w1[e], xb @ w3[e]
-        return (nn.silu(a1) * a3) @ w2[e], a1, a3
 
-    def skip(xb, e):
-        return jnp.zeros_like(xb), jnp.zeros((b, F), xb.dtype), jnp.zeros((b, F), xb.dtype)
+def _put(a, v, i):
+    return jax.lax.dynamic_update_index_in_dim(a, v, i, 0)
 
-    def body(_, a):
-        xb, e, u = a
-        return None, jax.lax.cond(u, run, skip, xb, e)
-    return jax.lax.scan(body, None, (xs, experts, used))[1]
+
+def _blocks_forward(xs, first, count, w1, w3, w2, residuals: bool = False):
+    """SwiGLU output of every block [nb, b, D], and with `residuals` x W1 and x W3 [nb, b, F]:
+    a scan over the experts (each expert's weights sliced out once), each running a loop
+    over its own blocks; the blocks no expert holds stay zero."""
+    nb, b, _ = xs.shape
+    F = w1.shape[2]
+
+    def expert(carry, a):
+        w1e, w3e, w2e, start, n = a
+
+        def block(i, carry):
+            xb = _take(xs, i)
+            a1, a3 = xb @ w1e, xb @ w3e
+            out = (_put(carry[0], (nn.silu(a1) * a3) @ w2e, i),)
+            return out + (_put(carry[1], a1, i), _put(carry[2], a3, i)) if residuals else out
+        return jax.lax.fori_loop(start, start + n, block, carry), None
+
+    init = (jnp.zeros_like(xs),) + ((jnp.zeros((nb, b, F), xs.dtype),) * 2 if residuals else ())
+    return jax.lax.scan(expert, init, (w1, w3, w2, first, count))[0]
 
 
 @jax.custom_vjp
-def _blocked_swiglu(xs, experts, used, w1, w3, w2):
-    """The experts' SwiGLU on blocks of rows, each block one expert's: a scan of dense
-    [b, D] x [D, F] GEMMs. xs: [nb, b, D]; experts, used: [nb] -> [nb, b, D]."""
-    return _blocks_forward(xs, experts, used, w1, w3, w2)[0]
+def _blocked_swiglu(xs, first, count, w1, w3, w2):
+    """The experts' SwiGLU on blocks of rows, each block one expert's: dense [b, D] x
+    [D, F] GEMMs. xs: [nb, b, D]; first, count: [E] (`_block_layout`) -> [nb, b, D]."""
+    return _blocks_forward(xs, first, count, w1, w3, w2)[0]
 
 
-def _blocked_swiglu_fwd(xs, experts, used, w1, w3, w2):
-    ys, a1, a3 = _blocks_forward(xs, experts, used, w1, w3, w2)
-    return ys, (xs, experts, used, w1, w3, w2, a1, a3)  # a1, a3: [nb, b, F], 2F per row
+def _blocked_swiglu_fwd(xs, first, count, w1, w3, w2):
+    ys, a1, a3 = _blocks_forward(xs, first, count, w1, w3, w2, residuals=True)
+    return ys, (xs, first, count, w1, w3, w2, a1, a3)  # a1, a3: [nb, b, F], 2F per row
 
 
 def _blocked_swiglu_bwd(res, dys):
-    # A scan again, each block adding its weight gradients into its expert's slice of
-    # the carried float32 [E, ...] sums in place.
-    xs, experts, used, w1, w3, w2, A1, A3 = res
+    # The same loops: each expert sums its blocks' weight gradients in float32 and the
+    # scan stacks the sums, [E, ...].
+    xs, first, count, w1, w3, w2, A1, A3 = res
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
 
-    def run(g, xb, dy, e, a1, a3):
-        g1, g3, g2 = g
-        sig = jax.nn.sigmoid(a1)
-        silu = a1 * sig
-        dh = dy @ w2[e].T
-        da3 = dh * silu
-        da1 = dh * a3 * sig * (1 + a1 * (1 - sig))
-        f32 = lambda a: a.astype(jnp.float32)
-        g = (g1.at[e].add(f32(xb.T @ da1)), g3.at[e].add(f32(xb.T @ da3)), g2.at[e].add(f32((silu * a3).T @ dy)))
-        return g, da1 @ w1[e].T + da3 @ w3[e].T
+    def expert(dxs, a):
+        w1e, w3e, w2e, start, n = a
 
-    def skip(g, xb, dy, e, a1, a3):
-        return g, jnp.zeros_like(xb)
+        def block(i, carry):
+            dxs, g1, g3, g2 = carry
+            xb, dy, a1, a3 = (_take(t, i) for t in (xs, dys, A1, A3))
+            sig = jax.nn.sigmoid(a1)
+            silu = a1 * sig
+            dh = dy @ w2e.T
+            da3 = dh * silu
+            da1 = dh * a3 * sig * (1 + a1 * (1 - sig))
+            dxs = _put(dxs, da1 @ w1e.T + da3 @ w3e.T, i)
+            return dxs, g1 + f32(xb.T @ da1), g3 + f32(xb.T @ da3), g2 + f32((silu * a3).T @ dy)
 
-    def body(g, a):
-        xb, dy, e, u, a1, a3 = a
-        return jax.lax.cond(u, run, skip, g, xb, dy, e, a1, a3)
+        zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in (w1e, w3e, w2e))
+        dxs, *g = jax.lax.fori_loop(start, start + n, block, (dxs, *zeros))
+        return dxs, tuple(gi.astype(w.dtype) for gi, w in zip(g, (w1e, w3e, w2e)))
 
-    zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in (w1, w3, w2))  # summed over blocks in float32
-    (g1, g3, g2), dxs = jax.lax.scan(body, zeros, (xs, dys, experts, used, A1, A3))
-    return dxs, None, None, g1.astype(w1.dtype), g3.astype(w3.dtype), g2.astype(w2.dtype)
+    dxs, (g1, g3, g2) = jax.lax.scan(expert, jnp.zeros_like(xs), (w1, w3, w2, first, count))
+    return dxs, None, None, g1, g3, g2
 
 
 _blocked_swiglu.defvjp(_blocked_swiglu_fwd, _blocked_swiglu_bwd)
@@ -282,12 +292,13 @@ def experts_blocked(x, weights, indices, w1, w3, w2, fp8: Recipe | None = None, 
     """Dropless grouped GEMM in fixed-size row blocks, the fast dispatch on a CPU.
 
     Token copies are sorted by expert and each expert's group padded to a multiple of
-    `block` rows (default `block_rows`), so every block belongs to one expert; a scan
-    runs each block through its expert's SwiGLU as dense GEMMs (blocks past the last
-    expert's are skipped), then the rows are unsorted and combined with the routing
-    weights. Only routed copies are computed (plus at most block - 1 padding rows per
-    expert). Moving rows in and out is a gather both ways, forward and backward. Same
-    shapes as `experts_dense`; no FP8 form (the FP8 recipe routes to the other paths).
+    `block` rows (default `block_rows`), so every block belongs to one expert; a scan over
+    the experts slices each expert's weights once and runs its own blocks through its
+    SwiGLU as dense GEMMs (a loop of dynamic length: blocks past the last expert's are
+    never run), then the rows are unsorted and combined with the routing weights. Only
+    routed copies are computed (plus at most block - 1 padding rows per expert). Moving
+    rows in and out is a gather both ways, forward and backward. Same shapes as
+    `experts_dense`; no FP8 form (the FP8 recipe routes to the other paths).
     """
     if fp8 is not None:
         raise ValueError("moe_impl='blocked' has no FP8 form")
@@ -295,10 +306,10 @@ def experts_blocked(x, weights, indices, w1, w3, w2, fp8: Recipe | None = None, 
     w1, w3, w2 = (jnp.asarray(w) for w in (w1, w3, w2))  # numpy weights cannot take traced indices
     E, D = w1.shape[0], w1.shape[1]
     block = block or block_rows(N * k, E)
-    row, copy, experts, used = _block_layout(indices, E, block)
+    row, copy, first, count = _block_layout(indices, E, block)
     copies = jnp.broadcast_to(x[:, None], (N, k, D)).reshape(N * k, D)
     xs = _permute_rows(copies, copy, row).reshape(-1, block, D)  # [nb, b, D]
-    ys = _blocked_swiglu(xs, experts, used, w1, w3, w2).reshape(-1, D)  # [P, D]
+    ys = _blocked_swiglu(xs, first, count, w1, w3, w2).reshape(-1, D)  # [P, D]
     ys = _permute_rows(ys, row, copy).reshape(N, k, D)
     return jnp.einsum("nkd,nk->nd", ys, weights.astype(ys.dtype))
 

@@ -148,15 +148,16 @@ def test_block_layout_gives_each_block_one_expert():
     # ceil((16 + 8 * 3) / 4) = 10 the static bound allows.
     flat = jnp.asarray([0] * 5 + [2] * 9 + [4] * 2, jnp.int32)
     indices = flat[jax.random.permutation(jax.random.key(0), flat.size)].reshape(8, 2)
-    row, copy, experts, used = moe._block_layout(indices, E, 4)
-    assert copy.shape == (40,) and experts.shape == used.shape == (10,)
-    assert used.tolist() == [True] * 6 + [False] * 4
-    assert experts[:6].tolist() == [0, 0, 2, 2, 2, 4]
+    row, copy, first, count = moe._block_layout(indices, E, 4)
+    assert copy.shape == (40,) and first.shape == count.shape == (E,)
+    assert count.tolist() == [2, 0, 3, 0, 1, 0, 0, 0]
+    assert first.tolist() == [0, 2, 2, 5, 5, 6, 6, 6]
     np.testing.assert_array_equal(copy[row], np.arange(16))  # each copy's row holds it
     blocks = np.asarray(copy).reshape(10, 4)
-    for b in range(6):  # a block's copies all go to the block's expert (16: padding)
-        held = blocks[b][blocks[b] < 16]
-        assert held.size and (np.asarray(indices).reshape(-1)[held] == int(experts[b])).all()
+    for e in range(E):  # an expert's blocks hold its copies and padding (16) only
+        held = blocks[int(first[e]):int(first[e] + count[e])]
+        assert (held < 16).sum() == (np.asarray(flat) == e).sum()
+        assert (np.asarray(indices).reshape(-1)[held[held < 16]] == e).all()
     assert (blocks[6:] == 16).all()
 
 
