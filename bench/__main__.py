@@ -32,7 +32,7 @@ SLOW = {
     "decode_cache": "about 5 minutes",
     "fp8_ablation": "800 training steps",
     "fp8_quality": "nine 800-step training runs",
-    "r1": "about 15-25 minutes",
+    "r1": "about 12 minutes",
     "r1_distill": "about 10 minutes, after r1",
     "r1_full": "about 20-25 minutes, after r1",
     "scale": "compiles the small step in 4 layouts, about 3 minutes",

@@ -1,7 +1,7 @@
 """A toy DeepSeek-R1 on a 2-core CPU, in one command: pretraining on generated arithmetic,
 cold-start SFT on a few hundred formatted examples, then GRPO with rule-based rewards.
 
-    python bench/r1.py                 # about 25 minutes; prints one JSON line
+    python bench/r1.py                 # about 12 minutes on 2 cores; prints one JSON line
     python bench/r1.py --control       # the same GRPO schedule with a random accuracy reward
 
 Each stage is `python -m train` with a run config from configs/ (r1_pretrain, r1_sft, r1),
