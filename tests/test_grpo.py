@@ -107,6 +107,10 @@ def test_sharded_step_equals_one_device(grpo_setup, sizes, preset):
     # one of 4,096 elements of a matrix then differed by 1.03% of lr.)
     chex.assert_trees_all_close(jax.device_get(new_state.params), ref_state.params, atol=6e-5)
     chex.assert_trees_all_close(jax.device_get(new_state.moe_bias), ref_state.moe_bias, atol=1e-7)
+    # grpo.moe_bias=update: the main layers' bias moved (through the guard's cond), not only
+    # agreed (GRPO runs no MTP module, so its bias stays).
+    bias = lambda s: np.asarray(s.moe_bias["moe_layers"]["ffn"]["gate"]["bias"])  # noqa: E731
+    assert np.any(bias(ref_state) != bias(state))
 
 
 def test_rollout_logprobs_match_the_trainer():
