@@ -8,9 +8,11 @@ probabilities from them (a custom VJP), so memory grows with T x (block + head d
 not T x S. Masked scores are set to -1e30 as the dense softmax does, so the two agree on
 every row that attends to at least one key (causal masks have no other kind).
 
-Keys and values may have one head shared by every query head (absorbed MLA attends to
-the latents [B, S, 1, C + R] this way): each block is broadcast over the heads and its
-gradients summed back, so the shared keys are never copied per head in full.
+The kernel works head-major ([B, H, T, *], the layout its GEMMs batch over); callers'
+[B, T, H, *] arrays are transposed once on the way in and out. Keys and values may have
+one head shared by every query head (absorbed MLA attends to the latents [B, S, 1, C + R]
+this way): the GEMMs then batch over B only and contract (or sum) the query heads in
+place, so the shared keys are never copied per head.
 
 `fused_attention` is the same product through `jax.nn.dot_product_attention` (cuDNN's
 flash attention on GPUs): MLA's value head is narrower than its query/key head, so V is
@@ -49,32 +51,43 @@ def _unblock(x, axis: int):
     return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
 
 
-def _heads(x, H: int):
-    """A block of shared keys or values [B, bk, 1, K] broadcast to the query heads."""
-    return x if x.shape[2] == H else jnp.broadcast_to(x, x.shape[:2] + (H,) + x.shape[3:])
-
-
-def _unheads(g, like):
-    """A block's gradient [B, bk, H, K] summed back to `like`'s heads (1 when shared)."""
-    return g if g.shape[2] == like.shape[2] else g.sum(2, keepdims=True)
-
-
 def _scores(qb, kb, mb, scale):
-    """qb [B, bq, H, K], kb [B, bk, H or 1, K], mb [B, bq, bk] -> float32 [B, H, bq, bk]."""
-    s = jnp.einsum("bthk,bshk->bhts", qb, _heads(kb, qb.shape[2]), preferred_element_type=jnp.float32) * scale
-    return jnp.where(mb[:, None], s, _NEG)
+    """qb [B, H, bq, K], kb [B, H or 1, bk, K], mb [B, bq, bk] (None: no mask) -> float32
+    [B, H, bq, bk]."""
+    if kb.shape[1] == 1 < qb.shape[1]:  # shared key head: one GEMM per batch row, no copy per head
+        s = jnp.einsum("bhtk,bsk->bhts", qb, kb[:, 0], preferred_element_type=jnp.float32)
+    else:
+        s = jnp.einsum("bhtk,bhsk->bhts", qb, kb, preferred_element_type=jnp.float32)
+    return s * scale if mb is None else jnp.where(mb[:, None], s * scale, _NEG)
+
+
+def _mix(p, vb):
+    """p [B, H, bq, bk] x values (or keys) [B, H or 1, bk, V] -> float32 [B, H, bq, V]."""
+    if vb.shape[1] == 1 < p.shape[1]:
+        return jnp.einsum("bhts,bsv->bhtv", p, vb[:, 0], preferred_element_type=jnp.float32)
+    return jnp.einsum("bhts,bhsv->bhtv", p, vb, preferred_element_type=jnp.float32)
+
+
+def _key_grad(g, x, like):
+    """g [B, H, bq, bk] (scores' gradient or probabilities), x [B, H, bq, W] -> float32
+    gradient of a key or value block like `like` [B, H or 1, bk, W] (summed over the query
+    heads when they share one)."""
+    if like.shape[1] == 1 < g.shape[1]:
+        return jnp.einsum("bhts,bhtw->bsw", g, x, preferred_element_type=jnp.float32)[:, None]
+    return jnp.einsum("bhts,bhtw->bhsw", g, x, preferred_element_type=jnp.float32)
 
 
 def _forward(q, k, v, mask, scale, bq, bk):
-    """Padded, blocked inputs -> (o [B, T, H, V] float32, lse [B, H, T])."""
-    kbs, vbs = _blocks(k, 1, bk), _blocks(v, 1, bk)
+    """Padded, head-major inputs (q [B, H, T, K], k [B, H or 1, S, K], v [B, H or 1, S, V])
+    -> (o [B, H, T, V] float32, lse [B, H, T])."""
+    kbs, vbs = _blocks(k, 2, bk), _blocks(v, 2, bk)
 
     def one_query_block(args):
-        qb, mq = args  # [B, bq, H, K], [B, bq, S]
+        qb, mq = args  # [B, H, bq, K], [B, bq, S]
         mqb = _blocks(mq, 2, bk)  # [nk, B, bq, bk]
-        B, _, H, _ = qb.shape
-        init = (jnp.full((B, H, qb.shape[1]), -jnp.inf, jnp.float32), jnp.zeros((B, H, qb.shape[1]), jnp.float32),
-                jnp.zeros((B, H, qb.shape[1], v.shape[-1]), jnp.float32))
+        B, H, n, _ = qb.shape
+        init = (jnp.full((B, H, n), -jnp.inf, jnp.float32), jnp.zeros((B, H, n), jnp.float32),
+                jnp.zeros((B, H, n, v.shape[-1]), jnp.float32))
 
         def step(carry, blk):
             m, l, acc = carry
@@ -83,26 +96,26 @@ def _forward(q, k, v, mask, scale, bq, bk):
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             fix = jnp.exp(m - m_new)
-            acc = acc * fix[..., None] + jnp.einsum("bhts,bshv->bhtv", p.astype(vb.dtype), _heads(vb, H),
-                                                    preferred_element_type=jnp.float32)
-            return (m_new, l * fix + p.sum(-1), acc), None
+            return (m_new, l * fix + p.sum(-1), acc * fix[..., None] + _mix(p.astype(vb.dtype), vb)), None
 
         (m, l, acc), _ = jax.lax.scan(step, init, (kbs, vbs, mqb))
-        return jnp.einsum("bhtv->bthv", acc / l[..., None]), m + jnp.log(l)
+        return acc / l[..., None], m + jnp.log(l)
 
-    o, lse = jax.lax.map(one_query_block, (_blocks(q, 1, bq), _blocks(mask, 1, bq)))
-    return _unblock(o, 1), _unblock(lse, 2)  # [B, T, H, V], [B, H, T]
+    o, lse = jax.lax.map(one_query_block, (_blocks(q, 2, bq), _blocks(mask, 1, bq)))
+    return _unblock(o, 2), _unblock(lse, 2)  # [B, H, T, V], [B, H, T]
 
 
 def _backward(q, k, v, mask, o, lse, do, scale, bq, bk):
-    """Gradients of the padded inputs, recomputing each block's probabilities."""
-    delta = jnp.einsum("bthv,bthv->bht", do.astype(jnp.float32), o)  # [B, H, T]
-    H = q.shape[2]
-    qbs, dobs, mqs = _blocks(q, 1, bq), _blocks(do, 1, bq), _blocks(mask, 1, bq)
+    """Gradients of the padded, head-major inputs, recomputing each block's probabilities."""
+    delta = jnp.einsum("bhtv,bhtv->bht", do.astype(jnp.float32), o)  # [B, H, T]
+    qbs, dobs, mqs = _blocks(q, 2, bq), _blocks(do, 2, bq), _blocks(mask, 1, bq)
     lses, deltas = _blocks(lse, 2, bq), _blocks(delta, 2, bq)
 
     def probs(qb, kb, mb, lse_b):
         return jnp.exp(_scores(qb, kb, mb, scale) - lse_b[..., None])  # [B, H, bq, bk]
+
+    def dscores(p, dob, vb, delta_b):
+        return p * (_scores(dob, vb, None, 1.0) - delta_b[..., None])
 
     def key_block(args):  # dk, dv of one key block: a scan over the query blocks
         kb, vb, j = args
@@ -112,20 +125,17 @@ def _backward(q, k, v, mask, o, lse, do, scale, bq, bk):
             qb, dob, mq, lse_b, delta_b = blk
             mb = jax.lax.dynamic_slice_in_dim(mq, j * bk, bk, axis=2)
             p = probs(qb, kb, mb, lse_b)
-            dv = dv + _unheads(jnp.einsum("bhts,bthv->bshv", p, dob, preferred_element_type=jnp.float32), vb)
-            dp = jnp.einsum("bthv,bshv->bhts", dob, _heads(vb, H), preferred_element_type=jnp.float32)
-            ds = p * (dp - delta_b[..., None])
-            dk = dk + _unheads(jnp.einsum("bhts,bthk->bshk", ds, qb, preferred_element_type=jnp.float32), kb) * scale
+            dv = dv + _key_grad(p, dob, vb)
+            dk = dk + _key_grad(dscores(p, dob, vb, delta_b), qb, kb) * scale
             return (dk, dv), None
 
         init = (jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
         (dk, dv), _ = jax.lax.scan(step, init, (qbs, dobs, mqs, lses, deltas))
         return dk, dv
 
-    nk = k.shape[1] // bk
-    dk, dv = jax.lax.map(key_block, (_blocks(k, 1, bk), _blocks(v, 1, bk), jnp.arange(nk)))
-
-    kbs, vbs = _blocks(k, 1, bk), _blocks(v, 1, bk)
+    nk = k.shape[2] // bk
+    kbs, vbs = _blocks(k, 2, bk), _blocks(v, 2, bk)
+    dk, dv = jax.lax.map(key_block, (kbs, vbs, jnp.arange(nk)))
 
     def query_block(args):  # dq of one query block: a scan over the key blocks
         qb, dob, mq, lse_b, delta_b = args
@@ -133,17 +143,14 @@ def _backward(q, k, v, mask, o, lse, do, scale, bq, bk):
 
         def step(dq, blk):
             kb, vb, mb = blk
-            p = probs(qb, kb, mb, lse_b)
-            dp = jnp.einsum("bthv,bshv->bhts", dob, _heads(vb, H), preferred_element_type=jnp.float32)
-            ds = p * (dp - delta_b[..., None])
-            dq = dq + jnp.einsum("bhts,bshk->bthk", ds, _heads(kb, H), preferred_element_type=jnp.float32) * scale
-            return dq, None
+            ds = dscores(probs(qb, kb, mb, lse_b), dob, vb, delta_b)
+            return dq + _mix(ds, kb) * scale, None
 
         dq, _ = jax.lax.scan(step, jnp.zeros(qb.shape, jnp.float32), (kbs, vbs, mqb))
         return dq
 
     dq = jax.lax.map(query_block, (qbs, dobs, mqs, lses, deltas))
-    return _unblock(dq, 1), _unblock(dk, 1), _unblock(dv, 1)
+    return _unblock(dq, 2), _unblock(dk, 2), _unblock(dv, 2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -165,8 +172,8 @@ def _attention_bwd(scale, bq, bk, res, do):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-# Rows per query chunk of a short causal call (see `blockwise_attention`), and most chunks.
-CAUSAL_CHUNK = 64
+# Fewest rows per query chunk of a short causal call (see `blockwise_attention`), and most chunks.
+CAUSAL_CHUNK = 128
 CAUSAL_CHUNKS = 4
 
 
@@ -177,30 +184,37 @@ def causal_chunks(T: int, block_q: int = 512) -> int:
 
 
 def blockwise_attention(q, k, v, mask, scale: float, block_q: int = 512, block_k: int = 512,
-                        causal: bool = False) -> jnp.ndarray:
+                        causal: bool = False, heads_first: bool = False) -> jnp.ndarray:
     """softmax(q k^T * scale, masked) v without materializing the scores.
 
     q: [B, T, H, K]; k: [B, S, H, K]; v: [B, S, H, V] (or one head [B, S, 1, *] shared by
     all H); mask: bool [B, T, S] (True attends). Returns float32 [B, T, H, V]. T and S are
-    padded to the block sizes internally.
+    padded to the block sizes internally. `heads_first`: q, k, v and the result are
+    [B, H, T, *] instead, the layout the kernel works in (the others are transposed to it
+    once, on the way in and out, not block by block).
 
     `causal`: the caller promises that the mask never lets query t see a key s > t (queries
     and keys at the same positions, T == S; causal masks with or without segments). A call
     that fits one query block then runs as up to CAUSAL_CHUNKS chunks of queries, each
-    against the keys up to its own end, and skips the masked upper triangle: at 4 chunks,
-    5/8 of the scores. On a CPU, 8 x 256 tokens, forward + backward: 54 -> 48 ms for
-    `small`'s heads, 12.5 -> 7.4 ms for `tiny`'s.
+    against the keys up to its own end, and skips the masked upper triangle: 3/4 of the
+    scores at 2 chunks, 5/8 at 4. Chunks hold at least CAUSAL_CHUNK queries: one `small`
+    MLA layer on a CPU, 8 x 256 tokens, forward + backward, took 107 ms in one call, 93 ms
+    in 2 chunks of 128 and 102 ms in 4 of 64 (docs/benchmarks.md).
     """
-    T, S = q.shape[1], k.shape[1]
+    if not heads_first:
+        t = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
+        return t(blockwise_attention(t(q), t(k), t(v), mask, scale, block_q, block_k, causal, heads_first=True))
+    T, S = q.shape[2], k.shape[2]
     n = causal_chunks(T, block_q) if causal and T == S else 1
     if n > 1:
         ends = [round(i * T / n) for i in range(n + 1)]
-        return jnp.concatenate([blockwise_attention(q[:, a:b], k[:, :b], v[:, :b], mask[:, a:b, :b], scale, block_q,
-                                                    block_k) for a, b in zip(ends, ends[1:])], axis=1)
+        return jnp.concatenate([blockwise_attention(q[:, :, a:b], k[:, :, :b], v[:, :, :b], mask[:, a:b, :b], scale,
+                                                    block_q, block_k, heads_first=True)
+                                for a, b in zip(ends, ends[1:])], axis=2)
     bq, bk = min(block_q, T), min(block_k, S)
-    qp, kp, vp = _pad(q, 1, bq), _pad(k, 1, bk), _pad(v, 1, bk)
+    qp, kp, vp = _pad(q, 2, bq), _pad(k, 2, bk), _pad(v, 2, bk)
     mp = _pad(_pad(mask, 1, bq), 2, bk)
-    return _attention(qp, kp, vp, mp, float(scale), bq, bk)[:, :T]
+    return _attention(qp, kp, vp, mp, float(scale), bq, bk)[:, :, :T]
 
 
 def fused_attention(q, k, v, mask, scale: float, implementation: str | None = "cudnn") -> jnp.ndarray:

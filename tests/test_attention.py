@@ -44,12 +44,16 @@ def test_blockwise_equals_dense_in_value_and_gradient(block_q, block_k):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
 
 
-@pytest.mark.parametrize("T, chunks", [(200, 3), (256, 4), (130, 2)])
-def test_causal_chunks_equal_the_whole_call(T, chunks, monkeypatch):
+@pytest.mark.parametrize("T, rows, chunks", [(200, 64, 3), (256, 64, 4), (130, 64, 2), (256, None, 2)])
+def test_causal_chunks_equal_the_whole_call(T, rows, chunks, monkeypatch):
     """`causal=True` on a short call splits the queries into chunks that see only the keys
     up to their end; with packed segments, padding and a shared key head, values and
-    gradients equal dense attention's, and the chunks are really taken."""
+    gradients equal dense attention's, and the chunks are really taken (`rows`: the
+    CAUSAL_CHUNK they are cut at, None for the default)."""
     import dsjax.attention as attention
+
+    if rows:
+        monkeypatch.setattr(attention, "CAUSAL_CHUNK", rows)
 
     rng = np.random.default_rng(1)
     B, H, K, V = 2, 3, 8, 4
@@ -61,7 +65,7 @@ def test_causal_chunks_equal_the_whole_call(T, chunks, monkeypatch):
     mask = attention_mask(B, T, jnp.asarray(segments))
     calls = []
     inner = attention._attention
-    monkeypatch.setattr(attention, "_attention", lambda q, *a: calls.append(q.shape[1]) or inner(q, *a))
+    monkeypatch.setattr(attention, "_attention", lambda q, *a: calls.append(q.shape[2]) or inner(q, *a))
     for kh in (H, 1):  # per-head keys, and one shared key head
         ks, vs = k[:, :, :kh], v[:, :, :kh]
 
