@@ -1,10 +1,14 @@
 """Transparent huge pages for XLA's buffers on Linux, set before the process starts.
 
-XLA:CPU allocates each run's temporary buffers (hundreds of MB for the `small` preset's
-training step) with `posix_memalign`, and glibc serves allocations above 32 MiB with a
-fresh `mmap` that it unmaps again on free. Every step then faults every page of those
-buffers in anew: about 149,000 page faults (0.4 s of kernel time) per `small` forward pass
-of 8 x 256 tokens here. glibc's `glibc.malloc.hugetlb=1` tunable (glibc 2.35+) asks for
+XLA:CPU allocates each run's temporary buffers in one block (480 MB for the `small`
+preset's forward pass at 8 x 256, about 2.3 GB for its training step) with
+`posix_memalign`, from one of its worker threads. glibc gives such a thread its own arena,
+whose heaps hold at most 64 MiB, so a larger block is always a fresh `mmap`, unmapped
+again on free, whatever `mmap_threshold` or `mmap_max` say. Every step then faults every
+page of those buffers in anew: about 150,000 page faults per `small` forward pass and
+586,000 per training step here. One arena for all threads (`arena_max=1`) keeps the
+memory and ends the faults, but its lock cost the training step more than the faults did
+(docs/benchmarks.md). glibc's `glibc.malloc.hugetlb=1` tunable (glibc 2.35+) asks for
 transparent huge pages on such mappings, 400 times fewer faults: the `small` training step
 ran 1.17x and its forward pass 1.07x faster on a 2-core machine (`bench/allocator.py`;
 not a sure gain where other work shares the process, docs/benchmarks.md). The tunable is
