@@ -47,7 +47,8 @@ KEY_FIGURES = {
     "speculative": ("speculative_tokens_per_forward", "acceptance_rate", "speedup", "identical_tokens"),
     "gpu_check": ("device_kind", "fp8_speedup", "losses_finite", "fp8_lowered_to_f8_dots"),
     "scale": ("preset", "batch", "seq_len", "moe_impl", "targets_met"),
-    "allocator": ("preset", "hugepages_train_ms", "plain_train_ms", "train_speedup", "forward_speedup"),
+    "allocator": ("preset", "kept_train_ms", "hugepages_train_ms", "plain_train_ms", "kept_train_speedup",
+                  "kept_forward_speedup"),
 }
 MAX_FIGURES = 6
 

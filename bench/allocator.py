@@ -1,16 +1,17 @@
-"""The training step and forward pass with and without transparent huge pages for XLA's
-buffers (train/allocator.py: what `python -m train` sets for itself), each setting in its
-own child process, the settings alternated.
+"""The training step and forward pass with XLA's buffers kept mapped between steps
+(train/allocator.py `keep_buffers`), with transparent huge pages for them instead
+(`reexec`), and with neither: what `python -m train` sets for itself against a plain
+process, each setting in its own child process, the settings alternated.
 
     python bench/allocator.py [--preset small] [--batch 8] [--seq-len 256] [--steps 6] [--rounds 2]
 
 Each child builds `python -m train`'s step for the preset (MTP off, AdamW, the dispatch
 `auto` picks, the state donated), compiles it, times --steps forward passes (logits) and
 then --steps training steps, and prints the median milliseconds and the minor page faults
-of each. The parent runs --rounds rounds of (huge pages, plain), in turns so that load on
-the machine falls on both alike, and prints one JSON line: the medians of each setting
-over the rounds and the speedup of huge pages (plain ms / huge-page ms). Only Linux with
-glibc 2.35 or later has the tunable; elsewhere the line says so.
+of each. The parent runs --rounds rounds of (kept, huge pages, plain), in turns so that
+load on the machine falls on all alike, and prints one JSON line: the medians of each
+setting over the rounds and the speedups of the first two (plain ms / their ms). Only
+Linux with glibc 2.35 or later has the hugetlb tunable; elsewhere the line says so.
 """
 
 import argparse
@@ -25,14 +26,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from train.allocator import OPT_OUT, hugepage_env  # noqa: E402
+from train.allocator import KEEP_OPT_OUT, OPT_OUT, hugepage_env  # noqa: E402
 
 
 def child(preset: str, batch: int, seq_len: int, steps: int) -> dict:
     import jax
 
     from bench.profile_step import train_step
+    from train.allocator import keep_buffers
 
+    keep_buffers()  # does nothing under DSJAX_KEEP_BUFFERS=0
     model, variables, state, step, data = train_step(preset, batch, seq_len)
     forward = jax.jit(lambda v, t: model.apply(v, t).logits)
 
@@ -64,7 +67,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=6, help="timed steps (and forward passes) per child")
-    p.add_argument("--rounds", type=int, default=2, help="rounds of (huge pages, plain) children")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of (kept, huge pages, plain) children")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -72,16 +75,18 @@ def main() -> int:
         return 0
     plain = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" or "hugetlb" not in v}
     plain[OPT_OUT] = "0"
+    plain[KEEP_OPT_OUT] = "0"
+    kept = {k: v for k, v in plain.items() if k != KEEP_OPT_OUT}
     huge = hugepage_env({k: v for k, v in plain.items() if k != OPT_OUT})
     head = {"name": "allocator", "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len}
     if huge is None:
         print(json.dumps({**head, "skipped": "no glibc 2.35+ on Linux: the hugetlb tunable does not exist here"}))
         return 0
-    runs = {"hugepages": [], "plain": []}
+    runs = {"kept": [], "hugepages": [], "plain": []}
     command = [sys.executable, os.path.abspath(__file__), "--child", "--preset", args.preset, "--batch",
                str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
     for r in range(args.rounds):
-        for setting, env in (("hugepages", huge), ("plain", plain)):
+        for setting, env in (("kept", kept), ("hugepages", huge), ("plain", plain)):
             out = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
             if out.returncode:
                 print(out.stderr[-2000:], file=sys.stderr)
@@ -93,8 +98,9 @@ def main() -> int:
     for key in ("train_ms", "forward_ms", "train_faults", "forward_faults"):
         for setting, results in runs.items():
             line[f"{setting}_{key}"] = statistics.median(r[key] for r in results)
-    line["train_speedup"] = round(line["plain_train_ms"] / line["hugepages_train_ms"], 3)
-    line["forward_speedup"] = round(line["plain_forward_ms"] / line["hugepages_forward_ms"], 3)
+    for setting in ("kept", "hugepages"):
+        for key in ("train", "forward"):
+            line[f"{setting}_{key}_speedup"] = round(line[f"plain_{key}_ms"] / line[f"{setting}_{key}_ms"], 3)
     print(json.dumps(line))
     return 0
 

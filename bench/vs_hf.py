@@ -387,6 +387,11 @@ def main():
 
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(threads)
+    # What `python -m train` sets for itself: XLA's buffers stay mapped between calls. It is
+    # process-wide, so transformers' large tensors are served from the same untrimmed heap.
+    from train.allocator import keep_buffers
+
+    kept = keep_buffers()
     machine = matmul_flops_per_s()
     machine["copy_bytes_per_s"] = copy_bandwidth()
     print(f"[vs_hf] matmul {machine['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s (torch "
@@ -414,7 +419,7 @@ def main():
             after = matmul_flops_per_s()
             peak = max(machine["matmul_flops_per_s"], after["matmul_flops_per_s"])
             out = finish(line, preset, peak)
-            out.update(n_active=active_params(model.cfg), threads=threads,
+            out.update(n_active=active_params(model.cfg), threads=threads, keep_buffers=kept,
                        omp_wait_policy=os.environ["OMP_WAIT_POLICY"], hf_attn_impl=hf.config._attn_implementation,
                        hf_experts_impl=getattr(hf.config, "_experts_implementation", None),
                        matmul_flops_per_s=round(peak),

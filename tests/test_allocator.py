@@ -1,4 +1,5 @@
-"""train/allocator.py: the entry points start again with huge pages for XLA's buffers."""
+"""train/allocator.py: XLA's buffers kept mapped between steps, and the entry points started
+again with huge pages for them."""
 
 import os
 import subprocess
@@ -46,3 +47,30 @@ def test_reexec_starts_the_same_command_again_with_the_tunable():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout.split("\n")
     assert out[:2] == ["start", "None []"]
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="needs Linux with glibc")
+def test_keep_buffers_runs_steps_without_faulting_their_buffers_in_again():
+    """`keep_buffers` (what `python -m train` calls): synchronous CPU dispatch and an
+    untrimmed heap, so a computation with a large temporary block stops faulting its
+    pages in on every call; DSJAX_KEEP_BUFFERS=0 leaves the process as it was."""
+    code = """
+import resource, jax, jax.numpy as jnp
+from train.allocator import keep_buffers
+kept = keep_buffers()
+f = jax.jit(lambda x: (jnp.exp(x[:, None] * x[None, :] * 1e-9) @ x).sum())  # a 128 MiB temporary
+x = jnp.arange(4096 * 2, dtype=jnp.float32)
+value = float(f(x)); float(f(x))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    assert float(f(x)) == value
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
+print(kept is not None, jax.config.values["jax_cpu_enable_async_dispatch"], faults > 10_000)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in (allocator.KEEP_OPT_OUT, "XLA_FLAGS")}  # default XLA
+    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "False", "False"], out.stderr[-2000:]
+    env[allocator.KEEP_OPT_OUT] = "0"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "True"], out.stderr[-2000:]

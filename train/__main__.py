@@ -103,7 +103,9 @@ def _stage_class(stage: str):
 _PEER_GONE = ("Gloo", "Connection reset by peer", "Connection closed by peer", "heartbeat", "UNAVAILABLE")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, keep_buffers: bool = False) -> int:
+    """`python -m train`. `keep_buffers`: keep XLA:CPU's buffers mapped between steps
+    (train/allocator.py `keep_buffers`, process-wide: the command line sets it)."""
     from dsjax.config import ConfigError
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(cfg, args)
     from train.loop import RunStopped, run_stage
 
+    args.keep_buffers = keep_buffers
     try:
         return run_stage(cfg, args, _stage_class(args.stage))
     except ConfigError as e:
@@ -164,4 +167,4 @@ if __name__ == "__main__":
     from train.allocator import reexec
 
     reexec()  # huge pages for XLA's buffers (train/allocator.py), before JAX loads
-    sys.exit(main())
+    sys.exit(main(keep_buffers=True))

@@ -266,6 +266,10 @@ def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if getattr(args, "keep_buffers", False):  # `python -m train`: after the backends may start
+        from train.allocator import keep_buffers
+
+        keep_buffers()
     tcfg = cfg.train
     workdir = os.path.abspath(args.workdir)
     lead = jax.process_index() == 0
