@@ -74,3 +74,10 @@ print(kept is not None, jax.config.values["jax_cpu_enable_async_dispatch"], faul
     env[allocator.KEEP_OPT_OUT] = "0"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True", "True"], out.stderr[-2000:]
+    # after the first computation the dispatch setting can no longer take: it says so
+    late = ("import warnings, jax; jax.numpy.ones(3).block_until_ready(); from train.allocator import keep_buffers\n"
+            "with warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always'); r = keep_buffers()\n"
+            "print(r, jax.config.values['jax_cpu_enable_async_dispatch'], 'already started' in str(w[0].message))")
+    env.pop(allocator.KEEP_OPT_OUT)
+    out = subprocess.run([sys.executable, "-c", late], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["None", "True", "True"], out.stderr[-2000:]

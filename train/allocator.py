@@ -25,8 +25,9 @@ step's pages: the `small` training step 3,222 / 3,284 -> 2,857 / 2,774 ms and it
 pass 804 / 850 -> 724 / 718 ms here, faults 565,000 -> under 500 per step (huge pages
 alone: 3,017 / 2,862 and 736 / 737 ms). It costs what those settings say: the process
 keeps its peak heap until it exits, and Python no longer runs ahead of the CPU
-computations it dispatches. It can be called at any time from a notebook; `python -m
-train` and `bench/vs_hf.py` call it. DSJAX_KEEP_BUFFERS=0 turns it off.
+computations it dispatches. Call it before JAX's first computation (the dispatch setting
+is read when the CPU backend starts; later it warns and does nothing), in a notebook too;
+`python -m train` and `bench/vs_hf.py` call it. DSJAX_KEEP_BUFFERS=0 turns it off.
 
 Imports nothing heavy: `reexec` runs before JAX loads.
 """
@@ -92,8 +93,8 @@ def reexec() -> None:
 def keep_buffers() -> str | None:
     """Keeps XLA:CPU's per-step buffers mapped (see the module docstring): synchronous CPU
     dispatch, and glibc serving large blocks from a heap it never trims. Returns what it
-    set, or None where it did nothing: not Linux with glibc, JAX not on the CPU, or
-    DSJAX_KEEP_BUFFERS=0. Safe to call more than once."""
+    set, or None where it did nothing: not Linux with glibc, JAX not on the CPU, JAX's
+    backends already started (it warns), or DSJAX_KEEP_BUFFERS=0."""
     if os.environ.get(KEEP_OPT_OUT, "1") == "0" or not sys.platform.startswith("linux"):
         return None
     if platform.libc_ver()[0] != "glibc":
@@ -102,7 +103,19 @@ def keep_buffers() -> str | None:
 
     import jax
 
-    # Read when JAX's CPU client starts: set it before asking which backend runs.
+    try:
+        from jax._src.xla_bridge import backends_are_initialized
+    except ImportError:  # a JAX without it: assume started, and leave the process alone
+        return None
+    if backends_are_initialized():
+        # The dispatch setting is read when JAX's CPU client starts; without it the buffers
+        # come from a worker thread's arena, which mmaps them whatever mallopt says.
+        import warnings
+
+        warnings.warn("keep_buffers: JAX's backends have already started; call it before the first "
+                      "computation (left the process as it was)", stacklevel=2)
+        return None
+    # Set before asking which backend runs (that starts the client).
     async_before = jax.config.values["jax_cpu_enable_async_dispatch"]
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     try:
