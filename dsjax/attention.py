@@ -51,14 +51,16 @@ def _unblock(x, axis: int):
     return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
 
 
-def _scores(qb, kb, mb, scale):
-    """qb [B, H, bq, K], kb [B, H or 1, bk, K], mb [B, bq, bk] (None: no mask) -> float32
-    [B, H, bq, bk]."""
+def _dots(qb, kb):
+    """qb [B, H, bq, K] . kb [B, H or 1, bk, K] -> float32 [B, H, bq, bk]."""
     if kb.shape[1] == 1 < qb.shape[1]:  # shared key head: one GEMM per batch row, no copy per head
-        s = jnp.einsum("bhtk,bsk->bhts", qb, kb[:, 0], preferred_element_type=jnp.float32)
-    else:
-        s = jnp.einsum("bhtk,bhsk->bhts", qb, kb, preferred_element_type=jnp.float32)
-    return s * scale if mb is None else jnp.where(mb[:, None], s * scale, _NEG)
+        return jnp.einsum("bhtk,bsk->bhts", qb, kb[:, 0], preferred_element_type=jnp.float32)
+    return jnp.einsum("bhtk,bhsk->bhts", qb, kb, preferred_element_type=jnp.float32)
+
+
+def _scores(qb, kb, mb, scale):
+    """Masked, scaled scores: mb [B, bq, bk] -> float32 [B, H, bq, bk]."""
+    return jnp.where(mb[:, None], _dots(qb, kb) * scale, _NEG)
 
 
 def _mix(p, vb):
@@ -115,7 +117,7 @@ def _backward(q, k, v, mask, o, lse, do, scale, bq, bk):
         return jnp.exp(_scores(qb, kb, mb, scale) - lse_b[..., None])  # [B, H, bq, bk]
 
     def dscores(p, dob, vb, delta_b):
-        return p * (_scores(dob, vb, None, 1.0) - delta_b[..., None])
+        return p * (_dots(dob, vb) - delta_b[..., None])
 
     def key_block(args):  # dk, dv of one key block: a scan over the query blocks
         kb, vb, j = args
