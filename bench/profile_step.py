@@ -230,6 +230,9 @@ def main() -> int:
                    help="profile a step of greedy decoding at batch B instead of the training step")
     p.add_argument("--new-tokens", type=int, default=33, help="with --decode: tokens per profiled call")
     args = p.parse_args()
+    from train.allocator import keep_buffers
+
+    keep_buffers()  # as python -m train and vs_hf do: XLA's buffers stay mapped between steps
     if args.decode:
         return profile_decode(args.preset, args.decode, args.new_tokens, args.top)
 

@@ -4,8 +4,8 @@ once. Runs on every backend (CPU included); it is MLA's `model.attn_kernel=block
 
 The forward pass walks key blocks with a running max and sum per query row and keeps
 only the output and its log-sum-exp; the backward pass recomputes each block's
-probabilities from them (a custom VJP), so memory grows with T x (block + head dims),
-not T x S. Masked scores are set to -1e30 as the dense softmax does, so the two agree on
+probabilities from them, once per block pair (a custom VJP), so memory grows with
+T x (block + head dims), not T x S. Masked scores are set to -1e30 as the dense softmax does, so the two agree on
 every row that attends to at least one key (causal masks have no other kind).
 
 The kernel works head-major ([B, H, T, *], the layout its GEMMs batch over); callers'
@@ -108,50 +108,34 @@ def _forward(q, k, v, mask, scale, bq, bk):
 
 
 def _backward(q, k, v, mask, o, lse, do, scale, bq, bk):
-    """Gradients of the padded, head-major inputs, recomputing each block's probabilities."""
-    delta = jnp.einsum("bhtv,bhtv->bht", do.astype(jnp.float32), o)  # [B, H, T]
+    """Gradients of the padded, head-major inputs, recomputing each block's probabilities
+    once (FlashAttention-2's order): a scan over the key blocks, each running a scan over
+    the query blocks that sums its dk and dv and hands back every query block's share of
+    dq, which the outer scan adds up (dq stays the size of q)."""
+    delta = (do.astype(jnp.float32) * o).sum(-1)  # [B, H, T] (an einsum here runs as B*H*T tiny dots)
     qbs, dobs, mqs = _blocks(q, 2, bq), _blocks(do, 2, bq), _blocks(mask, 1, bq)
     lses, deltas = _blocks(lse, 2, bq), _blocks(delta, 2, bq)
 
-    def probs(qb, kb, mb, lse_b):
-        return jnp.exp(_scores(qb, kb, mb, scale) - lse_b[..., None])  # [B, H, bq, bk]
-
-    def dscores(p, dob, vb, delta_b):
-        return p * (_dots(dob, vb) - delta_b[..., None])
-
-    def key_block(args):  # dk, dv of one key block: a scan over the query blocks
+    def key_block(dq, args):
         kb, vb, j = args
 
         def step(carry, blk):
             dk, dv = carry
             qb, dob, mq, lse_b, delta_b = blk
             mb = jax.lax.dynamic_slice_in_dim(mq, j * bk, bk, axis=2)
-            p = probs(qb, kb, mb, lse_b)
+            p = jnp.exp(_scores(qb, kb, mb, scale) - lse_b[..., None])  # [B, H, bq, bk]
+            ds = p * (_dots(dob, vb) - delta_b[..., None])
             dv = dv + _key_grad(p, dob, vb)
-            dk = dk + _key_grad(dscores(p, dob, vb, delta_b), qb, kb) * scale
-            return (dk, dv), None
+            dk = dk + _key_grad(ds, qb, kb) * scale
+            return (dk, dv), _mix(ds, kb) * scale
 
         init = (jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
-        (dk, dv), _ = jax.lax.scan(step, init, (qbs, dobs, mqs, lses, deltas))
-        return dk, dv
+        (dk, dv), dq_j = jax.lax.scan(step, init, (qbs, dobs, mqs, lses, deltas))
+        return dq + dq_j, (dk, dv)
 
     nk = k.shape[2] // bk
-    kbs, vbs = _blocks(k, 2, bk), _blocks(v, 2, bk)
-    dk, dv = jax.lax.map(key_block, (kbs, vbs, jnp.arange(nk)))
-
-    def query_block(args):  # dq of one query block: a scan over the key blocks
-        qb, dob, mq, lse_b, delta_b = args
-        mqb = _blocks(mq, 2, bk)
-
-        def step(dq, blk):
-            kb, vb, mb = blk
-            ds = dscores(probs(qb, kb, mb, lse_b), dob, vb, delta_b)
-            return dq + _mix(ds, kb) * scale, None
-
-        dq, _ = jax.lax.scan(step, jnp.zeros(qb.shape, jnp.float32), (kbs, vbs, mqb))
-        return dq
-
-    dq = jax.lax.map(query_block, (qbs, dobs, mqs, lses, deltas))
+    dq0 = jnp.zeros((q.shape[2] // bq,) + q.shape[:2] + (bq, q.shape[3]), jnp.float32)
+    dq, (dk, dv) = jax.lax.scan(key_block, dq0, (_blocks(k, 2, bk), _blocks(v, 2, bk), jnp.arange(nk)))
     return _unblock(dq, 2), _unblock(dk, 2), _unblock(dv, 2)
 
 

@@ -40,7 +40,8 @@ class TrainConfig:
       bias_update_speed / bias_update_stop: aux-loss-free bias step gamma, set to 0 after
         this fraction of the steps (V3: 0.001, 0 for the last tokens).
       sample_tokens / sample_prompt: text generated at the end (0: none).
-      peak_tflops: peak device TFLOP/s for MFU (0: from the device kind).
+      peak_tflops: peak device TFLOP/s for MFU (0: from the device kind; a CPU's float32
+        matmul throughput, measured at the start).
       max_bad_steps: a step whose loss or gradients are not finite is skipped (parameters,
         optimizer state and router bias unchanged; `skipped` in the metrics); this many in
         a row stop the run at the next log or checkpoint step.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import os
 import time
 from typing import Any
@@ -36,11 +37,30 @@ from train.report import MetricsLog, plot_curves
 from train.steps import TrainState, flops_per_token, make_train_step, state_shardings
 
 _PEAK_TFLOPS = (("v6", 918.0), ("v5p", 459.0), ("v5 lite", 197.0), ("v5e", 197.0), ("v4", 275.0),
-                ("h200", 989.0), ("h100", 989.0), ("a100", 312.0), ("cpu", 0.1))
+                ("h200", 989.0), ("h100", 989.0), ("a100", 312.0))
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_tflops(n: int = 2048, reps: int = 3) -> float:
+    """float32 TFLOP/s of one jitted n x n matmul on the default device, the best of
+    `reps` after a warm-up (measured once per process). On a CPU the one device runs on
+    every core, so this is the whole process's peak."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        dot(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e12
 
 
 def peak_tflops(device) -> float:
-    """Dense bf16 peak of one device (TFLOP/s); CPUs get a nominal 0.1."""
+    """Dense bf16 peak of one device (TFLOP/s) from its kind; a CPU's is measured
+    (`matmul_tflops`: a float32 matmul, the dtype CPU runs train in), 0.1 if unknown."""
+    if device.platform == "cpu":
+        return matmul_tflops()
     kind = f"{device.platform} {getattr(device, 'device_kind', '')}".lower()
     for key, value in _PEAK_TFLOPS:
         if key in kind:
@@ -389,7 +409,9 @@ def _loop(run: Run, stage: Stage, state: TrainState, start: int, ckpt: Checkpoin
     flag = flag if flag is not None else {"signal": None}
     bad = jnp.zeros((), jnp.int32)
     fpt = flops_per_token(run.cfg.model, tcfg.seq_len)
-    peak = (tcfg.peak_tflops or peak_tflops(jax.devices()[0])) * 1e12 * jax.device_count()
+    device = jax.devices()[0]
+    # A CPU's devices share its cores, and its measured figure is already all of them.
+    peak = (tcfg.peak_tflops or peak_tflops(device)) * 1e12 * (1 if device.platform == "cpu" else jax.device_count())
     bar = tqdm(total=tcfg.steps, initial=start, disable=not run.lead, dynamic_ncols=True, mininterval=1.0,
                desc=stage.name)
     last_time, last_step = None, start
