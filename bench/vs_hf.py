@@ -391,9 +391,13 @@ def main():
     # process-wide, so transformers' large tensors are served from the same untrimmed heap.
     from train.allocator import keep_buffers
 
+    # The copy bandwidth first: with keep_buffers' heap settings numpy's 512 MB arrays come
+    # from the heap on small pages instead of mmap (transparent huge pages), and one machine
+    # copied them at 8 GB/s against 29 GB/s, which put batch-1 decoding at 1.5x its "bound".
+    bandwidth = copy_bandwidth()
     kept = keep_buffers()
     machine = matmul_flops_per_s()
-    machine["copy_bytes_per_s"] = copy_bandwidth()
+    machine["copy_bytes_per_s"] = bandwidth
     print(f"[vs_hf] matmul {machine['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s (torch "
           f"{machine['torch_matmul_flops_per_s'] / 1e9:.1f}), copy {machine['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
           f"{threads} threads", file=sys.stderr, flush=True)
