@@ -387,14 +387,14 @@ def main():
 
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(threads)
-    # What `python -m train` sets for itself: XLA's buffers stay mapped between calls. It is
-    # process-wide, so transformers' large tensors are served from the same untrimmed heap.
     from train.allocator import keep_buffers
 
     # The copy bandwidth first: with keep_buffers' heap settings numpy's 512 MB arrays come
     # from the heap on small pages instead of mmap (transparent huge pages), and one machine
     # copied them at 8 GB/s against 29 GB/s, which put batch-1 decoding at 1.5x its "bound".
     bandwidth = copy_bandwidth()
+    # What `python -m train` sets for itself: XLA's buffers stay mapped between calls. It is
+    # process-wide, so transformers' large tensors are served from the same untrimmed heap.
     kept = keep_buffers()
     machine = matmul_flops_per_s()
     machine["copy_bytes_per_s"] = bandwidth

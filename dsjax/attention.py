@@ -5,8 +5,9 @@ once. Runs on every backend (CPU included); it is MLA's `model.attn_kernel=block
 The forward pass walks key blocks with a running max and sum per query row and keeps
 only the output and its log-sum-exp; the backward pass recomputes each block's
 probabilities from them, once per block pair (a custom VJP), so memory grows with
-T x (block + head dims), not T x S. Masked scores are set to -1e30 as the dense softmax does, so the two agree on
-every row that attends to at least one key (causal masks have no other kind).
+T x (block + head dims), not T x S. Masked scores are set to -1e30 as the dense softmax
+does, so the two agree on every row that attends to at least one key (causal masks have
+no other kind).
 
 The kernel works head-major ([B, H, T, *], the layout its GEMMs batch over); callers'
 [B, T, H, *] arrays are transposed once on the way in and out. Keys and values may have
@@ -133,9 +134,8 @@ def _backward(q, k, v, mask, o, lse, do, scale, bq, bk):
         (dk, dv), dq_j = jax.lax.scan(step, init, (qbs, dobs, mqs, lses, deltas))
         return dq + dq_j, (dk, dv)
 
-    nk = k.shape[2] // bk
-    dq0 = jnp.zeros((q.shape[2] // bq,) + q.shape[:2] + (bq, q.shape[3]), jnp.float32)
-    dq, (dk, dv) = jax.lax.scan(key_block, dq0, (_blocks(k, 2, bk), _blocks(v, 2, bk), jnp.arange(nk)))
+    dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qbs.shape, jnp.float32),
+                                (_blocks(k, 2, bk), _blocks(v, 2, bk), jnp.arange(k.shape[2] // bk)))
     return _unblock(dq, 2), _unblock(dk, 2), _unblock(dv, 2)
 
 

@@ -42,10 +42,10 @@ _PEAK_TFLOPS = (("v6", 918.0), ("v5p", 459.0), ("v5 lite", 197.0), ("v5e", 197.0
 
 @functools.lru_cache(maxsize=None)
 def matmul_tflops(n: int = 2048, reps: int = 3) -> float:
-    """float32 TFLOP/s of one jitted n x n matmul on the default device, the best of
-    `reps` after a warm-up (measured once per process). On a CPU the one device runs on
-    every core, so this is the whole process's peak."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    """float32 TFLOP/s of one jitted n x n matmul on the first CPU device, the best of
+    `reps` after a warm-up (measured once per process). That device runs on every core,
+    so this is the whole process's CPU peak."""
+    a = jax.device_put(jax.random.normal(jax.random.key(0), (n, n), jnp.float32), jax.local_devices(backend="cpu")[0])
     dot = jax.jit(jnp.dot)
     dot(a, a).block_until_ready()
     best = float("inf")
@@ -57,10 +57,11 @@ def matmul_tflops(n: int = 2048, reps: int = 3) -> float:
 
 
 def peak_tflops(device) -> float:
-    """Dense bf16 peak of one device (TFLOP/s) from its kind; a CPU's is measured
-    (`matmul_tflops`: a float32 matmul, the dtype CPU runs train in), 0.1 if unknown."""
+    """Peak of one device (TFLOP/s): a GPU's or TPU's dense bf16 figure from its kind (0.1
+    if unknown); a CPU device's share of the process's measured float32 matmul throughput
+    (`matmul_tflops`), since the process's CPU devices share its cores."""
     if device.platform == "cpu":
-        return matmul_tflops()
+        return matmul_tflops() / jax.local_device_count(backend="cpu")
     kind = f"{device.platform} {getattr(device, 'device_kind', '')}".lower()
     for key, value in _PEAK_TFLOPS:
         if key in kind:
@@ -409,9 +410,7 @@ def _loop(run: Run, stage: Stage, state: TrainState, start: int, ckpt: Checkpoin
     flag = flag if flag is not None else {"signal": None}
     bad = jnp.zeros((), jnp.int32)
     fpt = flops_per_token(run.cfg.model, tcfg.seq_len)
-    device = jax.devices()[0]
-    # A CPU's devices share its cores, and its measured figure is already all of them.
-    peak = (tcfg.peak_tflops or peak_tflops(device)) * 1e12 * (1 if device.platform == "cpu" else jax.device_count())
+    peak = (tcfg.peak_tflops or peak_tflops(jax.devices()[0])) * 1e12 * jax.device_count()
     bar = tqdm(total=tcfg.steps, initial=start, disable=not run.lead, dynamic_ncols=True, mininterval=1.0,
                desc=stage.name)
     last_time, last_step = None, start
