@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dsjax.model import Transformer, init_cache, to_layout
+from dsjax.model import Transformer, decode_weights, init_cache, to_layout
 
 
 @flax.struct.dataclass
@@ -177,9 +177,12 @@ def _replicated(tree):
 def _in_place(model: Transformer, variables):
     """`model` and `variables` in the weight layout that decoding reads in place: where
     the layers run unrolled, 'layers' (`to_layout`: one copy of the layers' weights, made
-    before the decoding loop), so that a step does not copy each weight out of the stacks."""
+    before the decoding loop), so that a step does not copy each weight out of the stacks;
+    and, for absorbed MLA, the head-major copy of each wkv_b (`decode_weights`)."""
     if model.layout == "stacked" and model.cfg.unroll_layers():
-        return model.clone(layout="layers"), to_layout(variables, "layers")
+        model, variables = model.clone(layout="layers"), to_layout(variables, "layers")
+    if model.cfg.attn_impl == "absorb":
+        variables = {**variables, "decode_weights": decode_weights(variables["params"])}
     return model, variables
 
 

@@ -136,11 +136,17 @@ class MLA(nn.Module):
         K = self.cfg.qk_nope_head_dim
         # W_UK = wkv_b[..., :K] and W_UV = wkv_b[..., K:] are used in place, not sliced out
         # (a copy of wkv_b per call): the query is zero-padded over the V columns, and the
-        # output's first K columns are dropped.
-        wkv_b = self.wkv_b.astype(dt)  # [C, H, K + V]
+        # output's first K columns are dropped. Both products are per head, so they read
+        # wkv_b head-major, [H, C, K + V]: decoding passes that copy in the `decode_weights`
+        # collection (`dsjax.model.decode_weights`, made once per `generate` call), as
+        # otherwise every step would transpose wkv_b twice.
+        if self.has_variable("decode_weights", "wkv_b_heads"):
+            w_heads = nn.unbox(self.get_variable("decode_weights", "wkv_b_heads")).astype(dt)
+        else:
+            w_heads = self.wkv_b.astype(dt).transpose(1, 0, 2)
         with jax.named_scope("absorbed_attention"):
-            q_pad = jnp.pad(q_nope, ((0, 0),) * 3 + ((0, wkv_b.shape[-1] - K),))
-            q_lat = jnp.einsum("bthk,chk->bthc", q_pad, wkv_b)
+            q_pad = jnp.pad(q_nope, ((0, 0),) * 3 + ((0, w_heads.shape[-1] - K),))
+            q_lat = jnp.einsum("bthk,hck->bthc", q_pad, w_heads)
             if self.cfg.attention_kernel(q_nope.shape[1], absorbed=True) == "blockwise":
                 # one shared key head [c_kv, k_pe] and value head c_kv for every query head
                 keys = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], -1)[:, :, None]
@@ -151,7 +157,7 @@ class MLA(nn.Module):
                 scores = jnp.einsum("bthc,bsc->bhts", q_lat, c_kv) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
                 probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(dt)
                 o_lat = jnp.einsum("bhts,bsc->bthc", probs, c_kv)
-            o = jnp.einsum("bthc,chv->bthv", o_lat, wkv_b)[..., K:]
+            o = jnp.einsum("bthc,hcv->bthv", o_lat, w_heads)[..., K:]
         o = nn.with_logical_constraint(o, ("batch", "seq", "heads", "head_dim"))
         return linear(self.cfg, o, self.wo, contract=2)
 

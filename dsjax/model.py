@@ -9,6 +9,7 @@ sequence-wise balance-loss term per MoE layer, so training needs no mutable coll
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -59,7 +60,8 @@ def scanned_blocks(cfg: ModelConfig, moe: bool, length: int, name: str, decode: 
     block = Block
     if cfg.remat_policy != "none" and not decode:
         block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-    scanned = nn.scan(block, variable_axes={"params": 0, "moe_bias": 0, "cache": 0}, split_rngs={"params": True},
+    scanned = nn.scan(block, variable_axes={"params": 0, "moe_bias": 0, "cache": 0, "decode_weights": 0},
+                      split_rngs={"params": True},
                       in_axes=(nn.broadcast,) * 4, length=length, unroll=length if cfg.unroll_layers() else 1,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, moe=moe, decode=decode, name=name)
@@ -118,6 +120,34 @@ def to_layout(variables: dict, layout: str) -> dict:
         return out
 
     return {name: split(tree) for name, tree in variables.items()}
+
+
+def decode_weights(params) -> dict:
+    """The `decode_weights` collection for `params` (any layout): each MLA block's wkv_b
+    [C, H, K + V] copied head-major as `wkv_b_heads` [H, C, K + V] (stacked layers keep
+    their leading axis), the layout the absorbed attention's per-head products read
+    without a copy. `dsjax.generate` makes it once per call, outside its decoding loop,
+    since XLA does not hoist the transposes out of the loop itself."""
+
+    def heads_major(x):
+        n = (x.value if _boxed(x) else x).ndim
+        perm = tuple(range(n - 3)) + (n - 2, n - 3, n - 1)
+        if _boxed(x):
+            return x.replace(value=jnp.transpose(x.value, perm), names=tuple(x.names[i] for i in perm))
+        return jnp.transpose(x, perm)
+
+    def walk(tree):
+        out = {}
+        for key, sub in tree.items():
+            if key == "wkv_b":
+                out["wkv_b_heads"] = heads_major(sub)
+            elif isinstance(sub, Mapping):
+                found = walk(sub)
+                if found:
+                    out[key] = found
+        return out
+
+    return walk(params)
 
 
 def attention_mask(batch: int, length: int, segment_ids=None) -> jnp.ndarray:
