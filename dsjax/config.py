@@ -145,13 +145,13 @@ class ModelConfig:
       moe_impl: 'dense' (every expert on every token, reference), 'ragged' (dropless
         sort + grouped GEMM with jax.lax.ragged_dot), 'blocked' (dropless sort into
         fixed-size row blocks, each one expert's, run as dense GEMMs by a scan), 'gather'
-        (each token copy gathers its expert's weights: for a few tokens, as in decoding),
-        or 'auto' (default, `moe_dispatch`): ragged on GPUs and TPUs; on a CPU, whose
-        XLA backend runs ragged_dot as a masked GEMM over every expert, gather when the
-        call's token copies are at most 2 per expert (decoding up to 2E/k sequences),
-        else blocked, and dense under the FP8 recipe (blocked and gather have no FP8
-        form). Expert parallelism
-        (experts split over a mesh axis) always runs the grouped GEMMs.
+        (a loop over the experts the token copies chose, each one's weights sliced once:
+        for a few tokens, as in decoding), or 'auto' (default, `moe_dispatch`): ragged
+        on GPUs and TPUs; on a CPU, whose XLA backend runs ragged_dot as a masked GEMM
+        over every expert, gather when the call's token copies are at most 2 per expert
+        (decoding up to 2E/k sequences), else blocked, and dense under the FP8 recipe
+        (blocked and gather have no FP8 form). Expert parallelism (experts split over a
+        mesh axis) always runs the grouped GEMMs.
       dtype: activation/compute dtype; param_dtype: storage dtype of parameters.
       remat_policy: activation checkpointing of each decoder layer.
       precision: 'default', or 'fp8' for DeepSeek-V3's FP8 recipe in the linear layers of
