@@ -110,6 +110,33 @@ def test_decoding_holds_the_layers_apart_where_they_run_unrolled(random_model):
         to_layout(variables, "experts")
 
 
+def test_decode_weights_hold_wkv_b_head_major_and_absorbed_attention_reads_them(random_model):
+    """`generate` passes each MLA block's wkv_b head-major ([H, C, K+V], `decode_weights`)
+    so that a decoding step does not transpose it; any layout, boxed or not."""
+    from dsjax.model import decode_weights, to_layout
+
+    cfg, variables = random_model
+    mtp, stacks = cfg.num_nextn_predict_layers, (cfg.num_dense_layers > 0) + (cfg.num_moe_layers > 0)
+    for params, blocks in ((variables["params"], stacks + mtp),
+                           (to_layout(variables, "layers")["params"], cfg.num_hidden_layers + mtp)):
+        found = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+                 if path[-1].key == "wkv_b"]
+        heads = dict(jax.tree_util.tree_flatten_with_path(decode_weights(params))[0])
+        assert len(heads) == len(found) == blocks
+        for path, w in found:
+            head_major = heads[path[:-1] + (jax.tree_util.DictKey("wkv_b_heads"),)]
+            np.testing.assert_array_equal(head_major, np.swapaxes(w, -3, -2))
+    boxed = dsjax.Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    boxes = jax.tree.leaves(decode_weights(boxed), is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert {x.names for x in boxes} == {("layers", "heads", "kv_lora", "head_dim"), ("heads", "kv_lora", "head_dim")}
+    # the absorbed attention reads the copy: the same logits with it, others with it zeroed
+    model = dsjax.Transformer(cfg.replace(attn_impl="absorb"))
+    logits = lambda dw: model.apply({**variables, "decode_weights": dw}, PROMPTS).logits  # noqa: E731
+    ref = model.apply(variables, PROMPTS).logits
+    np.testing.assert_allclose(logits(decode_weights(variables["params"])), ref, atol=1e-5)
+    assert not np.allclose(logits(jax.tree.map(jnp.zeros_like, decode_weights(variables["params"]))), ref, atol=1e-2)
+
+
 def test_stop_tokens_end_rows(random_model):
     cfg, variables = random_model
     model = dsjax.Transformer(cfg)
