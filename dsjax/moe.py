@@ -98,7 +98,7 @@ def experts_dense(x, weights, indices, w1, w3, w2, fp8: Recipe | None = None):
     """Reference dispatch: all experts on all tokens, weighted by a sparse combine matrix.
 
     x: [N, D]; weights/indices: [N, k]; w1, w3: [E, D, F]; w2: [E, F, D] -> [N, D].
-    For a few tokens per expert (decoding a batch; `DENSE_COPIES_PER_EXPERT`), one batched
+    For a few tokens per expert (`DENSE_COPIES_PER_EXPERT`), one batched
     GEMM per weight, [E, N, D] x [E, D, F]: each weight is read where it lies (the tokens
     broadcast over the experts pass an optimization barrier, which keeps XLA from folding
     the batch into one [D, E*F] GEMM that copies the weights transposed first). For more
@@ -175,7 +175,7 @@ def _looped_swiglu(x, weights, indices, w1, w3, w2):
     expert = flat[order]
     new = jnp.concatenate([jnp.ones((1,), bool), expert[1:] != expert[:-1]])
     starts = jnp.nonzero(new, size=R + 1, fill_value=R)[0]  # each chosen expert's first sorted copy, then R
-    token, combine = order // k, weights.reshape(-1)[order]
+    token, combine, chosen = order // k, weights.reshape(-1)[order], new.sum()
 
     def expert_step(carry):
         g, out = carry
@@ -191,7 +191,7 @@ def _looped_swiglu(x, weights, indices, w1, w3, w2):
         return g + 1, jax.lax.fori_loop(starts[g], starts[g + 1], copy_step, out)
 
     out = jnp.zeros(x.shape, jnp.float32)  # the k experts of a token add up in float32
-    return jax.lax.while_loop(lambda c: c[0] < new.sum(), expert_step, (0, out))[1].astype(x.dtype)
+    return jax.lax.while_loop(lambda c: c[0] < chosen, expert_step, (0, out))[1].astype(x.dtype)
 
 
 def _looped_swiglu_fwd(x, weights, indices, w1, w3, w2):

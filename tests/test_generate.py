@@ -129,8 +129,11 @@ def test_decode_weights_hold_wkv_b_head_major_and_absorbed_attention_reads_them(
     boxed = dsjax.Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     boxes = jax.tree.leaves(decode_weights(boxed), is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     assert {x.names for x in boxes} == {("layers", "heads", "kv_lora", "head_dim"), ("heads", "kv_lora", "head_dim")}
-    # the absorbed attention reads the copy: the same logits with it, others with it zeroed
+    # generate's decoder gets the copy (absorbed MLA only), and the absorbed attention reads
+    # it: the same logits with it, others with it zeroed
     model = dsjax.Transformer(cfg.replace(attn_impl="absorb"))
+    assert "decode_weights" in gen_lib._decoder(model, variables)[1]
+    assert "decode_weights" not in gen_lib._decoder(dsjax.Transformer(cfg.replace(attn_impl="naive")), variables)[1]
     logits = lambda dw: model.apply({**variables, "decode_weights": dw}, PROMPTS).logits  # noqa: E731
     ref = model.apply(variables, PROMPTS).logits
     np.testing.assert_allclose(logits(decode_weights(variables["params"])), ref, atol=1e-5)
