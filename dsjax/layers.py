@@ -32,6 +32,37 @@ def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
 
 
+@jax.custom_vjp
+def _matmul_t(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    return x @ w
+
+
+def _matmul_t_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _matmul_t_bwd(res, dy):
+    x, w = res
+    rows = x.reshape(-1, x.shape[-1])
+    # x^T is materialized (the barrier keeps XLA from folding the transpose back into the
+    # dot), so the weight gradient is a plain [K, M] x [M, N] GEMM.
+    dw = jax.lax.optimization_barrier(rows.T) @ dy.reshape(-1, dy.shape[-1])
+    return (dy @ w.T).astype(x.dtype), dw.astype(w.dtype)
+
+
+_matmul_t.defvjp(_matmul_t_fwd, _matmul_t_bwd)
+
+
+def matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """x [..., K] @ w [K, N], differentiable. On a CPU the weight gradient x^T dy is
+    computed from a materialized x^T: XLA:CPU hands a dot whose left operand contracts
+    its leading dimension to Eigen instead of its YNNPACK GEMMs (half the rate), and
+    transposes dy (the larger operand) for it."""
+    if jax.default_backend() == "cpu":
+        return _matmul_t(x, w)
+    return x @ w
+
+
 def linear(cfg: ModelConfig, x: jnp.ndarray, w: jnp.ndarray, contract: int = 1) -> jnp.ndarray:
     """x [..., *w.shape[:contract]] @ w -> [..., *w.shape[contract:]] in the compute dtype.
 
@@ -50,7 +81,7 @@ def linear(cfg: ModelConfig, x: jnp.ndarray, w: jnp.ndarray, contract: int = 1) 
     lead = x.shape[:x.ndim - contract]
     x2 = x.reshape(lead + (k,)).astype(dt)
     w2 = w.reshape(k, n).astype(dt)
-    y = fp8_matmul(x2, w2, pow2=cfg.fp8_pow2_scales, gemm=cfg.fp8_gemm) if cfg.precision == "fp8" else x2 @ w2
+    y = fp8_matmul(x2, w2, pow2=cfg.fp8_pow2_scales, gemm=cfg.fp8_gemm) if cfg.precision == "fp8" else matmul(x2, w2)
     return y.reshape(lead + out_shape)
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
 from dsjax.block import Block
-from dsjax.layers import RMSNorm, dtype_of, param
+from dsjax.layers import RMSNorm, dtype_of, matmul, param
 from dsjax.mtp import MTP
 from dsjax.rope import rope_tables
 
@@ -210,7 +210,7 @@ class Transformer(nn.Module):
         """Normalized hidden [B, T, D] -> float32 logits [B, T, vocab] (shared by MTP)."""
         dt = dtype_of(self.cfg.dtype)
         w = self.embed.T if self.cfg.tie_word_embeddings else self.head
-        logits = jnp.einsum("btd,dv->btv", h.astype(dt), w.astype(dt))
+        logits = matmul(h.astype(dt), w.astype(dt))
         return nn.with_logical_constraint(logits, ("batch", "seq", "vocab")).astype(jnp.float32)
 
     def trunk(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,

@@ -11,7 +11,7 @@ from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf_v2
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
 
 import dsjax
-from dsjax.layers import RMSNorm
+from dsjax.layers import RMSNorm, matmul
 from dsjax.mla import MLA
 from dsjax.losses import cross_entropy, mtp_cross_entropy
 from dsjax.model import attention_mask, init_cache
@@ -146,6 +146,34 @@ def test_fast_and_dense_moe_agree_in_value_and_gradient(impl):
     (l_d, g_d), (l_r, g_r) = [value_and_grad(variables["params"], i, x) for i in ("dense", impl)]
     np.testing.assert_allclose(l_d, l_r, rtol=1e-6)
     chex.assert_trees_all_close(g_d, g_r, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matmul_gradient_equals_the_plain_product_and_runs_as_a_plain_gemm_on_cpu(dtype):
+    """layers.matmul (every linear layer and the output head) gives x @ w's value and both
+    gradients, and on a CPU its weight gradient compiles to no dot that contracts the left
+    operand's leading dimension (the form XLA:CPU hands to Eigen at half the GEMM rate)."""
+    dt = jnp.dtype(dtype)
+    x = jax.random.normal(jax.random.key(0), (2, 24, 16)).astype(dt)
+    w = jax.random.normal(jax.random.key(1), (16, 40)).astype(dt)
+    up = jax.random.normal(jax.random.key(2), (2, 24, 40)).astype(dt)
+
+    def loss(mm):
+        return lambda x, w: jnp.sum((mm(x, w) * up).astype(jnp.float32))
+
+    ours = jax.jit(jax.value_and_grad(loss(matmul), argnums=(0, 1)))
+    (v, (dx, dw)), (v_ref, (dx_ref, dw_ref)) = ours(x, w), jax.value_and_grad(loss(jnp.matmul), argnums=(0, 1))(x, w)
+    assert (dx.dtype, dw.dtype) == (dt, dt)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(v, v_ref, rtol=tol)
+    for got, want in ((dx, dx_ref), (dw, dw_ref)):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+    hlo = jax.jit(jax.grad(loss(matmul), argnums=1)).lower(x, w).compile().as_text()
+    assert "dot(" in hlo or "fusion" in hlo
+    assert "lhs_contracting_dims={0}" not in hlo, "the weight gradient contracts x's leading dimension"
+    if dtype == "float32":  # the form this avoids (in float32), so the check above can fail
+        naive = jax.jit(jax.grad(loss(jnp.matmul), argnums=1)).lower(x, w).compile().as_text()
+        assert "lhs_contracting_dims={0}" in naive
 
 
 def test_absorbed_and_naive_attention_agree_in_gradient():
