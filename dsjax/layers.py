@@ -32,6 +32,15 @@ def param(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[str
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
 
 
+def transposed(a: jnp.ndarray) -> jnp.ndarray:
+    """a.T [N, M] for the left operand of a GEMM such as a weight gradient a.T @ g. On a
+    CPU it is materialized (the barrier keeps XLA from folding the transpose back into
+    the dot): XLA:CPU runs a dot that contracts its left operand's leading dimension
+    through Eigen, at about half the rate of its YNNPACK GEMMs, after transposing the
+    other operand, while [N, M] x [M, P] is a plain GEMM. Elsewhere it is a.T."""
+    return jax.lax.optimization_barrier(a.T) if jax.default_backend() == "cpu" else a.T
+
+
 @jax.custom_vjp
 def _matmul_t(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     return x @ w
@@ -43,10 +52,7 @@ def _matmul_t_fwd(x, w):
 
 def _matmul_t_bwd(res, dy):
     x, w = res
-    rows = x.reshape(-1, x.shape[-1])
-    # x^T is materialized (the barrier keeps XLA from folding the transpose back into the
-    # dot), so the weight gradient is a plain [K, M] x [M, N] GEMM.
-    dw = jax.lax.optimization_barrier(rows.T) @ dy.reshape(-1, dy.shape[-1])
+    dw = transposed(x.reshape(-1, x.shape[-1])) @ dy.reshape(-1, dy.shape[-1])
     return (dy @ w.T).astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -54,10 +60,9 @@ _matmul_t.defvjp(_matmul_t_fwd, _matmul_t_bwd)
 
 
 def matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
-    """x [..., K] @ w [K, N], differentiable. On a CPU the weight gradient x^T dy is
-    computed from a materialized x^T: XLA:CPU hands a dot whose left operand contracts
-    its leading dimension to Eigen instead of its YNNPACK GEMMs (half the rate), and
-    transposes dy (the larger operand) for it."""
+    """x [..., K] @ w [K, N], differentiable. On a CPU the weight gradient x^T dy is a
+    plain GEMM from a materialized x^T (`transposed`): autodiff's form of it ran at about
+    half the GEMM rate and transposed dy, the larger operand, first."""
     if jax.default_backend() == "cpu":
         return _matmul_t(x, w)
     return x @ w

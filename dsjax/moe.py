@@ -43,7 +43,7 @@ import jax.numpy as jnp
 
 from dsjax.config import DENSE_COPIES_PER_EXPERT, ModelConfig
 from dsjax.fp8 import Recipe, fp8_matmul, fp8_ragged_dot
-from dsjax.layers import MLP, dtype_of, param
+from dsjax.layers import MLP, dtype_of, param, transposed
 
 
 def route(cfg: ModelConfig, logits: jnp.ndarray, bias: jnp.ndarray):
@@ -335,7 +335,8 @@ def _blocked_swiglu_bwd(res, dys):
             da3 = dh * silu
             da1 = dh * a3 * sig * (1 + a1 * (1 - sig))
             dxs = _put(dxs, da1 @ w1e.T + da3 @ w3e.T, i)
-            return dxs, g1 + f32(xb.T @ da1), g3 + f32(xb.T @ da3), g2 + f32((silu * a3).T @ dy)
+            xt, ht = transposed(xb), transposed(silu * a3)  # plain GEMMs on a CPU
+            return dxs, g1 + f32(xt @ da1), g3 + f32(xt @ da3), g2 + f32(ht @ dy)
 
         zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in (w1e, w3e, w2e))
         dxs, *g = jax.lax.fori_loop(start, start + n, block, (dxs, *zeros))
