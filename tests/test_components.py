@@ -175,6 +175,31 @@ def test_matmul_gradient_equals_the_plain_product_and_runs_as_a_plain_gemm_on_cp
         assert "lhs_contracting_dims={0}" in naive
 
 
+def test_model_weight_gradients_reach_matmul(monkeypatch):
+    """The model's linear layers (MLA, MLPs, shared experts, MTP) and its output head go
+    through layers.matmul: the compiled gradient of a whole model holds no Eigen-routed
+    weight-gradient dot but the router's float32 product (left as autodiff writes it)."""
+    import re
+
+    import dsjax.layers as layers_lib
+    import dsjax.model as model_lib
+
+    cfg = _moe_cfg(moe_impl="blocked")
+    tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, cfg.vocab_size)
+    variables = dsjax.unbox(dsjax.Transformer(cfg).init(jax.random.key(0), tokens))
+
+    def eigen_scopes():
+        loss = lambda p: jnp.mean(dsjax.Transformer(cfg).apply({**variables, "params": p}, tokens).logits)  # noqa: E731
+        hlo = jax.jit(jax.grad(loss)).lower(variables["params"]).compile().as_text()
+        return {re.search(r'op_name="([^"]*)"', line).group(1).split("/")[-3]
+                for line in hlo.splitlines() if "lhs_contracting_dims={0}" in line}
+
+    assert eigen_scopes() == {"gate"}
+    for module in (layers_lib, model_lib):
+        monkeypatch.setattr(module, "matmul", jnp.matmul)
+    assert eigen_scopes() > {"gate"}
+
+
 def test_blocked_experts_weight_gradients_run_as_plain_gemms_on_cpu(monkeypatch):
     """The blocked dispatch's per-block weight gradients use layers.transposed too: its
     compiled gradient has no dot contracting a left operand's leading dimension (three,
