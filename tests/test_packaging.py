@@ -58,6 +58,16 @@ def test_every_config_yaml_is_package_data():
     assert all(fnmatch.fnmatch("x.yaml", p) for p in data["dsjax.configs"])
 
 
+def test_the_kernel_source_is_package_data():
+    # dsjax/cpu_kernels.py compiles dsjax/csrc/*.cc where it runs: an install must carry it.
+    from dsjax import cpu_kernels
+
+    data = _setuptools()["tool"]["setuptools"]["package-data"]["dsjax"]
+    rel = os.path.relpath(cpu_kernels.SOURCE, os.path.join(ROOT, "dsjax"))
+    assert os.path.isfile(cpu_kernels.SOURCE)
+    assert any(fnmatch.fnmatch(rel, p) for p in data)
+
+
 def test_dependencies_and_extras_follow_the_requirements_files():
     project = _setuptools()
     assert "dependencies" in project["project"]["dynamic"]

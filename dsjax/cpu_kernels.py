@@ -1,0 +1,116 @@
+"""Native CPU kernels, built on first use and called from jitted code as XLA FFI custom calls.
+
+One kernel today, `gather_swiglu` (dsjax/csrc/cpu_kernels.cc): the gather dispatch's
+routed experts for decoding (`moe.experts_gather`, float32). XLA:CPU copies a dynamically
+indexed expert's weights into a new buffer before each product and runs the few-row
+products below the memory bandwidth; the kernel reads each chosen expert in place, once a
+step. In one process on `small`'s expert shapes (7 MoE layers, E=24, D=512, F=256), the
+routed experts of a decode step took 2.1 ms against XLA's 3.1 ms at batch 1 and 8.0 ms
+against 16.9 ms at batch 8 (21 and 26 GB/s of chosen-expert weights).
+
+The source is compiled once per machine with the C++ compiler (`$CXX`, else `c++`) against
+JAX's FFI headers (`jax.ffi.include_dir()`), `-O3 -march=native`, into
+`$DSJAX_CACHE_DIR` (default `~/.cache/dsjax`), under a name that hashes the source, the
+flags, jaxlib's version and the CPU; a few seconds the first time, a load afterwards.
+Where that fails (no compiler, say), `available()` is False, a warning names the reason
+once, and the callers keep their XLA form: the kernels are speed, never a requirement.
+`DSJAX_CPU_KERNELS=0` turns them off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_kernels.cc")
+TARGET = "dsjax_gather_swiglu"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+
+_state: dict = {}  # "lib" once loaded and registered, or "error": why not
+
+
+def cache_dir() -> str:
+    return os.environ.get("DSJAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "dsjax")
+
+
+def _cpu_id() -> str:
+    """The CPU the build targets (-march=native): model name and flags from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [l for l in f if l.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def build(directory: str | None = None, compiler: str | None = None) -> str:
+    """Compiles the kernel library if no build of this source, compiler flags, jaxlib and CPU
+    is cached yet; returns its path. Raises RuntimeError naming the problem."""
+    import jaxlib
+
+    compiler = compiler or os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
+                                     jaxlib.__version__.encode(), _cpu_id().encode()])).hexdigest()[:16]
+    directory = directory or cache_dir()
+    path = os.path.join(directory, f"cpu_kernels-{key}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)  # one per process: builds may race
+    os.close(fd)
+    try:
+        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            first = next((l for l in done.stderr.splitlines() if "error" in l), done.stderr.strip()[:200])
+            raise RuntimeError(f"{compiler} failed on {os.path.basename(SOURCE)}: {first}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def available() -> bool:
+    """The kernels are built, loaded and registered with XLA for the CPU (builds on the first
+    call; False, with one warning, where that fails or DSJAX_CPU_KERNELS=0)."""
+    if os.environ.get("DSJAX_CPU_KERNELS", "1") == "0":
+        return False
+    if "lib" in _state:
+        return True
+    if "error" in _state:
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(build())
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.DsjaxGatherSwiglu), platform="cpu")
+        _state["lib"] = lib
+        return True
+    except (RuntimeError, OSError) as e:
+        _state["error"] = str(e)
+        warnings.warn(f"dsjax CPU kernels unavailable, XLA's own ops run instead: {e}", RuntimeWarning,
+                      stacklevel=2)
+        return False
+
+
+def gather_swiglu(x, weights, indices, w1, w3, w2):
+    """sum_j weights[n, j] * SwiGLU expert indices[n, j] of x[n], float32, on a CPU.
+
+    x [N, D], weights and indices [N, K], w1 and w3 [E, D, F], w2 [E, F, D]; returns
+    [N, D] float32. Call only where `available()`; no gradient of its own (the gather
+    dispatch's custom VJP gives one)."""
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")(
+        f32(x), f32(weights), jnp.asarray(indices, jnp.int32), f32(w1), f32(w3), f32(w2))

@@ -1,0 +1,108 @@
+"""dsjax/cpu_kernels.py: the native gather-dispatch kernel builds, is what the gather
+dispatch runs in float32 on a CPU, agrees with XLA's loop, rejects a bad expert index, and
+steps aside (with one warning) where it cannot build. The gather dispatch's values and
+gradients against the dense one, over several routings, are in test_moe_dispatch.py."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsjax import cpu_kernels, moe
+
+E, D, F = 6, 40, 24  # D and F not multiples of a vector's 8 floats
+
+
+def _inputs(n: int, k: int, seed: int = 0):
+    keys = jax.random.split(jax.random.key(seed), 6)
+    x = jax.random.normal(keys[0], (n, D))
+    weights = jax.random.uniform(keys[1], (n, k))
+    indices = jax.vmap(lambda key: jax.random.permutation(key, E)[:k])(jax.random.split(keys[2], n))
+    w1, w3 = (0.3 * jax.random.normal(key, (E, D, F)) for key in keys[3:5])
+    w2 = 0.3 * jax.random.normal(keys[5], (E, F, D))
+    return x, weights, indices.astype(jnp.int32), w1, w3, w2
+
+
+def _runs_kernel(fn, *args) -> bool:
+    return cpu_kernels.TARGET in jax.jit(fn).lower(*args).as_text()
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """cpu_kernels' load state, emptied for the test and put back after it."""
+    saved = dict(cpu_kernels._state)
+    cpu_kernels._state.clear()
+    yield
+    cpu_kernels._state.clear()
+    cpu_kernels._state.update(saved)
+
+
+def test_the_kernel_builds_here_and_is_reused(tmp_path, monkeypatch):
+    # The CI machine has a C++ compiler: the kernel must build there, not fall back quietly.
+    assert cpu_kernels.available(), cpu_kernels._state.get("error")
+    path = cpu_kernels.build(str(tmp_path))
+    stamp = (tmp_path / path.split("/")[-1]).stat().st_mtime_ns
+    assert cpu_kernels.build(str(tmp_path)) == path  # cached: not built again
+    assert (tmp_path / path.split("/")[-1]).stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [path.split("/")[-1]]  # no temp file left
+
+
+@pytest.mark.parametrize("n, k", [(1, 4), (5, 2), (8, 3)])
+def test_gather_dispatch_runs_the_kernel_and_matches_the_xla_loop(n, k):
+    args = _inputs(n, k, seed=n)
+    assert _runs_kernel(moe.experts_gather, *args)
+    assert not _runs_kernel(moe._loop_experts, *args)
+    y = jax.jit(moe.experts_gather)(*args)
+    loop = jax.jit(moe._loop_experts)(*args)
+    batched = jax.jit(moe._gathered_swiglu)(*args)
+    np.testing.assert_allclose(y, loop, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, batched, rtol=1e-5, atol=1e-5)
+    # Gradients come from the batched gather's VJP, kernel or not.
+    loss = lambda f: lambda x, weights, w1: (f(x, weights, args[2], w1, *args[4:]) ** 2).sum()
+    grads = jax.jit(jax.grad(loss(moe.experts_gather), (0, 1, 2)))(args[0], args[1], args[3])
+    ref = jax.jit(jax.grad(loss(moe._gathered_swiglu), (0, 1, 2)))(args[0], args[1], args[3])
+    for g, r in zip(grads, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_is_only_for_float32_without_a_multi_device_mesh(monkeypatch):
+    args = _inputs(4, 2)
+    bf16 = [a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a for a in args]
+    assert not _runs_kernel(moe.experts_gather, *bf16)
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    with jax.set_mesh(mesh):
+        assert not _runs_kernel(moe.experts_gather, *args)
+    monkeypatch.setenv("DSJAX_CPU_KERNELS", "0")
+    assert not cpu_kernels.available()
+    assert not _runs_kernel(moe.experts_gather, *args)
+
+
+def test_kernel_rejects_an_expert_index_out_of_range():
+    x, weights, indices, w1, w3, w2 = _inputs(3, 2)
+    assert cpu_kernels.available()
+    bad = indices.at[1, 0].set(E)
+    with pytest.raises(Exception, match=r"expert index is outside \[0, E\)"):
+        jax.block_until_ready(jax.jit(cpu_kernels.gather_swiglu)(x, weights, bad, w1, w3, w2))
+
+
+def test_without_a_compiler_the_dispatch_warns_once_and_keeps_xla(tmp_path, monkeypatch, fresh_state):
+    monkeypatch.setenv("DSJAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "no-such-compiler-dsjax")
+    args = _inputs(4, 2)
+    with pytest.warns(RuntimeWarning, match="no C.. compiler 'no-such-compiler-dsjax'"):
+        assert not cpu_kernels.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: no second warning
+        assert not _runs_kernel(moe.experts_gather, *args)
+    np.testing.assert_allclose(jax.jit(moe.experts_gather)(*args), jax.jit(moe._gathered_swiglu)(*args),
+                               rtol=1e-5, atol=1e-5)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_compile_error_is_named(tmp_path):
+    # `false` stands for a compiler that fails: the error says which tool and source failed.
+    with pytest.raises(RuntimeError, match="false failed on cpu_kernels.cc"):
+        cpu_kernels.build(str(tmp_path), compiler="false")
+    assert list(tmp_path.iterdir()) == []  # the temp output is removed
