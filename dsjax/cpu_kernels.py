@@ -26,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 
 import jax
@@ -36,6 +37,7 @@ TARGET = "dsjax_gather_swiglu"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _state: dict = {}  # "lib" once loaded and registered, or "error": why not
+_lock = threading.Lock()  # one build and one registration per process
 
 
 def cache_dir() -> str:
@@ -89,20 +91,21 @@ def available() -> bool:
     call; False, with one warning, where that fails or DSJAX_CPU_KERNELS=0)."""
     if os.environ.get("DSJAX_CPU_KERNELS", "1") == "0":
         return False
-    if "lib" in _state:
-        return True
-    if "error" in _state:
-        return False
-    try:
-        lib = ctypes.cdll.LoadLibrary(build())
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.DsjaxGatherSwiglu), platform="cpu")
-        _state["lib"] = lib
-        return True
-    except (RuntimeError, OSError) as e:
-        _state["error"] = str(e)
-        warnings.warn(f"dsjax CPU kernels unavailable, XLA's own ops run instead: {e}", RuntimeWarning,
-                      stacklevel=2)
-        return False
+    with _lock:
+        if "lib" in _state:
+            return True
+        if "error" in _state:
+            return False
+        try:
+            lib = ctypes.cdll.LoadLibrary(build())
+            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.DsjaxGatherSwiglu), platform="cpu")
+            _state["lib"] = lib
+            return True
+        except (RuntimeError, OSError) as e:
+            _state["error"] = str(e)
+            warnings.warn(f"dsjax CPU kernels unavailable, XLA's own ops run instead: {e}", RuntimeWarning,
+                          stacklevel=2)
+            return False
 
 
 def gather_swiglu(x, weights, indices, w1, w3, w2):

@@ -235,8 +235,8 @@ def experts_gather(x, weights, indices, w1, w3, w2, fp8: Recipe | None = None):
         raise ValueError("moe_impl='gather' has no FP8 form")
     w1, w3, w2 = (jnp.asarray(w) for w in (w1, w3, w2))  # numpy weights cannot take traced indices
     mesh = jax.sharding.get_abstract_mesh()
-    kernel = (all(a.dtype == jnp.float32 for a in (x, w1, w3, w2)) and (mesh.empty or mesh.size == 1)
-              and cpu_kernels.available())
+    kernel = (jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in (x, w1, w3, w2))
+              and (mesh.empty or mesh.size == 1) and cpu_kernels.available())
     return _looped_swiglu(x, weights, indices, w1, w3, w2, kernel)
 
 
