@@ -30,7 +30,7 @@ def _runs_kernel(fn, *args) -> bool:
 
 
 @pytest.fixture
-def fresh_state(monkeypatch):
+def fresh_state():
     """cpu_kernels' load state, emptied for the test and put back after it."""
     saved = dict(cpu_kernels._state)
     cpu_kernels._state.clear()
@@ -39,7 +39,7 @@ def fresh_state(monkeypatch):
     cpu_kernels._state.update(saved)
 
 
-def test_the_kernel_builds_here_and_is_reused(tmp_path, monkeypatch):
+def test_the_kernel_builds_here_and_is_reused(tmp_path):
     # The CI machine has a C++ compiler: the kernel must build there, not fall back quietly.
     assert cpu_kernels.available(), cpu_kernels._state.get("error")
     path = cpu_kernels.build(str(tmp_path))
