@@ -1,7 +1,8 @@
 """Native CPU kernels, built on first use and called from jitted code as XLA FFI custom calls.
 
 One kernel today, `gather_swiglu` (dsjax/csrc/cpu_kernels.cc): the gather dispatch's
-routed experts for decoding (`moe.experts_gather`, float32). XLA:CPU copies a dynamically
+routed experts for decoding (`moe.experts_gather`, float32), and the layer's shared
+experts with them. XLA:CPU copies a dynamically
 indexed expert's weights into a new buffer before each product and runs the few-row
 products below the memory bandwidth; the kernel reads each chosen expert in place, once a
 step. In one process on `small`'s expert shapes (7 MoE layers, E=24, D=512, F=256), the
@@ -108,12 +109,15 @@ def available() -> bool:
             return False
 
 
-def gather_swiglu(x, weights, indices, w1, w3, w2):
-    """sum_j weights[n, j] * SwiGLU expert indices[n, j] of x[n], float32, on a CPU.
+def gather_swiglu(x, weights, indices, w1, w3, w2, shared=None):
+    """sum_j weights[n, j] * SwiGLU expert indices[n, j] of x[n] (+ the shared experts'
+    SwiGLU of x[n] when `shared` = (s1, s3, s2) is given), float32, on a CPU.
 
-    x [N, D], weights and indices [N, K], w1 and w3 [E, D, F], w2 [E, F, D]; returns
-    [N, D] float32. Call only where `available()`; no gradient of its own (the gather
-    dispatch's custom VJP gives one)."""
+    x [N, D], weights and indices [N, K], w1 and w3 [E, D, F], w2 [E, F, D], s1 and s3
+    [D, Fs], s2 [Fs, D]; returns [N, D] float32. Call only where `available()`; no
+    gradient of its own (the gather dispatch's custom VJP gives one)."""
     f32 = lambda a: jnp.asarray(a, jnp.float32)
+    D = x.shape[-1]
+    s1, s3, s2 = shared if shared is not None else (jnp.zeros((D, 0)), jnp.zeros((D, 0)), jnp.zeros((0, D)))
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")(
-        f32(x), f32(weights), jnp.asarray(indices, jnp.int32), f32(w1), f32(w3), f32(w2))
+        f32(x), f32(weights), jnp.asarray(indices, jnp.int32), f32(w1), f32(w3), f32(w2), f32(s1), f32(s3), f32(s2))

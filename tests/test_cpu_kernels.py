@@ -106,3 +106,70 @@ def test_a_compile_error_is_named(tmp_path):
     with pytest.raises(RuntimeError, match="false failed on cpu_kernels.cc"):
         cpu_kernels.build(str(tmp_path), compiler="false")
     assert list(tmp_path.iterdir()) == []  # the temp output is removed
+
+
+def _shared(seed: int = 7, hidden: int = 16):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return (0.3 * jax.random.normal(keys[0], (D, hidden)), 0.3 * jax.random.normal(keys[1], (D, hidden)),
+            0.3 * jax.random.normal(keys[2], (hidden, D)))
+
+
+@pytest.mark.parametrize("n, k", [(1, 4), (6, 2)])
+def test_shared_experts_run_in_the_kernel_with_their_gradients(n, k):
+    x, weights, indices, w1, w3, w2 = _inputs(n, k, seed=n)
+    s1, s3, s2 = _shared()
+
+    def ref(x, weights, w1, s1, s3, s2):
+        return moe._gathered_swiglu(x, weights, indices, w1, w3, w2) + moe._swiglu(x, s1, s3, s2)
+
+    def fused(x, weights, w1, s1, s3, s2):
+        return moe.experts_gather(x, weights, indices, w1, w3, w2, shared=(s1, s3, s2))
+
+    args = (x, weights, w1, s1, s3, s2)
+    assert jax.jit(fused).lower(*args).as_text().count(cpu_kernels.TARGET) == 1
+    np.testing.assert_allclose(jax.jit(fused)(*args), jax.jit(ref)(*args), rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda *a: (f(*a) ** 2).sum()
+    grads = jax.jit(jax.grad(loss(fused), range(6)))(*args)
+    ref_grads = jax.jit(jax.grad(loss(ref), range(6)))(*args)
+    for g, r in zip(grads, ref_grads):  # through dy = 2y: the forward's rounding, doubled
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_a_decoding_moe_layer_runs_its_shared_experts_in_the_kernel(monkeypatch):
+    # A few tokens pick the gather dispatch; the layer then hands its shared-experts MLP to
+    # the kernel (no separate shared-expert products), and its output and gradients equal
+    # the unfused layer's (the kernel switched off).
+    from dsjax.config import load_model_config
+
+    cfg = load_model_config("tiny")
+    assert cfg.n_shared_experts and cfg.moe_dispatch(tokens=2) == "gather"
+    layer = moe.MoE(cfg)
+    x = jax.random.normal(jax.random.key(1), (2, 1, cfg.hidden_size))
+    variables = layer.init(jax.random.key(0), x)
+
+    def run(v, x):
+        y, _, _ = layer.apply(v, x)
+        return (y ** 2).sum(), y
+
+    def products(v, x):  # the forward's dot_generals and kernel calls
+        text = jax.jit(lambda v, x: run(v, x)).lower(v, x).as_text()  # a fresh trace
+        return text.count("stablehlo.dot_general"), text.count(cpu_kernels.TARGET)
+
+    fused = jax.jit(jax.value_and_grad(run, has_aux=True))
+    (_, y), grads = fused(variables, x)
+    dots, calls = products(variables, x)
+    monkeypatch.setenv("DSJAX_CPU_KERNELS", "0")
+    plain = jax.jit(jax.value_and_grad(run, has_aux=True))
+    (_, y0), grads0 = plain(variables, x)
+    plain_dots, plain_calls = products(variables, x)
+    assert (calls, plain_calls) == (1, 0)
+    assert dots == 1 and plain_dots >= 1 + 3  # the router's; without the kernel, + the shared MLP's 3
+    np.testing.assert_allclose(y, y0, rtol=1e-5, atol=1e-6)
+    for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
+        np.testing.assert_allclose(g, g0, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_experts_are_refused_where_the_kernel_does_not_run(monkeypatch):
+    monkeypatch.setenv("DSJAX_CPU_KERNELS", "0")
+    with pytest.raises(ValueError, match="fused only where the native kernel runs"):
+        moe.experts_gather(*_inputs(2, 2), shared=_shared())

@@ -3,18 +3,21 @@
 // XLA:CPU runs such few-row products below the machine's memory bandwidth.
 //
 // DsjaxGatherSwiglu: the gather dispatch's routed experts (dsjax/moe.py:experts_gather),
+// and the layer's shared experts with them when given,
 //   y[n] = sum_j c[n, j] * W2[e]^T (silu(W1[e]^T x[n]) * W3[e]^T x[n]),  e = idx[n, j]
+//          + S2^T (silu(S1^T x[n]) * S3^T x[n])
 //
 // x [N, D], c [N, K] and idx [N, K] (int32) as the router gives them, w1 and w3 [E, D, F],
-// w2 [E, F, D], y [N, D], all float32 and row-major. XLA:CPU also copies a dynamically
-// indexed expert (w1[e]) into a new buffer before its dot. Here each chosen expert's three
-// matrices are read in place, once per step, row by row, whatever the number of token
-// copies routed to it: the rows of W1[e] and W3[e] stream past the copies' accumulators
-// (in L1), then those of W2[e]. (Splitting an expert's columns between threads, or
-// unrolling over rows, measured slower here: strided reads.) The
-// distinct chosen experts are the work items, shared by the calling thread and XLA's
-// intra-op thread pool; each writes its copies' rows of a [N*K, D] buffer, which the
-// calling thread sums with the router weights in order j = 0..K-1 (deterministic).
+// w2 [E, F, D], s1 and s3 [D, Fs], s2 [Fs, D] (Fs = 0: no shared experts), y [N, D], all
+// float32 and row-major. XLA:CPU copies a dynamically indexed expert (w1[e]) into a new
+// buffer before its dot. Here each chosen expert's three matrices are read in place, once
+// per step, row by row, whatever the number of token copies routed to it: the rows of
+// W1[e] and W3[e] stream past the copies' accumulators (in L1), then those of W2[e].
+// (Splitting an expert's columns between threads, or unrolling over rows, measured slower
+// here: strided reads.) The distinct chosen experts, and the shared experts, are the work
+// items, shared by the calling thread and XLA's intra-op thread pool; each writes its own
+// rows of a buffer, which the calling thread sums with the router weights in order
+// j = 0..K-1 (deterministic).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -34,21 +37,27 @@ struct Plan {
   const float* w1;
   const float* w3;
   const float* w2;
-  int64_t K, D, F;
+  const float* s1;  // the shared experts' SwiGLU, run on every token as one more work item
+  const float* s3;
+  const float* s2;
+  int64_t K, D, F, Fs;
   std::vector<int32_t> expert;  // the distinct chosen experts, ascending
   std::vector<int64_t> start;   // copies of expert[g]: order[start[g] .. start[g + 1])
   std::vector<int64_t> order;   // copy ids n * K + j, sorted by expert
+  std::vector<int64_t> token;   // order[i] / K: the token of each sorted copy
+  std::vector<int64_t> iota;    // 0 .. N-1: the shared experts' rows
   std::vector<float> ys;        // [N * K, D]: each copy's expert output
+  std::vector<float> shared;    // [N, D]: the shared experts' output
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
 
-void RunExpert(Plan& p, int64_t g) {
-  const int64_t D = p.D, F = p.F, e = p.expert[g];
-  const int64_t first = p.start[g], rows = p.start[g + 1] - first;
-  const float* __restrict w1 = p.w1 + e * D * F;
-  const float* __restrict w3 = p.w3 + e * D * F;
-  const float* __restrict w2 = p.w2 + e * F * D;
+// rows of x (tokens token[0..rows)) through the SwiGLU w2^T (silu(w1^T x) * w3^T x), with
+// w1 and w3 [D, F] and w2 [F, D]; row r's output goes to out + slot[r] * D.
+void Swiglu(const Plan& p, const float* __restrict w1, const float* __restrict w3,
+            const float* __restrict w2, int64_t F, int64_t rows, const int64_t* token,
+            const int64_t* slot, float* out) {
+  const int64_t D = p.D;
   thread_local std::vector<float> scratch;
   scratch.assign(2 * rows * F, 0.0f);
   float* __restrict h1 = scratch.data();
@@ -57,7 +66,7 @@ void RunExpert(Plan& p, int64_t g) {
     const float* __restrict a = w1 + d * F;
     const float* __restrict b = w3 + d * F;
     for (int64_t r = 0; r < rows; ++r) {
-      const float xv = p.x[(p.order[first + r] / p.K) * D + d];
+      const float xv = p.x[token[r] * D + d];
       float* __restrict u = h1 + r * F;
       float* __restrict v = h3 + r * F;
       for (int64_t f = 0; f < F; ++f) {
@@ -71,32 +80,46 @@ void RunExpert(Plan& p, int64_t g) {
     h1[i] = u / (1.0f + std::exp(-u)) * h3[i];
   }
   for (int64_t r = 0; r < rows; ++r) {
-    float* __restrict y = p.ys.data() + p.order[first + r] * D;
+    float* __restrict y = out + slot[r] * D;
     std::fill(y, y + D, 0.0f);
   }
   for (int64_t f = 0; f < F; ++f) {
     const float* __restrict w = w2 + f * D;
     for (int64_t r = 0; r < rows; ++r) {
       const float hv = h1[r * F + f];
-      float* __restrict y = p.ys.data() + p.order[first + r] * D;
+      float* __restrict y = out + slot[r] * D;
       for (int64_t d = 0; d < D; ++d) y[d] += hv * w[d];
     }
   }
 }
 
-void Work(Plan& p) {
-  const int64_t n = static_cast<int64_t>(p.expert.size());
+// Item g < G: the copies of chosen expert g; item G (with shared experts): every token.
+void RunItem(Plan& p, int64_t g) {
+  const int64_t G = static_cast<int64_t>(p.expert.size());
+  if (g == G) {
+    const int64_t N = static_cast<int64_t>(p.iota.size());
+    Swiglu(p, p.s1, p.s3, p.s2, p.Fs, N, p.iota.data(), p.iota.data(), p.shared.data());
+    return;
+  }
+  const int64_t D = p.D, F = p.F, e = p.expert[g], first = p.start[g];
+  Swiglu(p, p.w1 + e * D * F, p.w3 + e * D * F, p.w2 + e * F * D, F, p.start[g + 1] - first,
+         p.token.data() + first, p.order.data() + first, p.ys.data());
+}
+
+void Work(Plan& p, int64_t n) {
   for (int64_t g = p.next.fetch_add(1); g < n; g = p.next.fetch_add(1)) {
-    RunExpert(p, g);
+    RunItem(p, g);
     p.done.fetch_add(1, std::memory_order_release);
   }
 }
 
 ffi::Error GatherSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> c,
                         ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w1, ffi::Buffer<ffi::F32> w3,
-                        ffi::Buffer<ffi::F32> w2, ffi::ResultBuffer<ffi::F32> y) {
+                        ffi::Buffer<ffi::F32> w2, ffi::Buffer<ffi::F32> s1, ffi::Buffer<ffi::F32> s3,
+                        ffi::Buffer<ffi::F32> s2, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), cd = c.dimensions(), id = idx.dimensions();
   auto d1 = w1.dimensions(), d3 = w3.dimensions(), d2 = w2.dimensions();
+  auto e1 = s1.dimensions(), e3 = s3.dimensions(), e2 = s2.dimensions();
   if (xd.size() != 2 || cd.size() != 2 || id.size() != 2 || d1.size() != 3 || d3.size() != 3 ||
       d2.size() != 3)
     return ffi::Error::InvalidArgument("gather_swiglu: x, c, idx must be 2-D and w1, w3, w2 3-D");
@@ -105,6 +128,11 @@ ffi::Error GatherSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       d3[2] != F || d2[0] != E || d2[1] != F || d2[2] != D)
     return ffi::Error::InvalidArgument("gather_swiglu: shapes disagree (x [N,D], c and idx [N,K], "
                                        "w1 and w3 [E,D,F], w2 [E,F,D])");
+  if (e1.size() != 2 || e3.size() != 2 || e2.size() != 2 || e1[0] != D || e3[0] != D || e2[1] != D ||
+      e3[1] != e1[1] || e2[0] != e1[1])
+    return ffi::Error::InvalidArgument("gather_swiglu: the shared experts must be s1 and s3 [D,Fs], "
+                                       "s2 [Fs,D] (Fs = 0: none)");
+  const int64_t Fs = e1[1];
   const int32_t* ids = idx.typed_data();
   for (int64_t i = 0; i < N * K; ++i)
     if (ids[i] < 0 || ids[i] >= E)
@@ -116,6 +144,10 @@ ffi::Error GatherSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   p.w1 = w1.typed_data();
   p.w3 = w3.typed_data();
   p.w2 = w2.typed_data();
+  p.s1 = s1.typed_data();
+  p.s3 = s3.typed_data();
+  p.s2 = s2.typed_data();
+  p.Fs = Fs;
   p.K = K;
   p.D = D;
   p.F = F;
@@ -131,22 +163,32 @@ ffi::Error GatherSwiglu(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   p.start.push_back(N * K);
   p.order.resize(N * K);
   for (int64_t i = 0; i < N * K; ++i) p.order[count[ids[i]]++] = i;
+  p.token.resize(N * K);
+  for (int64_t i = 0; i < N * K; ++i) p.token[i] = p.order[i] / K;
   p.ys.resize(N * K * D);
+  if (Fs > 0) {
+    p.iota.resize(N);
+    for (int64_t n = 0; n < N; ++n) p.iota[n] = n;
+    p.shared.resize(N * D);
+  }
 
-  const int64_t items = static_cast<int64_t>(p.expert.size());
+  const int64_t items = static_cast<int64_t>(p.expert.size()) + (Fs > 0 && N > 0 ? 1 : 0);
   // Helpers hold the plan: one that starts after the work is gone touches nothing freed.
   // With the calling thread, as many workers as the pool has threads (one more, on a
   // 2-core machine, made batch-1 calls about 12% slower: three threads on two cores).
   const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, items - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([plan] { Work(*plan); });
-  Work(p);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([plan, items] { Work(*plan, items); });
+  Work(p, items);
   while (p.done.load(std::memory_order_acquire) < items) std::this_thread::yield();
 
   const float* cw = c.typed_data();
   float* out = y->typed_data();
   for (int64_t n = 0; n < N; ++n) {
     float* o = out + n * D;
-    std::fill(o, o + D, 0.0f);
+    if (Fs > 0)
+      std::copy(p.shared.data() + n * D, p.shared.data() + (n + 1) * D, o);
+    else
+      std::fill(o, o + D, 0.0f);
     for (int64_t j = 0; j < K; ++j) {
       const float w = cw[n * K + j];
       const float* s = p.ys.data() + (n * K + j) * D;
@@ -164,6 +206,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DsjaxGatherSwiglu, GatherSwiglu,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
