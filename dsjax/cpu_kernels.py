@@ -11,7 +11,8 @@ against 16.9 ms at batch 8 (21 and 26 GB/s of chosen-expert weights).
 
 The source is compiled once per machine with the C++ compiler (`$CXX`, else `c++`) against
 JAX's FFI headers (`jax.ffi.include_dir()`), `-O3 -march=native`, into
-`$DSJAX_CACHE_DIR` (default `~/.cache/dsjax`), under a name that hashes the source, the
+`$DSJAX_CACHE_DIR` (default `~/.cache/dsjax`, or the temp directory where the home
+cannot be written), under a name that hashes the source, the
 flags, jaxlib's version and the CPU; a few seconds the first time, a load afterwards.
 Where that fails (no compiler, say), `available()` is False, a warning names the reason
 once, and the callers keep their XLA form: the kernels are speed, never a requirement.
@@ -42,7 +43,18 @@ _lock = threading.Lock()  # one build and one registration per process
 
 
 def cache_dir() -> str:
-    return os.environ.get("DSJAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "dsjax")
+    """$DSJAX_CACHE_DIR, else ~/.cache/dsjax, else (a home that cannot be written) a
+    directory of this user's under the system's temp directory."""
+    if os.environ.get("DSJAX_CACHE_DIR"):
+        return os.environ["DSJAX_CACHE_DIR"]
+    home = os.path.join(os.path.expanduser("~"), ".cache", "dsjax")
+    try:
+        os.makedirs(home, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    return os.path.join(tempfile.gettempdir(), f"dsjax-{os.getuid() if hasattr(os, 'getuid') else 'user'}")
 
 
 def _cpu_id() -> str:

@@ -3,6 +3,8 @@ dispatch runs in float32 on a CPU, agrees with XLA's loop, rejects a bad expert 
 steps aside (with one warning) where it cannot build. The gather dispatch's values and
 gradients against the dense one, over several routings, are in test_moe_dispatch.py."""
 
+import os
+import tempfile
 import warnings
 
 import jax
@@ -47,6 +49,17 @@ def test_the_kernel_builds_here_and_is_reused(tmp_path):
     assert cpu_kernels.build(str(tmp_path)) == path  # cached: not built again
     assert (tmp_path / path.split("/")[-1]).stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [path.split("/")[-1]]  # no temp file left
+
+
+def test_the_cache_falls_back_to_the_temp_directory_when_home_cannot_hold_it(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.write_text("")  # a file: no ~/.cache under it, whoever runs the test
+    monkeypatch.delenv("DSJAX_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert os.path.dirname(cpu_kernels.cache_dir()) == str(tmp_path / "tmp")
+    monkeypatch.setenv("DSJAX_CACHE_DIR", str(tmp_path / "mine"))
+    assert cpu_kernels.cache_dir() == str(tmp_path / "mine")
 
 
 @pytest.mark.parametrize("n, k", [(1, 4), (5, 2), (8, 3)])
