@@ -163,18 +163,28 @@ def _gathered_swiglu(x, weights, indices, w1, w3, w2):
     return ys.reshape(N, k, -1).sum(1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _looped_swiglu(x, weights, indices, w1, w3, w2, kernel: bool = False):
+def _swiglu(x, s1, s3, s2):
+    return (nn.silu(x @ s1) * (x @ s3)) @ s2
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _looped_swiglu(x, weights, indices, w1, w3, w2, s1, s3, s2, kernel: bool = False):
     """The gather dispatch as a loop over the experts the token copies chose, in expert
     order: each chosen expert's three weights are sliced out once (read from memory once)
     and its copies run through them as matrix-vector products, so a call reads only the
-    chosen experts, and computes only the routed copies. With `kernel`, on a CPU, the
-    native kernel does the same without copying the slices (`cpu_kernels.gather_swiglu`)."""
+    chosen experts, and computes only the routed copies; plus the shared experts' SwiGLU
+    (s1, s3 [D, Fs], s2 [Fs, D]; Fs = 0: none). With `kernel`, on a CPU, the native kernel
+    does both without copying the slices (`cpu_kernels.gather_swiglu`)."""
+
+    def xla(x, c, i, w1, w3, w2, s1, s3, s2):
+        y = _loop_experts(x, c, i, w1, w3, w2)
+        return y + _swiglu(x, s1, s3, s2) if s1.shape[1] else y
+
+    args = (x, weights, indices, w1, w3, w2, s1, s3, s2)
     if kernel:
         return jax.lax.platform_dependent(
-            x, weights, indices, w1, w3, w2,
-            cpu=lambda *a: cpu_kernels.gather_swiglu(*a).astype(x.dtype), default=_loop_experts)
-    return _loop_experts(x, weights, indices, w1, w3, w2)
+            *args, cpu=lambda *a: cpu_kernels.gather_swiglu(*a[:6], a[6:]).astype(x.dtype), default=xla)
+    return xla(*args)
 
 
 def _loop_experts(x, weights, indices, w1, w3, w2):
@@ -204,50 +214,25 @@ def _loop_experts(x, weights, indices, w1, w3, w2):
     return jax.lax.while_loop(lambda c: c[0] < chosen, expert_step, (0, out))[1].astype(x.dtype)
 
 
-def _looped_swiglu_fwd(x, weights, indices, w1, w3, w2, kernel):
-    return _looped_swiglu(x, weights, indices, w1, w3, w2, kernel), (x, weights, indices, w1, w3, w2)
+def _looped_swiglu_fwd(x, weights, indices, w1, w3, w2, s1, s3, s2, kernel):
+    res = (x, weights, indices, w1, w3, w2, s1, s3, s2)
+    return _looped_swiglu(*res, kernel), res
 
 
 def _looped_swiglu_bwd(kernel, res, dy):
-    x, weights, indices, w1, w3, w2 = res
-    _, vjp = jax.vjp(lambda x, weights, w1, w3, w2: _gathered_swiglu(x, weights, indices, w1, w3, w2),
-                     x, weights, w1, w3, w2)
-    dx, dweights, d1, d3, d2 = vjp(dy)
-    return dx, dweights, None, d1, d3, d2
-
-
-_looped_swiglu.defvjp(_looped_swiglu_fwd, _looped_swiglu_bwd)
-
-
-def _swiglu(x, s1, s3, s2):
-    return (nn.silu(x @ s1) * (x @ s3)) @ s2
-
-
-@jax.custom_vjp
-def _fused_swiglu(x, weights, indices, w1, w3, w2, s1, s3, s2):
-    """The gather dispatch and the layer's shared experts (s1, s3 [D, Fs], s2 [Fs, D]) in
-    one native call on a CPU, float32 (`cpu_kernels.gather_swiglu`); the gradient is that
-    of the batched gather plus the shared MLP's."""
-    return jax.lax.platform_dependent(
-        x, weights, indices, w1, w3, w2, s1, s3, s2,
-        cpu=lambda x, c, i, w1, w3, w2, s1, s3, s2: cpu_kernels.gather_swiglu(
-            x, c, i, w1, w3, w2, (s1, s3, s2)).astype(x.dtype),
-        default=lambda x, c, i, w1, w3, w2, s1, s3, s2: _loop_experts(x, c, i, w1, w3, w2) + _swiglu(x, s1, s3, s2))
-
-
-def _fused_swiglu_fwd(x, weights, indices, w1, w3, w2, s1, s3, s2):
-    return _fused_swiglu(x, weights, indices, w1, w3, w2, s1, s3, s2), (x, weights, indices, w1, w3, w2, s1, s3, s2)
-
-
-def _fused_swiglu_bwd(res, dy):
+    """The batched gather's gradient (`_gathered_swiglu`), plus the shared MLP's."""
     x, weights, indices, w1, w3, w2, s1, s3, s2 = res
-    _, vjp = jax.vjp(lambda x, c, w1, w3, w2, s1, s3, s2: _gathered_swiglu(x, c, indices, w1, w3, w2)
-                     + _swiglu(x, s1, s3, s2), x, weights, w1, w3, w2, s1, s3, s2)
+
+    def f(x, c, w1, w3, w2, s1, s3, s2):
+        y = _gathered_swiglu(x, c, indices, w1, w3, w2)
+        return y + _swiglu(x, s1, s3, s2) if s1.shape[1] else y
+
+    _, vjp = jax.vjp(f, x, weights, w1, w3, w2, s1, s3, s2)
     dx, dweights, d1, d3, d2, ds1, ds3, ds2 = vjp(dy)
     return dx, dweights, None, d1, d3, d2, ds1, ds3, ds2
 
 
-_fused_swiglu.defvjp(_fused_swiglu_fwd, _fused_swiglu_bwd)
+_looped_swiglu.defvjp(_looped_swiglu_fwd, _looped_swiglu_bwd)
 
 
 def gather_kernel_applies(*arrays) -> bool:
@@ -279,12 +264,13 @@ def experts_gather(x, weights, indices, w1, w3, w2, fp8: Recipe | None = None, s
         raise ValueError("moe_impl='gather' has no FP8 form")
     w1, w3, w2 = (jnp.asarray(w) for w in (w1, w3, w2))  # numpy weights cannot take traced indices
     kernel = gather_kernel_applies(x, w1, w3, w2)
-    if shared is not None:
-        if not kernel:
-            raise ValueError("experts_gather: shared experts are fused only where the native kernel runs "
-                             "(gather_kernel_applies)")
-        return _fused_swiglu(x, weights, indices, w1, w3, w2, *(jnp.asarray(w) for w in shared))
-    return _looped_swiglu(x, weights, indices, w1, w3, w2, kernel)
+    if shared is not None and not kernel:
+        raise ValueError("experts_gather: shared experts are fused only where the native kernel runs "
+                         "(gather_kernel_applies)")
+    D = x.shape[-1]
+    s1, s3, s2 = (jnp.asarray(w) for w in shared) if shared is not None else (
+        jnp.zeros((D, 0), x.dtype), jnp.zeros((D, 0), x.dtype), jnp.zeros((0, D), x.dtype))
+    return _looped_swiglu(x, weights, indices, w1, w3, w2, s1, s3, s2, kernel)
 
 
 def block_rows(copies: int, experts: int) -> int:
