@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from dsjax.layers import rows_kernel_applies
 from dsjax.model import Transformer, decode_weights, init_cache, to_layout
 
 
@@ -174,21 +175,28 @@ def _replicated(tree):
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, PartitionSpec()), tree)
 
 
-def _in_place(model: Transformer, variables):
+def _in_place(model: Transformer, variables, rows: int = 1):
     """`model` and `variables` in the weight layout that decoding reads in place: where
     the layers run unrolled, 'layers' (`to_layout`: one copy of the layers' weights, made
     before the decoding loop), so that a step does not copy each weight out of the stacks;
-    and, for absorbed MLA, the head-major copy of each wkv_b (`decode_weights`)."""
-    if model.layout == "stacked" and model.cfg.unroll_layers():
+    for absorbed MLA, the head-major copy of each wkv_b; and where a step's `rows` (batch x
+    tokens per step) run through the native few-row kernel, the transposed weights it reads
+    (`decode_weights`)."""
+    cfg = model.cfg
+    if model.layout == "stacked" and cfg.unroll_layers():
         model, variables = model.clone(layout="layers"), to_layout(variables, "layers")
-    if model.cfg.attn_impl == "absorb":
-        variables = {**variables, "decode_weights": decode_weights(variables["params"])}
+    absorbed = cfg.attn_impl == "absorb"
+    transposed = cfg.precision != "fp8" and rows_kernel_applies(rows, cfg.dtype)
+    if absorbed or transposed:
+        extra = decode_weights(variables["params"], absorbed=absorbed, transposed=transposed)
+        variables = {**variables, "decode_weights": extra}
     return model, variables
 
 
-def _decoder(model: Transformer, variables):
-    """The decode-mode model and its variables, in the layout of `_in_place`."""
-    model, variables = _in_place(model, variables)
+def _decoder(model: Transformer, variables, rows: int = 1):
+    """The decode-mode model and its variables, in the layout of `_in_place`, for steps of
+    `rows` rows."""
+    model, variables = _in_place(model, variables, rows)
     return model.clone(decode=True), variables
 
 
@@ -217,7 +225,7 @@ def _plain(model, variables, prompts, lengths, rng, temperature, *, max_new_toke
            stop_tokens):
     B, P = prompts.shape
     N = max_new_tokens
-    decoder, variables = _decoder(model, variables)
+    decoder, variables = _decoder(model, variables, rows=B)
     rows = jnp.arange(B)
     out, cache, _ = _prefill(decoder, variables, init_cache(decoder, B, P + N), prompts)
     last = out.logits[rows, lengths - 1]
@@ -250,7 +258,7 @@ def _speculative(model, variables, prompts, lengths, rng, temperature, *, max_ne
                  stop_tokens):
     B, P = prompts.shape
     N = max_new_tokens
-    decoder, variables = _decoder(model, variables)
+    decoder, variables = _decoder(model, variables, rows=2 * B)  # a step verifies 2 tokens a row
     rows = jnp.arange(B)
     out, cache, positions = _prefill(decoder, variables, init_cache(decoder, B, P + N + 2), prompts)
     rng, k0, k1 = jax.random.split(rng, 3)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from dsjax.attention import blockwise_attention, cudnn_or_blockwise
 from dsjax.config import ModelConfig
-from dsjax.layers import RMSNorm, dtype_of, linear, param
+from dsjax.layers import RMSNorm, decode_transposed, dtype_of, linear, matmul, param, rows_kernel_applies
 from dsjax.rope import apply_rope
 
 _NEG_INF = -1e30
@@ -77,22 +77,49 @@ class MLA(nn.Module):
             heads = ("batch", "seq", "heads", "head_dim")
             self.cache_k, self.cache_v = CacheSlot(heads), CacheSlot(heads)
 
-    def queries(self, x: jnp.ndarray, cos, sin) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """x: [B, T, D] -> (q_nope [B, T, H, K], q_pe [B, T, H, R] roped)."""
+    def folded(self, rows: int) -> tuple[jnp.ndarray, jnp.ndarray] | None:
+        """Decoding's copies of the query and output projections with W_UK and W_UV folded
+        in (`dsjax.model.decode_weights`), transposed for the few-row kernel: (query [H *
+        (C + R), q_lora or D], output [D, H * C]), where they exist and a product of `rows`
+        rows runs through that kernel (`layers.rows_kernel_applies`); else None.
+
+        The absorbed attention's per-head products (q_nope W_UK, o_lat W_UV) are batched
+        dots of H tiny matrices, which XLA:CPU ran at about 1 GB/s of weights in a batch-8
+        step; folded, each side is one product with the projection next to it."""
+        if not (self.has_variable("decode_weights", "wq_folded_t")
+                and rows_kernel_applies(rows, dtype_of(self.cfg.dtype))):
+            return None
+        dt = dtype_of(self.cfg.dtype)
+        return tuple(nn.unbox(self.get_variable("decode_weights", k)).astype(dt)
+                     for k in ("wq_folded_t", "wo_folded_t"))
+
+    def queries(self, x: jnp.ndarray, cos, sin, folded=None) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """x: [B, T, D] -> (q_nope [B, T, H, K], q_pe [B, T, H, R] roped). With `folded`
+        (`MLA.folded`'s pair), the first is the latent query q_nope W_UK [B, T, H, C]."""
         cfg = self.cfg
+        wq = None if folded is None else folded[0]
         if cfg.q_lora_rank is None:
-            q = linear(cfg, x, self.wq)  # [B, T, H, K + R]
+            if wq is None:
+                q = linear(cfg, x, self.wq, wt=decode_transposed(self, "wq"))  # [B, T, H, K + R]
+            else:
+                q = matmul(x, wq.T, wq)
         else:
-            c_q = self.q_norm(linear(cfg, x, self.wq_a))
-            q = linear(cfg, c_q, self.wq_b)
+            c_q = self.q_norm(linear(cfg, x, self.wq_a, wt=decode_transposed(self, "wq_a")))
+            if wq is None:
+                q = linear(cfg, c_q, self.wq_b, wt=decode_transposed(self, "wq_b"))
+            else:
+                q = matmul(c_q, wq.T, wq)
+        if wq is not None:  # [B, T, H * (C + R)]
+            q = q.reshape(q.shape[:-1] + (cfg.num_attention_heads, -1))
+        R = cfg.qk_rope_head_dim
         q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "head_dim"))
-        q_nope, q_pe = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
+        q_nope, q_pe = q[..., :-R], q[..., -R:]
         return q_nope, apply_rope(q_pe, cos, sin, cfg.rope_interleave)
 
     def latents(self, x: jnp.ndarray, cos, sin) -> tuple[jnp.ndarray, jnp.ndarray]:
         """x: [B, S, D] -> (c_kv [B, S, C] normalized, k_pe [B, S, R] roped): what MLA caches."""
         cfg = self.cfg
-        kv = linear(cfg, x, self.wkv_a)
+        kv = linear(cfg, x, self.wkv_a, wt=decode_transposed(self, "wkv_a"))
         c_kv = self.kv_norm(kv[..., :cfg.kv_lora_rank])
         k_pe = apply_rope(kv[..., cfg.kv_lora_rank:], cos, sin, cfg.rope_interleave)
         return c_kv, k_pe
@@ -125,15 +152,22 @@ class MLA(nn.Module):
                 probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(dt)
                 o = jnp.einsum("bhts,bshv->bthv", probs, v)
         o = nn.with_logical_constraint(o, ("batch", "seq", "heads", "head_dim"))
-        return linear(self.cfg, o, self.wo, contract=2)
+        return linear(self.cfg, o, self.wo, contract=2, wt=decode_transposed(self, "wo"))
 
-    def attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask, causal: bool = False) -> jnp.ndarray:
+    def attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask, causal: bool = False, folded=None) -> jnp.ndarray:
         """Absorbed attention on the latents (W_UK folded into q, W_UV applied after).
 
         q_nope: [B, T, H, K]; q_pe: [B, T, H, R]; c_kv: [B, S, C]; k_pe: [B, S, R] -> [B, T, D].
+        With `folded` (`MLA.folded`'s pair), q_nope is already the latent query [B, T, H, C]
+        and W_UV comes folded into the output projection.
         """
         dt = dtype_of(self.cfg.dtype)
         K = self.cfg.qk_nope_head_dim
+        if folded is not None:
+            with jax.named_scope("absorbed_attention"):
+                o_lat = self._latent_attention(q_nope, q_pe, c_kv, k_pe, mask, causal)
+            wo = folded[1]
+            return matmul(o_lat.reshape(o_lat.shape[:2] + (-1,)), wo.T, wo)
         # W_UK = wkv_b[..., :K] and W_UV = wkv_b[..., K:] are used in place, not sliced out
         # (a copy of wkv_b per call): the query is zero-padded over the V columns, and the
         # output's first K columns are dropped. Both products are per head, so they read
@@ -147,19 +181,24 @@ class MLA(nn.Module):
         with jax.named_scope("absorbed_attention"):
             q_pad = jnp.pad(q_nope, ((0, 0),) * 3 + ((0, w_heads.shape[-1] - K),))
             q_lat = jnp.einsum("bthk,hck->bthc", q_pad, w_heads)
-            if self.cfg.attention_kernel(q_nope.shape[1], absorbed=True) == "blockwise":
-                # one shared key head [c_kv, k_pe] and value head c_kv for every query head
-                keys = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], -1)[:, :, None]
-                q_all = jnp.concatenate([q_lat, q_pe.astype(q_lat.dtype)], -1)
-                o_lat = blockwise_attention(q_all, keys, c_kv[:, :, None], mask, self.cfg.softmax_scale,
-                                            causal=causal).astype(dt)
-            else:
-                scores = jnp.einsum("bthc,bsc->bhts", q_lat, c_kv) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
-                probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(dt)
-                o_lat = jnp.einsum("bhts,bsc->bthc", probs, c_kv)
+            o_lat = self._latent_attention(q_lat, q_pe, c_kv, k_pe, mask, causal)
             o = jnp.einsum("bthc,hcv->bthv", o_lat, w_heads)[..., K:]
         o = nn.with_logical_constraint(o, ("batch", "seq", "heads", "head_dim"))
-        return linear(self.cfg, o, self.wo, contract=2)
+        return linear(self.cfg, o, self.wo, contract=2, wt=decode_transposed(self, "wo"))
+
+    def _latent_attention(self, q_lat, q_pe, c_kv, k_pe, mask, causal: bool) -> jnp.ndarray:
+        """q_lat [B, T, H, C], q_pe [B, T, H, R] against the latents c_kv [B, S, C] and k_pe
+        [B, S, R] -> o_lat [B, T, H, C]: one shared key head [c_kv, k_pe] and value head c_kv
+        for every query head."""
+        dt = dtype_of(self.cfg.dtype)
+        if self.cfg.attention_kernel(q_lat.shape[1], absorbed=True) == "blockwise":
+            keys = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], -1)[:, :, None]
+            q_all = jnp.concatenate([q_lat, q_pe.astype(q_lat.dtype)], -1)
+            return blockwise_attention(q_all, keys, c_kv[:, :, None], mask, self.cfg.softmax_scale,
+                                       causal=causal).astype(dt)
+        scores = jnp.einsum("bthc,bsc->bhts", q_lat, c_kv) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
+        probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(dt)
+        return jnp.einsum("bhts,bsc->bthc", probs, c_kv)
 
     def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray | None,
                  positions: jnp.ndarray | None = None, decode: bool = False) -> jnp.ndarray:
@@ -172,14 +211,15 @@ class MLA(nn.Module):
         and V [B, S, H, V]."""
         cfg = self.cfg
         x = x.astype(dtype_of(cfg.dtype))
-        q_nope, q_pe = self.queries(x, cos, sin)
+        folded = self.folded(x.shape[0] * x.shape[1]) if cfg.attn_impl == "absorb" else None
+        q_nope, q_pe = self.queries(x, cos, sin, folded)
         c_kv, k_pe = self.latents(x, cos, sin)
         cache_mask = lambda S: jnp.arange(S)[None, None, :] <= positions[:, :, None]  # [B, T, S]
         if cfg.attn_impl == "absorb":
             if decode:
                 c_kv, k_pe = self.cache_c_kv(c_kv, positions), self.cache_k_pe(k_pe, positions)
                 mask = cache_mask(c_kv.shape[1])
-            return self.attend_latent(q_nope, q_pe, c_kv, k_pe, mask, causal=not decode)
+            return self.attend_latent(q_nope, q_pe, c_kv, k_pe, mask, causal=not decode, folded=folded)
         k, v = self.expand(c_kv, k_pe)
         if decode:
             k, v = self.cache_k(k, positions), self.cache_v(v, positions)

@@ -9,6 +9,7 @@ sequence-wise balance-loss term per MoE layer, so training needs no mutable coll
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
 from dsjax.block import Block
-from dsjax.layers import RMSNorm, dtype_of, matmul, param
+from dsjax.layers import RMSNorm, decode_transposed, dtype_of, matmul, param
 from dsjax.mtp import MTP
 from dsjax.rope import rope_tables
 
@@ -122,12 +123,38 @@ def to_layout(variables: dict, layout: str) -> dict:
     return {name: split(tree) for name, tree in variables.items()}
 
 
-def decode_weights(params) -> dict:
-    """The `decode_weights` collection for `params` (any layout): each MLA block's wkv_b
-    [C, H, K + V] copied head-major as `wkv_b_heads` [H, C, K + V] (stacked layers keep
-    their leading axis), the layout the absorbed attention's per-head products read
-    without a copy. `dsjax.generate` makes it once per call, outside its decoding loop,
-    since XLA does not hoist the transposes out of the loop itself."""
+# Weights of the few-row products a decode step runs through `layers.matmul`'s kernel:
+# {name: dimensions contracted}, in an attention block ('attn'), a dense MLP (an 'ffn'
+# without a router), an MTP module, and the output head.
+_TRANSPOSED_ATTN = {"wq": 1, "wq_a": 1, "wq_b": 1, "wkv_a": 1, "wo": 2}
+_TRANSPOSED_MLP = {"w1": 1, "w3": 1, "w2": 1}
+_FOLDED = ("wq", "wq_b", "wo")  # absorbed MLA decodes with these folded (`wq_folded_t`, `wo_folded_t`)
+_BASE_NDIM = {"wq": 3, "wq_a": 2, "wq_b": 3, "wkv_a": 2, "wo": 3, "w1": 2, "w3": 2, "w2": 2, "eh_proj": 2, "head": 2}
+
+
+def decode_weights(params, absorbed: bool = True, transposed: bool = False) -> dict:
+    """The `decode_weights` collection for `params` (any layout; stacked layers keep their
+    leading axis). `dsjax.generate` makes it once per call, outside its decoding loop,
+    since XLA does not hoist the transposes out of the loop itself.
+
+    `absorbed`: each MLA block's wkv_b [C, H, K + V] copied head-major as `wkv_b_heads`
+    [H, C, K + V], the layout the absorbed attention's per-head products read without a
+    copy. `transposed`: each projection, dense MLP matrix, MTP input projection and the
+    output head as `<name>_t` [N, K] (the weight [K..., N...] flattened and transposed;
+    the tied embedding is the head's as it is), which `layers.matmul` hands to the native
+    few-row kernel (`layers.rows_kernel_applies`). The transposed copies take as much
+    memory again as those weights, for the call.
+    """
+
+    def flat_t(x, name, contract):
+        value = x.value if _boxed(x) else x
+        lead = value.shape[:value.ndim - _BASE_NDIM[name]]
+        dims = value.shape[len(lead):]
+        k = math.prod(dims[:contract])
+        t = jnp.swapaxes(value.reshape(lead + (k, math.prod(dims[contract:]))), -1, -2)
+        if _boxed(x):
+            return x.replace(value=t, names=tuple(x.names[:len(lead)]) + (None, None))
+        return t
 
     def heads_major(x):
         n = (x.value if _boxed(x) else x).ndim
@@ -136,18 +163,60 @@ def decode_weights(params) -> dict:
             return x.replace(value=jnp.transpose(x.value, perm), names=tuple(x.names[i] for i in perm))
         return jnp.transpose(x, perm)
 
-    def walk(tree):
+    def walk(tree, parent=None):
         out = {}
+        mlp = parent == "ffn" and "gate" not in tree  # a dense layer's MLP, not a MoE layer's
         for key, sub in tree.items():
-            if key == "wkv_b":
+            if key == "wkv_b" and absorbed:
                 out["wkv_b_heads"] = heads_major(sub)
             elif isinstance(sub, Mapping):
-                found = walk(sub)
+                found = walk(sub, key)
+                if found:
+                    out[key] = found
+            elif transposed and parent == "attn" and key in _TRANSPOSED_ATTN and not (absorbed and key in _FOLDED):
+                out[key + "_t"] = flat_t(sub, key, _TRANSPOSED_ATTN[key])
+            elif transposed and mlp and key in _TRANSPOSED_MLP:
+                out[key + "_t"] = flat_t(sub, key, 1)
+            elif transposed and key == "eh_proj":
+                out[key + "_t"] = flat_t(sub, key, 1)
+        return out
+
+    def folds(attn):
+        """W_UK folded into the query projection and W_UV into the output, transposed:
+        wq_folded_t [H * (C + R), q_lora or D] and wo_folded_t [D, H * C]."""
+        val = lambda x: (x.value if _boxed(x) else x).astype(jnp.float32)  # noqa: E731 (the kernel's dtype)
+        wkv_b, wo = val(attn["wkv_b"]), val(attn["wo"])
+        wq = val(attn["wq_b"] if "wq_b" in attn else attn["wq"])
+        V = wo.shape[-2]
+        K = wkv_b.shape[-1] - V
+        lead = wo.shape[:-3]
+        q_lat = jnp.einsum("...lhk,...chk->...lhc", wq[..., :K], wkv_b[..., :K])
+        wq_f = jnp.concatenate([q_lat, wq[..., K:]], -1)  # [..., L, H, C + R]
+        wq_f = jnp.swapaxes(wq_f.reshape(wq_f.shape[:-2] + (-1,)), -1, -2)
+        wo_f = jnp.einsum("...chv,...hvd->...hcd", wkv_b[..., K:], wo)  # [..., H, C, D]
+        wo_f = jnp.swapaxes(wo_f.reshape(lead + (-1, wo_f.shape[-1])), -1, -2)
+        return {"wq_folded_t": wq_f, "wo_folded_t": wo_f}
+
+    def walk_folds(tree, out):
+        for key, sub in tree.items():
+            if not isinstance(sub, Mapping):
+                continue
+            if key == "attn" and "wkv_b" in sub:
+                out.setdefault(key, {}).update(folds(sub))
+            else:
+                found = walk_folds(sub, dict(out.get(key, {})))
                 if found:
                     out[key] = found
         return out
 
-    return walk(params)
+    out = walk(params)
+    if transposed and absorbed:
+        out = walk_folds(params, out)
+    if transposed and "head" in params:
+        out["head_t"] = flat_t(params["head"], "head", 1)
+    elif transposed and "embed" in params:
+        out["head_t"] = params["embed"]
+    return out
 
 
 def attention_mask(batch: int, length: int, segment_ids=None) -> jnp.ndarray:
@@ -210,7 +279,8 @@ class Transformer(nn.Module):
         """Normalized hidden [B, T, D] -> float32 logits [B, T, vocab] (shared by MTP)."""
         dt = dtype_of(self.cfg.dtype)
         w = self.embed.T if self.cfg.tie_word_embeddings else self.head
-        logits = matmul(h.astype(dt), w.astype(dt))
+        wt = decode_transposed(self, "head")  # decoding's [vocab, D] copy (the embedding when tied)
+        logits = matmul(h.astype(dt), w.astype(dt), None if wt is None else wt.astype(dt))
         return nn.with_logical_constraint(logits, ("batch", "seq", "vocab")).astype(jnp.float32)
 
     def trunk(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,

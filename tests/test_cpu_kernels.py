@@ -186,3 +186,113 @@ def test_shared_experts_are_refused_where_the_kernel_does_not_run(monkeypatch):
     monkeypatch.setenv("DSJAX_CPU_KERNELS", "0")
     with pytest.raises(ValueError, match="fused only where the native kernel runs"):
         moe.experts_gather(*_inputs(2, 2), shared=_shared())
+
+
+# ---- the few-row product kernel (cpu_kernels.rows_dot, layers.matmul's `wt`) ----
+
+
+def _runs_rows_kernel(fn, *args) -> bool:
+    return cpu_kernels.ROWS_TARGET in jax.jit(fn).lower(*args).as_text()
+
+
+@pytest.mark.parametrize("m, k, n", [(2, 40, 13), (3, 16, 9), (8, 37, 20), (32, 64, 5), (5, 7, 4)])
+def test_rows_dot_matches_numpy(m, k, n):
+    # K not a multiple of the 8-float vector, N not of the 4-row tile, odd M: every tail.
+    x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
+    wt = np.random.default_rng(n).standard_normal((n, k)).astype(np.float32)
+    y = jax.jit(cpu_kernels.rows_dot)(x, wt)
+    np.testing.assert_allclose(y, x.astype(np.float64) @ wt.T.astype(np.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_dot_rejects_operands_that_disagree():
+    with pytest.raises(Exception, match="disagree on K"):
+        jax.block_until_ready(jax.jit(cpu_kernels.rows_dot)(jnp.ones((2, 8)), jnp.ones((3, 9))))
+
+
+def test_matmul_runs_few_rows_through_the_kernel_with_gradients():
+    from dsjax import layers
+
+    keys = jax.random.split(jax.random.key(3), 2)
+    x = jax.random.normal(keys[0], (2, 3, 24))  # 6 rows
+    w = jax.random.normal(keys[1], (24, 10))
+
+    def ours(x, w):
+        return layers.matmul(x, w, w.T)  # the gradient reaches w through its transposed copy
+
+    assert _runs_rows_kernel(ours, x, w)
+    np.testing.assert_allclose(jax.jit(ours)(x, w), x @ w, rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda x, w: (f(x, w) ** 2).sum()  # noqa: E731
+    for g, r in zip(jax.jit(jax.grad(loss(ours), (0, 1)))(x, w), jax.grad(loss(jnp.matmul), (0, 1))(x, w)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+    # One row (XLA's matrix-vector product is at the bandwidth), many rows, bfloat16: XLA.
+    assert not _runs_rows_kernel(ours, x[:1, :1], w)
+    assert not _runs_rows_kernel(ours, jnp.ones((layers.ROWS_KERNEL_MAX + 1, 24)), w)
+    assert not _runs_rows_kernel(ours, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert not _runs_rows_kernel(layers.matmul, x, w)  # no transposed copy given
+
+
+def _tiny_decoding():
+    import dsjax
+    from dsjax.config import load_model_config
+
+    cfg = load_model_config("tiny").replace(attn_impl="absorb")
+    model = dsjax.Transformer(cfg)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    return model, variables
+
+
+def test_decode_weights_fold_the_absorbed_products_and_transpose_the_rest():
+    from flax.core import meta
+
+    from dsjax.model import decode_weights
+
+    model, variables = _tiny_decoding()
+    params = meta.unbox(variables["params"])
+    out = meta.unbox(decode_weights(variables["params"], absorbed=True, transposed=True))
+    attn, dw = params["moe_layers"]["attn"], out["moe_layers"]["attn"]
+    np.testing.assert_array_equal(dw["wq_a_t"], np.swapaxes(attn["wq_a"], -1, -2))
+    mlp, mlp_t = params["dense_layers"]["ffn"], out["dense_layers"]["ffn"]
+    np.testing.assert_array_equal(mlp_t["w2_t"], np.swapaxes(mlp["w2"], -1, -2))
+    np.testing.assert_array_equal(out["head_t"], params["head"].T)
+    assert not {"wq_b_t", "wo_t"} & set(dw)  # folded instead
+    assert "ffn" not in out["moe_layers"]  # routed and shared experts have their own kernel
+    # The folds: q_nope W_UK and (o_lat W_UV) wo as single products, layer 0.
+    cfg = model.cfg
+    H, K, R, C, V = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank,
+                     cfg.v_head_dim)
+    c_q = jax.random.normal(jax.random.key(1), (3, cfg.q_lora_rank))
+    wq_b, wkv_b, wo = attn["wq_b"][0], attn["wkv_b"][0], attn["wo"][0]
+    q = jnp.einsum("bl,lhk->bhk", c_q, wq_b)
+    want = jnp.concatenate([jnp.einsum("bhk,chk->bhc", q[..., :K], wkv_b[..., :K]), q[..., K:]], -1)
+    np.testing.assert_allclose((c_q @ dw["wq_folded_t"][0].T).reshape(3, H, C + R), want, rtol=1e-4, atol=1e-5)
+    o_lat = jax.random.normal(jax.random.key(2), (3, H, C))
+    want = jnp.einsum("bhv,hvd->bd", jnp.einsum("bhc,chv->bhv", o_lat, wkv_b[..., K:]), wo)
+    np.testing.assert_allclose(o_lat.reshape(3, H * C) @ dw["wo_folded_t"][0].T, want, rtol=1e-4, atol=1e-5)
+    assert V == wo.shape[1]
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_generate_with_the_row_kernel_matches_xla(monkeypatch, speculative):
+    import dsjax
+    from dsjax import decoding, layers
+
+    model, variables = _tiny_decoding()
+    prompts = np.random.default_rng(0).integers(2, model.cfg.vocab_size, (3, 16))  # prefill: 48 rows, XLA
+    lengths = np.array([16, 9, 16])
+
+    def run():
+        plain = lambda v: decoding._plain(model, v, jnp.asarray(prompts), jnp.asarray(lengths),  # noqa: E731
+                                          jax.random.key(0), jnp.float32(1.0), max_new_tokens=6, greedy=True,
+                                          top_k=0, top_p=1.0, stop_tokens=())
+        text = jax.jit(plain).lower(variables).as_text()
+        out = dsjax.generate(model, variables, prompts, lengths, max_new_tokens=6, speculative=speculative)
+        return text.count(cpu_kernels.ROWS_TARGET), out
+
+    calls, out = run()
+    monkeypatch.setattr(layers, "ROWS_KERNEL_MAX", 1)  # off
+    jax.clear_caches()
+    off_calls, ref = run()
+    # a decode step: 4 layers x (wq_a, wkv_a, folded query, folded output), the dense MLP's 3, the head
+    assert (calls, off_calls) == (4 * 4 + 3 + 1, 0)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)
