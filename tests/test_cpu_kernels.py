@@ -198,6 +198,7 @@ def _runs_rows_kernel(fn, *args) -> bool:
 @pytest.mark.parametrize("m, k, n", [(2, 40, 13), (3, 16, 9), (8, 37, 20), (32, 64, 5), (5, 7, 4)])
 def test_rows_dot_matches_numpy(m, k, n):
     # K not a multiple of the 8-float vector, N not of the 4-row tile, odd M: every tail.
+    assert cpu_kernels.available()
     x = np.random.default_rng(m).standard_normal((m, k)).astype(np.float32)
     wt = np.random.default_rng(n).standard_normal((n, k)).astype(np.float32)
     y = jax.jit(cpu_kernels.rows_dot)(x, wt)
@@ -205,6 +206,7 @@ def test_rows_dot_matches_numpy(m, k, n):
 
 
 def test_rows_dot_rejects_operands_that_disagree():
+    assert cpu_kernels.available()
     with pytest.raises(Exception, match="disagree on K"):
         jax.block_until_ready(jax.jit(cpu_kernels.rows_dot)(jnp.ones((2, 8)), jnp.ones((3, 9))))
 
@@ -224,8 +226,8 @@ def test_matmul_runs_few_rows_through_the_kernel_with_gradients():
     loss = lambda f: lambda x, w: (f(x, w) ** 2).sum()  # noqa: E731
     for g, r in zip(jax.jit(jax.grad(loss(ours), (0, 1)))(x, w), jax.grad(loss(jnp.matmul), (0, 1))(x, w)):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
-    # One row (XLA's matrix-vector product is at the bandwidth), many rows, bfloat16: XLA.
-    assert not _runs_rows_kernel(ours, x[:1, :1], w)
+    assert _runs_rows_kernel(ours, x[:1, :1], w)  # one row too
+    # Many rows (a prefill's GEMMs), bfloat16: XLA.
     assert not _runs_rows_kernel(ours, jnp.ones((layers.ROWS_KERNEL_MAX + 1, 24)), w)
     assert not _runs_rows_kernel(ours, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
     assert not _runs_rows_kernel(layers.matmul, x, w)  # no transposed copy given

@@ -24,11 +24,12 @@
 // (dsjax/model.py:decode_weights makes those copies once per `generate` call). Each output
 // is a dot product of an x row with a wt row, both contiguous: a tile of 2 x rows by 4 wt
 // rows keeps 8 accumulators in registers, no broadcasts, and the 4 wt rows (read from
-// memory for the first 2 x rows) serve the others from L1. With the weights cold (not in
-// cache, as in a decode step), XLA:CPU ran [8, K] x [K, N] at 3.5-8.8 GB/s of weights on
-// two cores, this form at 7.3-13.7 GB/s; at 8 rows each weight costs 8 FMAs, so two cores
-// are near their FMA rate. (The axpy form over [K, N] rows measured 5-10 GB/s: each FMA
-// then needs a broadcast.) Blocks of wt rows are the work items, shared as above.
+// memory for the first 2 x rows, as 4 streams) serve the others from L1. With the weights
+// cold (not in cache, as in a decode step), XLA:CPU ran [8, K] x [K, N] at 3.6-6.9 GB/s of
+// weights on two cores, this form at 9.4-13.8 GB/s (one row: 29.7 and 34.5 GB/s); at 8
+// rows each weight costs 8 FMAs, so two cores are near their FMA rate. (The axpy form over
+// [K, N] rows measured 5-10 GB/s: each FMA then needs a broadcast.) Blocks of wt rows are
+// the work items, shared as above.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -117,8 +118,12 @@ void RunItem(Plan& p, int64_t g) {
          p.token.data() + first, p.order.data() + first, p.ys.data());
 }
 
+// Item order: the shared experts (every token, the most work) first, so that no worker
+// starts them last while the others sit idle; then the chosen experts.
 void Work(Plan& p, int64_t n) {
-  for (int64_t g = p.next.fetch_add(1); g < n; g = p.next.fetch_add(1)) {
+  const int64_t G = static_cast<int64_t>(p.expert.size());
+  for (int64_t i = p.next.fetch_add(1); i < n; i = p.next.fetch_add(1)) {
+    const int64_t g = n > G ? (i == 0 ? G : i - 1) : i;
     RunItem(p, g);
     p.done.fetch_add(1, std::memory_order_release);
   }
@@ -225,41 +230,47 @@ inline float Sum8(V8 v) {
   return s;
 }
 
-// y[m + r, n + j] = x[m + r, :] . wt[n + j, :] for r < MR, j < NR.
+// y[m + r, n[j]] = x[m + r, :] . wt[n[j], :] for r < MR, j < NR.
 template <int MR, int NR>
 inline void DotTile(const float* __restrict x, const float* __restrict wt, float* __restrict y, int64_t K,
-                    int64_t N, int64_t m, int64_t n) {
+                    int64_t N, int64_t m, const int64_t* n) {
   V8 acc[MR][NR] = {};
+  const float* w[NR];
+  for (int j = 0; j < NR; ++j) w[j] = wt + n[j] * K;
   const int64_t K8 = K - K % 8;
   for (int64_t k = 0; k < K8; k += 8) {
-    V8 w[NR];
-    for (int j = 0; j < NR; ++j) w[j] = Load8(wt + (n + j) * K + k);
+    V8 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = Load8(w[j] + k);
     for (int r = 0; r < MR; ++r) {
       const V8 xv = Load8(x + (m + r) * K + k);
-      for (int j = 0; j < NR; ++j) acc[r][j] += xv * w[j];
+      for (int j = 0; j < NR; ++j) acc[r][j] += xv * wv[j];
     }
   }
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < NR; ++j) {
       float s = Sum8(acc[r][j]);
-      for (int64_t k = K8; k < K; ++k) s += x[(m + r) * K + k] * wt[(n + j) * K + k];
-      y[(m + r) * N + n + j] = s;
+      for (int64_t k = K8; k < K; ++k) s += x[(m + r) * K + k] * w[j][k];
+      y[(m + r) * N + n[j]] = s;
     }
 }
 
 constexpr int64_t kRowsNR = 4;
 
-// Every x row against wt rows [n0, n1).
+// Every x row against wt rows [n0, n1). A tile's NR wt rows come from NR segments of the
+// range, one each: NR streams from memory at once. (Adjacent rows, one stream, read a
+// cold [8, 512] x [512, 16384] at 12 GB/s on two cores against 17 GB/s this way.)
 template <int NR>
 void DotRows(const float* x, const float* wt, float* y, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) {
+  const int64_t seg = (n1 - n0) / NR;
+  int64_t n[NR];
+  for (int64_t i = 0; i < seg; ++i) {
+    for (int j = 0; j < NR; ++j) n[j] = n0 + j * seg + i;
     int64_t m = 0;
     for (; m + 2 <= M; m += 2) DotTile<2, NR>(x, wt, y, K, N, m, n);
     if (m < M) DotTile<1, NR>(x, wt, y, K, N, m, n);
   }
-  for (; n < n1; ++n)
-    for (int64_t m = 0; m < M; ++m) DotTile<1, 1>(x, wt, y, K, N, m, n);
+  for (int64_t r = n0 + NR * seg; r < n1; ++r)
+    for (int64_t m = 0; m < M; ++m) DotTile<1, 1>(x, wt, y, K, N, m, &r);
 }
 
 struct RowsPlan {
