@@ -233,11 +233,11 @@ def test_matmul_runs_few_rows_through_the_kernel_with_gradients():
     assert not _runs_rows_kernel(layers.matmul, x, w)  # no transposed copy given
 
 
-def _tiny_decoding():
+def _tiny_decoding(**overrides):
     import dsjax
     from dsjax.config import load_model_config
 
-    cfg = load_model_config("tiny").replace(attn_impl="absorb")
+    cfg = load_model_config("tiny").replace(attn_impl="absorb", **overrides)
     model = dsjax.Transformer(cfg)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     return model, variables
@@ -273,12 +273,15 @@ def test_decode_weights_fold_the_absorbed_products_and_transpose_the_rest():
     assert V == wo.shape[1]
 
 
-@pytest.mark.parametrize("speculative", [False, True])
-def test_generate_with_the_row_kernel_matches_xla(monkeypatch, speculative):
+@pytest.mark.parametrize("speculative, overrides, calls_per_layer", [
+    (False, {}, 4), (True, {}, 4),
+    # no query compression: wq (folded) instead of wq_a and wq_b; the head is the embedding
+    (False, {"q_lora_rank": None, "tie_word_embeddings": True}, 3)])
+def test_generate_with_the_row_kernel_matches_xla(monkeypatch, speculative, overrides, calls_per_layer):
     import dsjax
     from dsjax import decoding, layers
 
-    model, variables = _tiny_decoding()
+    model, variables = _tiny_decoding(**overrides)
     prompts = np.random.default_rng(0).integers(2, model.cfg.vocab_size, (3, 16))  # prefill: 48 rows, XLA
     lengths = np.array([16, 9, 16])
 
@@ -294,7 +297,7 @@ def test_generate_with_the_row_kernel_matches_xla(monkeypatch, speculative):
     monkeypatch.setattr(layers, "ROWS_KERNEL_MAX", 1)  # off
     jax.clear_caches()
     off_calls, ref = run()
-    # a decode step: 4 layers x (wq_a, wkv_a, folded query, folded output), the dense MLP's 3, the head
-    assert (calls, off_calls) == (4 * 4 + 3 + 1, 0)
+    # a decode step: 4 layers x ([wq_a,] wkv_a, folded query, folded output), the dense MLP's 3, the head
+    assert (calls, off_calls) == (4 * calls_per_layer + 3 + 1, 0)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)
