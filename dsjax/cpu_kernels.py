@@ -129,6 +129,15 @@ def available() -> bool:
             return False
 
 
+def applies(*dtypes) -> bool:
+    """The kernels run for operands of `dtypes` here: all float32, a CPU backend, no
+    multi-device mesh (at trace time), and the kernels built (`available()`)."""
+    if any(jnp.dtype(d) != jnp.float32 for d in dtypes) or jax.default_backend() != "cpu":
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return (mesh.empty or mesh.size == 1) and available()
+
+
 def gather_swiglu(x, weights, indices, w1, w3, w2, shared=None):
     """sum_j weights[n, j] * SwiGLU expert indices[n, j] of x[n] (+ the shared experts'
     SwiGLU of x[n] when `shared` = (s1, s3, s2) is given), float32, on a CPU.

@@ -16,9 +16,9 @@ from dsjax import cpu_kernels
 from dsjax.config import ModelConfig
 from dsjax.fp8 import fp8_matmul
 
-# Few-row products (a decode step's rows) of this many rows run through the native kernel
-# where it applies (`rows_kernel_applies`).
-ROWS_KERNEL_MIN, ROWS_KERNEL_MAX = 1, 32
+# Few-row products (a decode step's rows) of up to this many rows run through the native
+# kernel where it applies (`rows_kernel_applies`).
+ROWS_KERNEL_MAX = 32
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -65,16 +65,11 @@ _matmul_t.defvjp(_matmul_t_fwd, _matmul_t_bwd)
 
 
 def rows_kernel_applies(rows: int, dtype) -> bool:
-    """A product of `rows` rows (ROWS_KERNEL_MIN..ROWS_KERNEL_MAX) in `dtype` runs through
-    the native kernel (`cpu_kernels.rows_dot`, given the weight transposed): float32 on a
-    CPU backend, no multi-device mesh, the kernel built. Beyond 32 rows (a prefill) XLA's
-    GEMMs run."""
-    if not ROWS_KERNEL_MIN <= rows <= ROWS_KERNEL_MAX or jnp.dtype(dtype) != jnp.float32:
-        return False
-    if jax.default_backend() != "cpu":
-        return False
-    mesh = jax.sharding.get_abstract_mesh()
-    return (mesh.empty or mesh.size == 1) and cpu_kernels.available()
+    """A product of `rows` rows (at most ROWS_KERNEL_MAX) in `dtype` runs through the native
+    kernel (`cpu_kernels.rows_dot`, given the weight transposed) where the kernels run
+    (`cpu_kernels.applies`: float32, a CPU backend, no multi-device mesh, built). Beyond 32
+    rows (a prefill) XLA's GEMMs run."""
+    return rows <= ROWS_KERNEL_MAX and cpu_kernels.applies(dtype)
 
 
 @jax.custom_vjp

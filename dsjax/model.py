@@ -171,6 +171,8 @@ def decode_weights(params, absorbed: bool = True, transposed: bool = False) -> d
                 out["wkv_b_heads"] = heads_major(sub)
             elif isinstance(sub, Mapping):
                 found = walk(sub, key)
+                if transposed and absorbed and key == "attn" and "wkv_b" in sub:
+                    found.update(folds(sub))
                 if found:
                     out[key] = found
             elif transposed and parent == "attn" and key in _TRANSPOSED_ATTN and not (absorbed and key in _FOLDED):
@@ -197,21 +199,7 @@ def decode_weights(params, absorbed: bool = True, transposed: bool = False) -> d
         wo_f = jnp.swapaxes(wo_f.reshape(lead + (-1, wo_f.shape[-1])), -1, -2)
         return {"wq_folded_t": wq_f, "wo_folded_t": wo_f}
 
-    def walk_folds(tree, out):
-        for key, sub in tree.items():
-            if not isinstance(sub, Mapping):
-                continue
-            if key == "attn" and "wkv_b" in sub:
-                out.setdefault(key, {}).update(folds(sub))
-            else:
-                found = walk_folds(sub, dict(out.get(key, {})))
-                if found:
-                    out[key] = found
-        return out
-
     out = walk(params)
-    if transposed and absorbed:
-        out = walk_folds(params, out)
     if transposed and "head" in params:
         out["head_t"] = flat_t(params["head"], "head", 1)
     elif transposed and "embed" in params:

@@ -237,10 +237,8 @@ _looped_swiglu.defvjp(_looped_swiglu_fwd, _looped_swiglu_bwd)
 
 def gather_kernel_applies(*arrays) -> bool:
     """The gather dispatch runs the native kernel: float32 `arrays` on a CPU backend, no
-    multi-device mesh, and the kernel built (`cpu_kernels.available()`)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return (jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in arrays)
-            and (mesh.empty or mesh.size == 1) and cpu_kernels.available())
+    multi-device mesh, and the kernel built (`cpu_kernels.applies`)."""
+    return cpu_kernels.applies(*(a.dtype for a in arrays))
 
 
 def experts_gather(x, weights, indices, w1, w3, w2, fp8: Recipe | None = None, shared=None):
