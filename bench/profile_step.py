@@ -82,8 +82,10 @@ def op_scopes(hlo: str) -> dict[str, str]:
 
 
 def loop_ops(hlo: str) -> set[str]:
-    """Names of the instructions that run inside the outermost `while` of the ENTRY
-    computation (the decoding loop) and the computations it calls."""
+    """Names of the instructions that run inside the decoding loop and the computations
+    it calls: of the ENTRY computation's `while`s, the one(s) with the shortest JAX scope
+    (`jit(run)/while`; a `while` inside the model, such as the prefill's loop over expert
+    blocks, is scoped under `Transformer/...`)."""
     comps, current, entry = {}, None, None
     for line in hlo.splitlines():
         m = re.match(r"(ENTRY )?%?([\w.\-]+) \(.*\) -> .*\{$", line)
@@ -94,7 +96,10 @@ def loop_ops(hlo: str) -> set[str]:
         elif current and line.strip() and line.strip() != "}":
             comps[current].append(line)
     called = lambda line: re.findall(r"(?:body|condition|calls|to_apply|branch_computations)=\{?%?([\w.\-]+)", line)
-    loops = [c for line in comps.get(entry, []) if re.search(r"= .* while\(", line) for c in called(line)]
+    whiles = [line for line in comps.get(entry, []) if re.search(r"= .* while\(", line)]
+    depth = lambda line: (m := re.search(r'op_name="([^"]*)"', line)) and m.group(1).count("/") or 0
+    outermost = min(map(depth, whiles), default=0)
+    loops = [c for line in whiles if depth(line) == outermost for c in called(line)]
     seen, names = set(), set()
     while loops:
         comp = loops.pop()

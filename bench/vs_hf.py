@@ -31,8 +31,9 @@ One JSON line per preset and measure, each with `dsjax_per_s`, `hf_per_s`, `spee
 same run (a 2048^3 jnp.dot after warm-up, the larger of two timings just before and after
 the measure); the FLOP formula is in each line. Decode lines
 add `fraction_of_bound`: tokens/s over batch x copy bandwidth (numpy copy of 512 MiB,
-read + written bytes per second) / the bytes one decode step must read (see
-`decode_bytes`: the assumption is in each line).
+read + written bytes per second; the median of copies timed beside each of the measure's
+repetitions, `copy_bytes_per_s` and its range in the line) / the bytes one decode step
+must read (see `decode_bytes`: the assumption is in each line).
 """
 
 import argparse
@@ -157,17 +158,27 @@ def matmul_flops_per_s(n: int = 2048, reps: int = 5) -> dict:
     return {"matmul_flops_per_s": flops / float(np.median(jt)), "torch_matmul_flops_per_s": flops / float(np.median(tt))}
 
 
-def copy_bandwidth(nbytes: int = 512 * 2 ** 20, reps: int = 5) -> float:
-    """Bytes/s moved (read + written) by a numpy copy of `nbytes`, after a warm-up copy."""
-    src = np.ones(nbytes // 4, np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - start)
-    return 2 * nbytes / float(np.median(times))
+class CopyProbe:
+    """Copy bandwidth of the machine: bytes/s moved (read + written) by a numpy copy of
+    `nbytes`. The two arrays are made once, when the probe is (before `keep_buffers`, so
+    on the pages numpy gets by default), and kept, so that the bandwidth can be measured
+    again beside each timed repetition of a measure: the machine is shared and its
+    bandwidth moves over minutes (17-31 GB/s on one machine over two days)."""
+
+    def __init__(self, nbytes: int = 512 * 2 ** 20):
+        self.nbytes = nbytes
+        self.src = np.ones(nbytes // 4, np.float32)
+        self.dst = np.empty_like(self.src)
+        np.copyto(self.dst, self.src)  # warm-up: the pages are touched
+
+    def measure(self, reps: int = 1) -> list[float]:
+        """Bytes/s of `reps` copies, each timed on its own."""
+        out = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            np.copyto(self.dst, self.src)
+            out.append(2 * self.nbytes / (time.perf_counter() - start))
+        return out
 
 
 # ----------------------------------------------------------------------------- models
@@ -299,7 +310,7 @@ def bench_prefill(model, variables, hf, batch, seq, reps, warmup, rng):
             "flops_per_token": prefill_flops_per_token(cfg, seq), "flops_formula": PREFILL_FLOPS}
 
 
-def bench_decode(model, variables, hf, batch, prompt_len, new_tokens, reps, bandwidth, rng):
+def bench_decode(model, variables, hf, batch, prompt_len, new_tokens, reps, probe, rng):
     import jax
     import torch
 
@@ -329,7 +340,9 @@ def bench_decode(model, variables, hf, batch, prompt_len, new_tokens, reps, band
     theirs(1)
     theirs_tokens = theirs(new_tokens)
     times = {("dsjax", 1): [], ("dsjax", new_tokens): [], ("hf", 1): [], ("hf", new_tokens): []}
+    copies = []  # the bound's bandwidth, measured beside each repetition
     for _ in range(reps):
+        copies += probe.measure(1)
         for n in (1, new_tokens):
             start = time.perf_counter()
             ours(n)
@@ -337,6 +350,8 @@ def bench_decode(model, variables, hf, batch, prompt_len, new_tokens, reps, band
             start = time.perf_counter()
             theirs(n)
             times["hf", n].append(time.perf_counter() - start)
+    copies += probe.measure(1)
+    bandwidth = float(np.median(copies))
     med = {k: _median(v) for k, v in times.items()}
     steps = batch * (new_tokens - 1)
     context = prompt_len + new_tokens / 2
@@ -355,6 +370,7 @@ def bench_decode(model, variables, hf, batch, prompt_len, new_tokens, reps, band
             "bound_per_s": _rate(bound), "fraction_of_bound": round(ours_rate / bound, 3),
             "hf_fraction_of_bound": round(theirs_rate / bound, 3),
             "bytes_per_step": nbytes["bytes"], "bytes_assumption": nbytes["assumption"],
+            "copy_bytes_per_s": round(bandwidth), "copy_bytes_per_s_range": [round(min(copies)), round(max(copies))],
             "flops_per_token": decode_flops_per_token(cfg, context), "flops_formula": DECODE_FLOPS}
 
 
@@ -389,10 +405,12 @@ def main():
     torch.set_num_threads(threads)
     from train.allocator import keep_buffers
 
-    # The copy bandwidth first: with keep_buffers' heap settings numpy's 512 MB arrays come
-    # from the heap on small pages instead of mmap (transparent huge pages), and one machine
-    # copied them at 8 GB/s against 29 GB/s, which put batch-1 decoding at 1.5x its "bound".
-    bandwidth = copy_bandwidth()
+    # The copy probe's arrays first: with keep_buffers' heap settings numpy's 512 MB arrays
+    # come from the heap on small pages instead of mmap (transparent huge pages), and one
+    # machine copied them at 8 GB/s against 29 GB/s, which put batch-1 decoding at 1.5x its
+    # "bound". The probe keeps its arrays and times them again beside each decode repetition.
+    probe = CopyProbe()
+    bandwidth = float(np.median(probe.measure(5)))
     # What `python -m train` sets for itself: XLA's buffers stay mapped between calls. It is
     # process-wide, so transformers' large tensors are served from the same untrimmed heap.
     kept = keep_buffers()
@@ -412,7 +430,7 @@ def main():
         if "decode" in measures:
             for b in map(int, args.decode_batches.split(",")):
                 jobs.append(lambda b=b: bench_decode(model, variables, hf, b, args.prompt_len, args.new_tokens,
-                                                     args.reps, machine["copy_bytes_per_s"], rng))
+                                                     args.reps, probe, rng))
         if "train" in measures:  # last: it donates (and so consumes) the loaded parameters
             jobs.append(lambda: bench_train(preset, model, variables, hf, args.batch, args.seq, args.reps,
                                             args.warmup, rng))
@@ -429,7 +447,7 @@ def main():
                        matmul_flops_per_s=round(peak),
                        torch_matmul_flops_per_s=round(max(machine["torch_matmul_flops_per_s"],
                                                           after["torch_matmul_flops_per_s"])),
-                       copy_bytes_per_s=round(machine["copy_bytes_per_s"]))
+                       copy_bytes_per_s=out.get("copy_bytes_per_s", round(machine["copy_bytes_per_s"])))
             print(json.dumps(out), flush=True)
 
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from bench import __main__ as runner
@@ -114,6 +115,13 @@ def test_flops_and_bytes_against_a_hand_count():
     assert vs_hf.decode_bound(cfg, 8, context, 1e10) == pytest.approx(8 * 1e10 / eight["bytes"])
 
 
+def test_copy_probe_keeps_its_arrays_and_times_each_copy():
+    probe = vs_hf.CopyProbe(4 * 2 ** 20)
+    src = probe.src
+    rates = probe.measure(3)
+    assert len(rates) == 3 and all(r > 0 for r in rates)
+    assert probe.src is src and np.array_equal(probe.dst, probe.src)  # the same arrays, copied
+
 def test_targets_and_target_met():
     assert vs_hf.targets("tiny", "train") == {"target_speedup": 1.5}
     assert vs_hf.targets("small", "train") == {"target_speedup": 1.0, "target_mfu": 0.5}
@@ -172,13 +180,21 @@ ENTRY %main.8 (p: f32[8]) -> f32[8] {
   %p = f32[8]{0} parameter(0)
   %prefill.9 = f32[8]{0} add(%p, %p)
   %tuple.10 = (s32[], f32[8]) tuple(%p, %prefill.9)
-  %while.11 = (s32[], f32[8]) while(%tuple.10), condition=%cond.6, body=%body.2
+  %experts.13 = (s32[], f32[8]) while(%tuple.10), condition=%cond.6, body=%blocks.14, metadata={op_name="jit(run)/Transformer/Transformer.trunk/moe_layers/layer_0/moe/ffn/routed_experts/while"}
+  %while.11 = (s32[], f32[8]) while(%experts.13), condition=%cond.6, body=%body.2, metadata={op_name="jit(run)/while"}
   ROOT %out.12 = f32[8]{0} get-tuple-element(%while.11), index=1
+}
+
+%blocks.14 (arg.2: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %arg.2 = (s32[], f32[8]) parameter(0)
+  ROOT %prefill_dot.15 = (s32[], f32[8]) tuple(%arg.2)
 }
 """
     names = profile_step.loop_ops(hlo)
     assert {"fusion.4", "gte.3", "mul.1", "constant.7"} <= names
-    assert not names & {"prefill.9", "while.11", "out.12"}
+    # the prefill's loop over expert blocks (a while inside the model) is not the decoding loop
+    assert not names & {"prefill.9", "while.11", "out.12", "experts.13", "prefill_dot.15"}
+    assert {"fusion.4", "mul.1"} <= profile_step.loop_ops(hlo.replace(', metadata={op_name="jit(run)/while"}', ""))
     assert profile_step.part_of("jit(run)/while/body/argmax", decode=True) == "sampling and loop"
     assert profile_step.part_of("jit(run)/while/body/jit(log_softmax)/reduce_max", decode=True) == "sampling and loop"
     assert profile_step.part_of("jit(run)/while/body/Transformer/Transformer.trunk/moe_layers/layer_0/attention/x",
