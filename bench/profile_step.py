@@ -81,6 +81,12 @@ def op_scopes(hlo: str) -> dict[str, str]:
     return out
 
 
+def _scope_depth(line: str) -> int:
+    """Levels of an HLO instruction's JAX scope (its op_name metadata; 0 without one)."""
+    m = re.search(r'op_name="([^"]*)"', line)
+    return m.group(1).count("/") if m else 0
+
+
 def loop_ops(hlo: str) -> set[str]:
     """Names of the instructions that run inside the decoding loop and the computations
     it calls: of the ENTRY computation's `while`s, the one(s) with the shortest JAX scope
@@ -97,9 +103,8 @@ def loop_ops(hlo: str) -> set[str]:
             comps[current].append(line)
     called = lambda line: re.findall(r"(?:body|condition|calls|to_apply|branch_computations)=\{?%?([\w.\-]+)", line)
     whiles = [line for line in comps.get(entry, []) if re.search(r"= .* while\(", line)]
-    depth = lambda line: (m := re.search(r'op_name="([^"]*)"', line)) and m.group(1).count("/") or 0
-    outermost = min(map(depth, whiles), default=0)
-    loops = [c for line in whiles if depth(line) == outermost for c in called(line)]
+    outermost = min(map(_scope_depth, whiles), default=0)
+    loops = [c for line in whiles if _scope_depth(line) == outermost for c in called(line)]
     seen, names = set(), set()
     while loops:
         comp = loops.pop()

@@ -163,7 +163,7 @@ class CopyProbe:
     `nbytes`. The two arrays are made once, when the probe is (before `keep_buffers`, so
     on the pages numpy gets by default), and kept, so that the bandwidth can be measured
     again beside each timed repetition of a measure: the machine is shared and its
-    bandwidth moves over minutes (17-31 GB/s on one machine over two days)."""
+    bandwidth moves over minutes (11.6-31.5 GB/s on the machines here over two days)."""
 
     def __init__(self, nbytes: int = 512 * 2 ** 20):
         self.nbytes = nbytes
