@@ -117,10 +117,12 @@ def test_flops_and_bytes_against_a_hand_count():
 
 def test_copy_probe_keeps_its_arrays_and_times_each_copy():
     probe = vs_hf.CopyProbe(4 * 2 ** 20)
-    src = probe.src
+    src, dst = probe.src, probe.dst
+    src[::7] = 3.0
+    dst[:] = 0.0  # each measure copies again: the probe's warm-up copy is not enough
     rates = probe.measure(3)
     assert len(rates) == 3 and all(r > 0 for r in rates)
-    assert probe.src is src and np.array_equal(probe.dst, probe.src)  # the same arrays, copied
+    assert probe.src is src and probe.dst is dst and np.array_equal(dst, src)  # the same arrays, copied
 
 def test_targets_and_target_met():
     assert vs_hf.targets("tiny", "train") == {"target_speedup": 1.5}
