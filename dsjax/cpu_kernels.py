@@ -1,6 +1,7 @@
 """Native CPU kernels, built on first use and called from jitted code as XLA FFI custom calls.
 
-Two kernels (dsjax/csrc/cpu_kernels.cc), both for decoding in float32:
+Three kernels (dsjax/csrc/cpu_kernels.cc), all float32: two for decoding, one for the
+routed experts of training and prefill:
 
 - `gather_swiglu`: the gather dispatch's routed experts (`moe.experts_gather`), and the
   layer's shared experts with them. XLA:CPU copies a dynamically indexed expert's weights
@@ -14,6 +15,12 @@ Two kernels (dsjax/csrc/cpu_kernels.cc), both for decoding in float32:
   MLPs and output head of a decode step, as dot products of contiguous rows. On `small`'s
   shapes with cold weights, 8 rows: the output head [512, 16384] 2.4 against XLA's 6.1
   ms, [1536, 512] 0.29 against 0.70 ms; one row of the head 0.97 against 1.13 ms.
+- `blocked_swiglu_fwd` / `blocked_swiglu_bwd`: the blocked dispatch's experts
+  (`moe.experts_blocked`), forward and backward, each expert's rows one work item through
+  a register-tiled GEMM (16-float vectors, 12 x 32 tiles). XLA:CPU runs the per-block
+  products as a loop of small dots; on `small`'s training shapes (24 experts, D=512,
+  F=256, 75 blocks of 128 rows) the kernel's forward took 41-47 ms against XLA's 70-73 ms
+  (168-194 against 109-114 GFLOP/s) and its backward 107-112 ms, in one process.
 
 The source is compiled once per machine with the C++ compiler (`$CXX`, else `c++`) against
 JAX's FFI headers (`jax.ffi.include_dir()`), `-O3 -march=native`, into
@@ -43,6 +50,8 @@ import jax.numpy as jnp
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_kernels.cc")
 TARGET = "dsjax_gather_swiglu"
 ROWS_TARGET = "dsjax_rows_dot"
+BLOCKED_FWD_TARGET = "dsjax_blocked_swiglu_fwd"
+BLOCKED_BWD_TARGET = "dsjax_blocked_swiglu_bwd"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _state: dict = {}  # "lib" once loaded and registered, or "error": why not
@@ -120,6 +129,10 @@ def available() -> bool:
             lib = ctypes.cdll.LoadLibrary(build())
             jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.DsjaxGatherSwiglu), platform="cpu")
             jax.ffi.register_ffi_target(ROWS_TARGET, jax.ffi.pycapsule(lib.DsjaxRowsDot), platform="cpu")
+            jax.ffi.register_ffi_target(BLOCKED_FWD_TARGET, jax.ffi.pycapsule(lib.DsjaxBlockedSwigluFwd),
+                                        platform="cpu")
+            jax.ffi.register_ffi_target(BLOCKED_BWD_TARGET, jax.ffi.pycapsule(lib.DsjaxBlockedSwigluBwd),
+                                        platform="cpu")
             _state["lib"] = lib
             return True
         except (RuntimeError, OSError) as e:
@@ -159,3 +172,28 @@ def rows_dot(x, wt):
     x, wt = jnp.asarray(x, jnp.float32), jnp.asarray(wt, jnp.float32)
     out = jax.ShapeDtypeStruct((x.shape[0], wt.shape[0]), jnp.float32)
     return jax.ffi.ffi_call(ROWS_TARGET, out, vmap_method="sequential")(x, wt)
+
+
+def blocked_swiglu_fwd(xs, first, count, w1, w3, w2):
+    """The blocked dispatch's experts (`moe.experts_blocked`) forward, float32, on a CPU:
+    xs [nb, b, D] rows sorted by expert, expert e holding blocks first[e] .. first[e] +
+    count[e] - 1 (int32 [E]), w1 and w3 [E, D, F], w2 [E, F, D]. Returns (ys [nb, b, D],
+    a1 = xs W1, a3 = xs W3 [nb, b, F]); rows of blocks no expert holds are zero. Call
+    only where `available()`; `blocked_swiglu_bwd` is its backward."""
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    nb, b, _ = xs.shape
+    F = w1.shape[2]
+    out = (jax.ShapeDtypeStruct(xs.shape, jnp.float32),) + (jax.ShapeDtypeStruct((nb, b, F), jnp.float32),) * 2
+    return jax.ffi.ffi_call(BLOCKED_FWD_TARGET, out, vmap_method="sequential")(
+        f32(xs), jnp.asarray(first, jnp.int32), jnp.asarray(count, jnp.int32), f32(w1), f32(w3), f32(w2))
+
+
+def blocked_swiglu_bwd(xs, dys, a1, a3, first, count, w1, w3, w2):
+    """The backward of `blocked_swiglu_fwd` given the cotangent dys of ys: (dxs [nb, b, D],
+    dW1, dW3 [E, D, F], dW2 [E, F, D]), each expert's weight gradient summed over its rows
+    (zero for an expert without rows)."""
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (xs, w1, w3, w2))
+    return jax.ffi.ffi_call(BLOCKED_BWD_TARGET, out, vmap_method="sequential")(
+        f32(xs), f32(dys), f32(a1), f32(a3), jnp.asarray(first, jnp.int32), jnp.asarray(count, jnp.int32),
+        f32(w1), f32(w3), f32(w2))

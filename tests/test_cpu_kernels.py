@@ -211,6 +211,18 @@ def test_rows_dot_rejects_operands_that_disagree():
         jax.block_until_ready(jax.jit(cpu_kernels.rows_dot)(jnp.ones((2, 8)), jnp.ones((3, 9))))
 
 
+def test_blocked_kernel_rejects_a_layout_outside_its_blocks():
+    assert cpu_kernels.available()
+    xs, w = jnp.ones((4, 8, 16)), jnp.ones((3, 16, 32))
+    first, count = jnp.asarray([0, 2, 3], jnp.int32), jnp.asarray([2, 1, 2], jnp.int32)  # 3 + 2 > 4 blocks
+    with pytest.raises(Exception, match="an expert's blocks fall outside xs"):
+        jax.block_until_ready(jax.jit(cpu_kernels.blocked_swiglu_fwd)(xs, first, count, w, w, w.transpose(0, 2, 1)))
+    overlap = jnp.asarray([0, 1, 3], jnp.int32)
+    with pytest.raises(Exception, match="experts' blocks overlap"):
+        jax.block_until_ready(jax.jit(cpu_kernels.blocked_swiglu_fwd)(xs, overlap, count.at[2].set(1), w, w,
+                                                                      w.transpose(0, 2, 1)))
+
+
 def test_matmul_runs_few_rows_through_the_kernel_with_gradients():
     from dsjax import layers
 

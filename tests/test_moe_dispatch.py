@@ -143,6 +143,34 @@ def test_cpu_dispatch_equals_dense(impl, routing, n, k, block):
         np.testing.assert_allclose(g, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("d, f, block", [(64, 48, 16), (48, 37, 24), (32, 64, 8)])
+def test_blocked_kernel_equals_xla_blocks(monkeypatch, d, f, block):
+    # The native kernel (`cpu_kernels.blocked_swiglu_fwd` and its backward) against XLA's
+    # loops over the same blocks, values and gradients, with column counts that take each
+    # of the kernel's paths (32- and 16-wide panels, single columns), row tiles of 12, 4
+    # and 1, and experts with no token (routing over experts 0-2 only).
+    if not moe.cpu_kernels.applies(jnp.float32):
+        pytest.skip("the native CPU kernels did not build here")
+    n, k = 45, 2
+    keys = jax.random.split(jax.random.key(d + f), 6)
+    x = jax.random.normal(keys[0], (n, d))
+    weights = jax.random.uniform(keys[1], (n, k))
+    indices = _routing("empty_experts", n, k, keys[2])
+    w1, w3 = (0.3 * jax.random.normal(key, (E, d, f)) for key in keys[3:5])
+    w2 = 0.3 * jax.random.normal(keys[5], (E, f, d))
+    dispatch = lambda *a: moe.experts_blocked(*a, block=block)  # noqa: E731
+    hlo = jax.jit(_loss(dispatch)).lower(x, weights, w1, w3, w2, indices).as_text()
+    assert "dsjax_blocked_swiglu_fwd" in hlo and "dsjax_blocked_swiglu_bwd" in hlo
+    (loss, y), grads = jax.jit(_loss(dispatch))(x, weights, w1, w3, w2, indices)
+    monkeypatch.setattr(moe, "blocked_kernel_applies", lambda *a: False)
+    assert "dsjax_blocked" not in jax.jit(_loss(dispatch)).lower(x, weights, w1, w3, w2, indices).as_text()
+    (ref_loss, ref_y), ref_grads = jax.jit(_loss(dispatch))(x, weights, w1, w3, w2, indices)
+    np.testing.assert_allclose(y, ref_y, atol=1e-5, rtol=1e-5)
+    for g, ref in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, ref, atol=1e-4, rtol=1e-5)
+    assert not np.asarray(grads[2])[3:].any()  # experts without a token: zero gradients
+
+
 def test_block_layout_gives_each_block_one_expert():
     # Sizes 5, 0, 9, 0, 2, 0, 0, 0 copies in blocks of 4: 2 + 3 + 1 used blocks of the
     # ceil((16 + 8 * 3) / 4) = 10 the static bound allows.
