@@ -357,7 +357,9 @@ def _blocked_swiglu(xs, first, count, w1, w3, w2, kernel: bool = False):
     [D, F] GEMMs. xs: [nb, b, D]; first, count: [E] (`_block_layout`) -> [nb, b, D].
     With `kernel`, on a CPU, the native kernel runs forward and backward
     (`cpu_kernels.blocked_swiglu_fwd`), each expert one work item."""
-    return _blocked_swiglu_fwd(xs, first, count, w1, w3, w2, kernel)[0]
+    if kernel:  # the kernel writes a1 and a3 as it goes; XLA's loops skip them here
+        return _blocked_swiglu_fwd(xs, first, count, w1, w3, w2, kernel)[0]
+    return _blocks_forward(xs, first, count, w1, w3, w2)[0]
 
 
 def _blocked_swiglu_fwd(xs, first, count, w1, w3, w2, kernel: bool = False):
