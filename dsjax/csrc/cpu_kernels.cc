@@ -446,7 +446,7 @@ inline V16 Sigmoid16(V16 v) { return (V16{} + 1.0f) / ((V16{} + 1.0f) + Exp16(-v
 struct BlockedPlan {
   const float *xs, *dys, *a1, *a3, *w1, *w3, *w2;
   float *ys, *o1, *o3, *dxs, *g1, *g3, *g2;
-  int64_t P, D, F, rows_per_block;
+  int64_t P, D, F;
   std::vector<int64_t> expert, row0, rows;  // the experts with rows, the most rows first
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
@@ -532,7 +532,6 @@ std::string PlanBlocks(BlockedPlan& p, ffi::Span<const int64_t> xd, ffi::Span<co
   p.P = nb * b;
   p.D = D;
   p.F = F;
-  p.rows_per_block = b;
   std::vector<std::pair<int64_t, int64_t>> order;
   int64_t end = 0;
   for (int64_t e = 0; e < E; ++e) {
