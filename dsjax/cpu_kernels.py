@@ -17,10 +17,13 @@ routed experts of training and prefill:
   ms, [1536, 512] 0.29 against 0.70 ms; one row of the head 0.97 against 1.13 ms.
 - `blocked_swiglu_fwd` / `blocked_swiglu_bwd`: the blocked dispatch's experts
   (`moe.experts_blocked`), forward and backward, each expert's rows one work item through
-  a register-tiled GEMM (16-float vectors, 12 x 32 tiles). XLA:CPU runs the per-block
+  a packed, register-tiled GEMM whose tile follows the vector width of the build (AVX-512:
+  12 rows x 32 columns; AVX2 and SSE: 6 x 16 or 6 x 8). XLA:CPU runs the per-block
   products as a loop of small dots; on `small`'s training shapes (24 experts, D=512,
-  F=256, 75 blocks of 128 rows) the kernel's forward took 41-47 ms against XLA's 70-73 ms
-  (168-194 against 109-114 GFLOP/s) and its backward 107-112 ms, in one process.
+  F=256, about 75 blocks of 128 rows) the kernel's forward took 41-47 ms against XLA's
+  70-73 ms on an AVX-512 machine (168-194 against 109-114 GFLOP/s, before packing), and
+  62-65 against 78 ms on an AVX2 one (112-117 against 93 GFLOP/s; backward 109-115
+  against XLA's 76 GFLOP/s forward + backward), in one process.
 
 The source is compiled once per machine with the C++ compiler (`$CXX`, else `c++`) against
 JAX's FFI headers (`jax.ffi.include_dir()`), `-O3 -march=native`, into
