@@ -143,12 +143,14 @@ def test_cpu_dispatch_equals_dense(impl, routing, n, k, block):
         np.testing.assert_allclose(g, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("d, f, block", [(64, 48, 16), (48, 37, 24), (32, 64, 8)])
+@pytest.mark.parametrize("d, f, block", [(64, 48, 16), (48, 37, 24), (300, 56, 8)])
 def test_blocked_kernel_equals_xla_blocks(monkeypatch, d, f, block):
     # The native kernel (`cpu_kernels.blocked_swiglu_fwd` and its backward) against XLA's
-    # loops over the same blocks, values and gradients, with column counts that take each
-    # of the kernel's paths (32- and 16-wide panels, single columns), row tiles of 12, 4
-    # and 1, and experts with no token (routing over experts 0-2 only).
+    # loops over the same blocks, values and gradients, with shapes that take each of the
+    # kernel's paths whatever vector width it was built for (16 floats with AVX-512, 8
+    # with AVX2): panels of two vectors and of one, single columns, row tiles of 12 or 6,
+    # 2 and 1, a contraction longer than one 256 chunk (d = 300), and experts with no
+    # token (routing over experts 0-2 only).
     if not moe.cpu_kernels.applies(jnp.float32):
         pytest.skip("the native CPU kernels did not build here")
     n, k = 45, 2
@@ -156,7 +158,8 @@ def test_blocked_kernel_equals_xla_blocks(monkeypatch, d, f, block):
     x = jax.random.normal(keys[0], (n, d))
     weights = jax.random.uniform(keys[1], (n, k))
     indices = _routing("empty_experts", n, k, keys[2])
-    w1, w3 = (0.3 * jax.random.normal(key, (E, d, f)) for key in keys[3:5])
+    scale = 2.4 / d ** 0.5  # 0.3 at d = 64: hidden units of about the same size at every d
+    w1, w3 = (scale * jax.random.normal(key, (E, d, f)) for key in keys[3:5])
     w2 = 0.3 * jax.random.normal(keys[5], (E, f, d))
     dispatch = lambda *a: moe.experts_blocked(*a, block=block)  # noqa: E731
     hlo = jax.jit(_loss(dispatch)).lower(x, weights, w1, w3, w2, indices).as_text()
