@@ -3,8 +3,13 @@ gather dispatches that `moe_impl=auto` picks there (issue 18).
 
     python bench/moe_cpu.py [--preset small] [--batch 8] [--seq-len 256] [--reps 3]
                             [--decode-batches 1 8] [--new-tokens 32] [--no-profile]
+                            [--kernel-only]
 
 Reports, each alternative timed in the same process, interleaved, medians over --reps:
+- kernel: the blocked dispatch's experts on their own blocks (batch x seq-len tokens),
+  the native kernel (dsjax/csrc/cpu_kernels.cc) against XLA's loops, forward and forward
+  + backward, ms and GFLOP/s (only where the kernel applies: float32 on a CPU with it
+  built); --kernel-only reports this alone;
 - profile: one MoE layer's routed experts forward+backward on batch x seq-len tokens
   (dense, ragged, blocked), one MoE layer (gate, routed and shared experts, the auto
   dispatch) and one MLA attention layer forward+backward, in ms;
@@ -82,6 +87,39 @@ def profile(cfg, tokens: int, batch: int, reps: int) -> dict:
     return {name: round(1e3 * s, 1) for name, s in interleaved(fns, reps).items()}
 
 
+def blocked_kernel(cfg, tokens: int, reps: int) -> dict:
+    """The blocked dispatch's experts on their blocks (`moe._blocked_swiglu`), the native
+    kernel against XLA's loops: ms and GFLOP/s of the forward and of forward + backward
+    (GFLOPs: 2 x rows x D x F x 3 matrices, three times that with the backward, rows
+    counting the blocks' padding). {} where the kernel does not apply here."""
+    D, F, E, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.num_experts_per_tok
+    keys = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(keys[0], (tokens, D))
+    indices = jax.lax.top_k(jax.random.normal(keys[1], (tokens, E)), k)[1]
+    w1, w3 = (0.02 * jax.random.normal(key, (E, D, F)) for key in keys[2:4])
+    w2 = 0.02 * jax.random.normal(keys[4], (E, F, D))
+    block = moe.block_rows(tokens * k, E)
+    row, copy, first, count = moe._block_layout(indices, E, block)
+    copies = jnp.broadcast_to(x[:, None], (tokens, k, D)).reshape(tokens * k, D)
+    xs = moe._permute_rows(copies, copy, row).reshape(-1, block, D)
+    if not moe.blocked_kernel_applies(xs, w1, w3, w2):
+        return {}
+    fns = {}
+    for name, kernel in (("kernel", True), ("xla", False)):
+        run = lambda xs, w1, w3, w2, kernel=kernel: moe._blocked_swiglu(xs, first, count, w1, w3, w2, kernel)  # noqa: E731
+        fwd = jax.jit(run)
+        grad = jax.jit(jax.grad(lambda *a, run=run: jnp.sum(run(*a) ** 2), argnums=(0, 1, 2, 3)))
+        fns[f"{name}_fwd"] = warm(lambda f=fwd: f(xs, w1, w3, w2))
+        fns[f"{name}_fwd_bwd"] = warm(lambda g=grad: g(xs, w1, w3, w2))
+    rows = int(count.sum()) * block
+    flops = 2 * rows * D * F * 3
+    out = {"rows": rows, "block": block}
+    for name, s in interleaved(fns, reps).items():
+        done = flops if name.endswith("_fwd") else 3 * flops
+        out[name] = {"ms": round(1e3 * s, 1), "gflop_per_s": round(done / s / 1e9, 1)}
+    return out
+
+
 def train_steps(preset: str, batch: int, seq_len: int, impls, reps: int) -> dict:
     """tokens/s of the training step per moe_impl."""
     fns = {}
@@ -130,11 +168,16 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--kernel-only", action="store_true", help="only the blocked experts' kernel against XLA")
     args = parser.parse_args()
     cfg = dsjax.load_model_config(args.preset)
     result = {"bench": "moe_cpu", "backend": jax.default_backend(), "preset": args.preset,
               "batch": args.batch, "seq_len": args.seq_len, "reps": args.reps,
               "auto_train_dispatch": cfg.moe_dispatch(tokens=args.batch * args.seq_len)}
+    result["blocked_kernel"] = blocked_kernel(cfg, args.batch * args.seq_len, args.reps)
+    if args.kernel_only:
+        print(json.dumps(result))
+        return
     if not args.no_profile:
         result["profile_fwd_bwd_ms"] = profile(cfg, args.batch * args.seq_len, args.batch, args.reps)
     result["train_tokens_per_s"] = train_steps(args.preset, args.batch, args.seq_len, ("dense", "auto"), args.reps)

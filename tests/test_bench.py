@@ -1,4 +1,5 @@
-"""The benchmark runner (`python -m bench`) and bench/vs_hf.py's arithmetic; no benchmark runs."""
+"""The benchmark runner (`python -m bench`) and bench/vs_hf.py's arithmetic; no benchmark runs
+at full size (one, moe_cpu's kernel comparison, on `tiny` at 64 tokens)."""
 
 import glob
 import os
@@ -133,6 +134,22 @@ def test_targets_and_target_met():
     assert vs_hf.target_met(line)
     assert not vs_hf.target_met(dict(line, mfu=0.4))
     assert not vs_hf.target_met({"speedup": 2.0, "fraction_of_bound": 0.5, **vs_hf.targets("tiny", "decode_b1")})
+
+
+def test_moe_cpu_kernel_comparison_reports_both_sides():
+    import jax.numpy as jnp
+
+    from bench import moe_cpu
+    from dsjax import cpu_kernels
+
+    cfg = load_model_config("tiny")
+    out = moe_cpu.blocked_kernel(cfg, 64, 1)
+    if not cpu_kernels.applies(jnp.float32):
+        assert out == {}
+        return
+    assert out["rows"] % out["block"] == 0 and out["rows"] >= 64 * cfg.num_experts_per_tok
+    for name in ("kernel_fwd", "kernel_fwd_bwd", "xla_fwd", "xla_fwd_bwd"):
+        assert out[name]["gflop_per_s"] > 0
 
 
 def test_profile_step_attributes_ops_to_the_model_part_in_their_scope():
