@@ -59,14 +59,22 @@ def warm(fn):
     return fn
 
 
-def profile(cfg, tokens: int, batch: int, reps: int) -> dict:
-    """ms of fwd+bwd: the routed experts alone per dispatch, one MoE layer, one MLA layer."""
+def expert_inputs(cfg, tokens: int):
+    """Random routed-expert inputs for `tokens` tokens: x, routing weights and indices
+    (top-k of random logits), w1, w3, w2."""
     D, F, E, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.num_experts_per_tok
     keys = jax.random.split(jax.random.key(0), 6)
     x = jax.random.normal(keys[0], (tokens, D))
     weights, indices = jax.lax.top_k(jax.random.normal(keys[1], (tokens, E)), k)
     w1, w3 = (0.02 * jax.random.normal(key, (E, D, F)) for key in keys[2:4])
     w2 = 0.02 * jax.random.normal(keys[4], (E, F, D))
+    return x, weights, indices, w1, w3, w2
+
+
+def profile(cfg, tokens: int, batch: int, reps: int) -> dict:
+    """ms of fwd+bwd: the routed experts alone per dispatch, one MoE layer, one MLA layer."""
+    D = cfg.hidden_size
+    x, weights, indices, w1, w3, w2 = expert_inputs(cfg, tokens)
     fns = {}
     for name in ("dense", "ragged", "blocked"):
         grad = jax.jit(jax.grad(lambda x, w1, w3, w2, f=moe.DISPATCH[name]: jnp.sum(
@@ -93,11 +101,7 @@ def blocked_kernel(cfg, tokens: int, reps: int) -> dict:
     (GFLOPs: 2 x rows x D x F x 3 matrices, three times that with the backward, rows
     counting the blocks' padding). {} where the kernel does not apply here."""
     D, F, E, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.num_experts_per_tok
-    keys = jax.random.split(jax.random.key(0), 6)
-    x = jax.random.normal(keys[0], (tokens, D))
-    indices = jax.lax.top_k(jax.random.normal(keys[1], (tokens, E)), k)[1]
-    w1, w3 = (0.02 * jax.random.normal(key, (E, D, F)) for key in keys[2:4])
-    w2 = 0.02 * jax.random.normal(keys[4], (E, F, D))
+    x, _, indices, w1, w3, w2 = expert_inputs(cfg, tokens)
     block = moe.block_rows(tokens * k, E)
     row, copy, first, count = moe._block_layout(indices, E, block)
     copies = jnp.broadcast_to(x[:, None], (tokens, k, D)).reshape(tokens * k, D)
