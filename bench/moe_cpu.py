@@ -100,12 +100,10 @@ def blocked_kernel(cfg, tokens: int, reps: int) -> dict:
     kernel against XLA's loops: ms and GFLOP/s of the forward and of forward + backward
     (GFLOPs: 2 x rows x D x F x 3 matrices, three times that with the backward, rows
     counting the blocks' padding). {} where the kernel does not apply here."""
-    D, F, E, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts, cfg.num_experts_per_tok
+    D, F, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
     x, _, indices, w1, w3, w2 = expert_inputs(cfg, tokens)
-    block = moe.block_rows(tokens * k, E)
-    row, copy, first, count = moe._block_layout(indices, E, block)
-    copies = jnp.broadcast_to(x[:, None], (tokens, k, D)).reshape(tokens * k, D)
-    xs = moe._permute_rows(copies, copy, row).reshape(-1, block, D)
+    xs, _, _, first, count = moe.blocked_rows(x, indices, E)
+    block = xs.shape[1]
     if not moe.blocked_kernel_applies(xs, w1, w3, w2):
         return {}
     fns = {}

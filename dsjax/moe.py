@@ -425,6 +425,18 @@ def blocked_kernel_applies(*arrays) -> bool:
     return cpu_kernels.applies(*(a.dtype for a in arrays))
 
 
+def blocked_rows(x, indices, E: int, block: int | None = None):
+    """The blocked dispatch's rows: each token copy of x [N, D] (routed by indices [N, k])
+    moved to its expert's blocks of `block` rows (default `block_rows`). Returns (xs [nb,
+    block, D], row, copy, first, count) as `_block_layout` gives them."""
+    N, k = indices.shape
+    D = x.shape[-1]
+    block = block or block_rows(N * k, E)
+    row, copy, first, count = _block_layout(indices, E, block)
+    copies = jnp.broadcast_to(x[:, None], (N, k, D)).reshape(N * k, D)
+    return _permute_rows(copies, copy, row).reshape(-1, block, D), row, copy, first, count
+
+
 def experts_blocked(x, weights, indices, w1, w3, w2, fp8: Recipe | None = None, block: int | None = None):
     """Dropless grouped GEMM in fixed-size row blocks, the fast dispatch on a CPU.
 
@@ -437,18 +449,15 @@ def experts_blocked(x, weights, indices, w1, w3, w2, fp8: Recipe | None = None, 
     rows in and out is a gather both ways, forward and backward. In float32 on a CPU
     without a multi-device mesh (`blocked_kernel_applies`), the native kernel runs the
     experts' blocks instead of XLA's loops, forward and backward (1.2-1.5x XLA's rate
-    on `small`, AVX2 or AVX-512; see dsjax/cpu_kernels.py). Same shapes as `experts_dense`; no FP8 form (the
-    FP8 recipe routes to the other paths).
+    on `small`, AVX2 or AVX-512; see dsjax/cpu_kernels.py). Same shapes as
+    `experts_dense`; no FP8 form (the FP8 recipe routes to the other paths).
     """
     if fp8 is not None:
         raise ValueError("moe_impl='blocked' has no FP8 form")
     N, k = indices.shape
     w1, w3, w2 = (jnp.asarray(w) for w in (w1, w3, w2))  # numpy weights cannot take traced indices
     E, D = w1.shape[0], w1.shape[1]
-    block = block or block_rows(N * k, E)
-    row, copy, first, count = _block_layout(indices, E, block)
-    copies = jnp.broadcast_to(x[:, None], (N, k, D)).reshape(N * k, D)
-    xs = _permute_rows(copies, copy, row).reshape(-1, block, D)  # [nb, b, D]
+    xs, row, copy, first, count = blocked_rows(x, indices, E, block)
     ys = _blocked_swiglu(xs, first, count, w1, w3, w2, blocked_kernel_applies(xs, w1, w3, w2)).reshape(-1, D)
     ys = _permute_rows(ys, row, copy).reshape(N, k, D)
     return jnp.einsum("nkd,nk->nd", ys, weights.astype(ys.dtype))
