@@ -1,6 +1,6 @@
 """Native CPU kernels, built on first use and called from jitted code as XLA FFI custom calls.
 
-Three kernels (dsjax/csrc/cpu_kernels.cc), all float32: two for decoding, one for the
+Four kernels (dsjax/csrc/cpu_kernels.cc), all float32: three for decoding, one for the
 routed experts of training and prefill:
 
 - `gather_swiglu`: the gather dispatch's routed experts (`moe.experts_gather`), and the
@@ -15,6 +15,11 @@ routed experts of training and prefill:
   MLPs and output head of a decode step, as dot products of contiguous rows. On `small`'s
   shapes with cold weights, 8 rows: the output head [512, 16384] 2.4 against XLA's 6.1
   ms, [1536, 512] 0.29 against 0.70 ms; one row of the head 0.97 against 1.13 ms.
+- `latent_attention`: absorbed MLA's attention over the cached latents in a decode step
+  (`MLA._latent_attention`, up to 16 new tokens a row), one call for what XLA ran as about
+  a dozen small ops per layer, two of them batched dots of [H, C] x [C, S] at a few
+  GFLOP/s. On `small` at batch 8 the attention of a step went from 5.6 to 3.6-4.3 ms and
+  the step from 25.6 to 21.2-22.6 ms; at batch 1 the step from 9.5 to 8.7 ms.
 - `blocked_swiglu_fwd` / `blocked_swiglu_bwd`: the blocked dispatch's experts
   (`moe.experts_blocked`), forward and backward, each expert's rows one work item through
   a packed, register-tiled GEMM whose tile follows the vector width of the build (AVX-512:
@@ -49,12 +54,14 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "cpu_kernels.cc")
 TARGET = "dsjax_gather_swiglu"
 ROWS_TARGET = "dsjax_rows_dot"
 BLOCKED_FWD_TARGET = "dsjax_blocked_swiglu_fwd"
 BLOCKED_BWD_TARGET = "dsjax_blocked_swiglu_bwd"
+LATENT_TARGET = "dsjax_latent_attention"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _state: dict = {}  # "lib" once loaded and registered, or "error": why not
@@ -136,6 +143,8 @@ def available() -> bool:
                                         platform="cpu")
             jax.ffi.register_ffi_target(BLOCKED_BWD_TARGET, jax.ffi.pycapsule(lib.DsjaxBlockedSwigluBwd),
                                         platform="cpu")
+            jax.ffi.register_ffi_target(LATENT_TARGET, jax.ffi.pycapsule(lib.DsjaxLatentAttention),
+                                        platform="cpu")
             _state["lib"] = lib
             return True
         except (RuntimeError, OSError) as e:
@@ -200,3 +209,15 @@ def blocked_swiglu_bwd(xs, dys, a1, a3, first, count, w1, w3, w2):
     return jax.ffi.ffi_call(BLOCKED_BWD_TARGET, out, vmap_method="sequential")(
         f32(xs), f32(dys), f32(a1), f32(a3), jnp.asarray(first, jnp.int32), jnp.asarray(count, jnp.int32),
         f32(w1), f32(w3), f32(w2))
+
+
+def latent_attention(q_lat, q_pe, c_kv, k_pe, positions, scale: float):
+    """Absorbed MLA attention of a decode step, float32, on a CPU: q_lat [B, T, H, C] and
+    q_pe [B, T, H, R] against the cached latents c_kv [B, S, C] and k_pe [B, S, R], each
+    query (b, t) seeing the slots s <= positions[b, t] (int32 [B, T]); returns o_lat
+    [B, T, H, C], softmax(scale * (q_lat c_kv^T + q_pe k_pe^T)) c_kv. Call only where
+    `available()`; no gradient (decoding only)."""
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    out = jax.ShapeDtypeStruct(q_lat.shape, jnp.float32)
+    return jax.ffi.ffi_call(LATENT_TARGET, out, vmap_method="sequential")(
+        f32(q_lat), f32(q_pe), f32(c_kv), f32(k_pe), jnp.asarray(positions, jnp.int32), scale=np.float32(scale))

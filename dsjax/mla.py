@@ -17,12 +17,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dsjax import cpu_kernels
 from dsjax.attention import blockwise_attention, cudnn_or_blockwise
 from dsjax.config import ModelConfig
 from dsjax.layers import RMSNorm, decode_transposed, dtype_of, linear, matmul, param, rows_kernel_applies
 from dsjax.rope import apply_rope
 
 _NEG_INF = -1e30
+# Most new tokens a row for which a decode step's absorbed attention runs the CPU kernel
+# (`cpu_kernels.latent_attention`); a longer call (a prompt's prefill) runs XLA's GEMMs.
+LATENT_KERNEL_QUERIES = 16
 
 
 def masked_softmax(scores: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
@@ -154,18 +158,20 @@ class MLA(nn.Module):
         o = nn.with_logical_constraint(o, ("batch", "seq", "heads", "head_dim"))
         return linear(self.cfg, o, self.wo, contract=2, wt=decode_transposed(self, "wo"))
 
-    def attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask, causal: bool = False, folded=None) -> jnp.ndarray:
+    def attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask, causal: bool = False, folded=None,
+                      positions=None) -> jnp.ndarray:
         """Absorbed attention on the latents (W_UK folded into q, W_UV applied after).
 
         q_nope: [B, T, H, K]; q_pe: [B, T, H, R]; c_kv: [B, S, C]; k_pe: [B, S, R] -> [B, T, D].
         With `folded` (`MLA.folded`'s pair), q_nope is already the latent query [B, T, H, C]
-        and W_UV comes folded into the output projection.
+        and W_UV comes folded into the output projection. `positions` [B, T] (decoding):
+        `mask` is the decode mask, slot s <= positions[b, t].
         """
         dt = dtype_of(self.cfg.dtype)
         K = self.cfg.qk_nope_head_dim
         if folded is not None:
             with jax.named_scope("absorbed_attention"):
-                o_lat = self._latent_attention(q_nope, q_pe, c_kv, k_pe, mask, causal)
+                o_lat = self._latent_attention(q_nope, q_pe, c_kv, k_pe, mask, causal, positions)
             wo = folded[1]
             return matmul(o_lat.reshape(o_lat.shape[:2] + (-1,)), wo.T, wo)
         # W_UK = wkv_b[..., :K] and W_UV = wkv_b[..., K:] are used in place, not sliced out
@@ -181,23 +187,32 @@ class MLA(nn.Module):
         with jax.named_scope("absorbed_attention"):
             q_pad = jnp.pad(q_nope, ((0, 0),) * 3 + ((0, w_heads.shape[-1] - K),))
             q_lat = jnp.einsum("bthk,hck->bthc", q_pad, w_heads)
-            o_lat = self._latent_attention(q_lat, q_pe, c_kv, k_pe, mask, causal)
+            o_lat = self._latent_attention(q_lat, q_pe, c_kv, k_pe, mask, causal, positions)
             o = jnp.einsum("bthc,hcv->bthv", o_lat, w_heads)[..., K:]
         o = nn.with_logical_constraint(o, ("batch", "seq", "heads", "head_dim"))
         return linear(self.cfg, o, self.wo, contract=2, wt=decode_transposed(self, "wo"))
 
-    def _latent_attention(self, q_lat, q_pe, c_kv, k_pe, mask, causal: bool) -> jnp.ndarray:
+    def _latent_attention(self, q_lat, q_pe, c_kv, k_pe, mask, causal: bool, positions=None) -> jnp.ndarray:
         """q_lat [B, T, H, C], q_pe [B, T, H, R] against the latents c_kv [B, S, C] and k_pe
         [B, S, R] -> o_lat [B, T, H, C]: one shared key head [c_kv, k_pe] and value head c_kv
-        for every query head."""
+        for every query head. A decode step (`positions` given, at most LATENT_KERNEL_QUERIES
+        new tokens a row, `attn_kernel` auto) on a CPU in float32 runs the native kernel
+        (`cpu_kernels.latent_attention`: one call where XLA ran a dozen small ops, two of
+        them batched dots at a few GFLOP/s)."""
         dt = dtype_of(self.cfg.dtype)
+        scale = self.cfg.softmax_scale
+        if (positions is not None and q_lat.shape[1] <= LATENT_KERNEL_QUERIES and self.cfg.attn_kernel == "auto"
+                and cpu_kernels.applies(q_lat.dtype, q_pe.dtype, c_kv.dtype, k_pe.dtype)):
+            return jax.lax.platform_dependent(
+                q_lat, q_pe, c_kv, k_pe, mask,
+                cpu=lambda q, r, c, k, _: cpu_kernels.latent_attention(q, r, c, k, positions, scale).astype(dt),
+                default=lambda q, r, c, k, m: self._latent_attention(q, r, c, k, m, causal))
         if self.cfg.attention_kernel(q_lat.shape[1], absorbed=True) == "blockwise":
             keys = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], -1)[:, :, None]
             q_all = jnp.concatenate([q_lat, q_pe.astype(q_lat.dtype)], -1)
-            return blockwise_attention(q_all, keys, c_kv[:, :, None], mask, self.cfg.softmax_scale,
-                                       causal=causal).astype(dt)
+            return blockwise_attention(q_all, keys, c_kv[:, :, None], mask, scale, causal=causal).astype(dt)
         scores = jnp.einsum("bthc,bsc->bhts", q_lat, c_kv) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
-        probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(dt)
+        probs = masked_softmax(scores * scale, mask).astype(dt)
         return jnp.einsum("bhts,bsc->bthc", probs, c_kv)
 
     def __call__(self, x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, mask: jnp.ndarray | None,
@@ -219,7 +234,8 @@ class MLA(nn.Module):
             if decode:
                 c_kv, k_pe = self.cache_c_kv(c_kv, positions), self.cache_k_pe(k_pe, positions)
                 mask = cache_mask(c_kv.shape[1])
-            return self.attend_latent(q_nope, q_pe, c_kv, k_pe, mask, causal=not decode, folded=folded)
+            return self.attend_latent(q_nope, q_pe, c_kv, k_pe, mask, causal=not decode, folded=folded,
+                                      positions=positions if decode else None)
         k, v = self.expand(c_kv, k_pe)
         if decode:
             k, v = self.cache_k(k, positions), self.cache_v(v, positions)

@@ -313,3 +313,59 @@ def test_generate_with_the_row_kernel_matches_xla(monkeypatch, speculative, over
     assert (calls, off_calls) == (4 * calls_per_layer + 3 + 1, 0)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)
+
+
+def _latent_inputs(B=3, T=2, H=4, C=37, R=8, S=20):
+    keys = jax.random.split(jax.random.key(5), 4)
+    return (jax.random.normal(keys[0], (B, T, H, C)), jax.random.normal(keys[1], (B, T, H, R)),
+            jax.random.normal(keys[2], (B, S, C)), jax.random.normal(keys[3], (B, S, R)))
+
+
+def test_latent_attention_matches_the_masked_softmax():
+    from dsjax.mla import masked_softmax
+
+    assert cpu_kernels.available()
+    q_lat, q_pe, c_kv, k_pe = _latent_inputs()  # C not a multiple of 8: the dot products' tails
+    S = c_kv.shape[1]
+    # the first slot only, the last slot, a middle one; and a row with nothing visible (the
+    # dense softmax of an all-masked row weighs every slot alike)
+    positions = jnp.asarray([[0, 1], [5, S - 1], [-1, 7]], jnp.int32)
+    mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]
+    scores = jnp.einsum("bthc,bsc->bhts", q_lat, c_kv) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
+    want = jnp.einsum("bhts,bsc->bthc", masked_softmax(scores * 0.3, mask), c_kv)
+    got = jax.jit(lambda *a: cpu_kernels.latent_attention(*a, positions, 0.3))(q_lat, q_pe, c_kv, k_pe)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_latent_attention_rejects_shapes_that_disagree():
+    assert cpu_kernels.available()
+    q_lat, q_pe, c_kv, k_pe = _latent_inputs()
+    with pytest.raises(Exception, match="latent_attention: shapes disagree"):
+        jax.block_until_ready(jax.jit(lambda *a: cpu_kernels.latent_attention(*a, jnp.zeros((3, 2), jnp.int32), 1.0))(
+            q_lat, q_pe, c_kv[:, :, :-1], k_pe))
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_generate_with_the_latent_attention_kernel_matches_xla(monkeypatch, speculative):
+    import dsjax
+    from dsjax import decoding, mla
+
+    model, variables = _tiny_decoding()
+    prompts = np.random.default_rng(1).integers(2, model.cfg.vocab_size, (3, 20))  # prefill: 20 > 16 queries, XLA
+    lengths = np.array([20, 11, 20])
+
+    def run():
+        plain = lambda v: decoding._plain(model, v, jnp.asarray(prompts), jnp.asarray(lengths),  # noqa: E731
+                                          jax.random.key(0), jnp.float32(1.0), max_new_tokens=6, greedy=True,
+                                          top_k=0, top_p=1.0, stop_tokens=())
+        text = jax.jit(plain).lower(variables).as_text()
+        out = dsjax.generate(model, variables, prompts, lengths, max_new_tokens=6, speculative=speculative)
+        return text.count(cpu_kernels.LATENT_TARGET), out
+
+    calls, out = run()
+    monkeypatch.setattr(mla, "LATENT_KERNEL_QUERIES", 0)  # off
+    jax.clear_caches()
+    off_calls, ref = run()
+    assert (calls, off_calls) == (model.cfg.num_hidden_layers, 0)  # one per layer of a decode step
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)

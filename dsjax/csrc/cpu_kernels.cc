@@ -1,7 +1,8 @@
 // CPU kernels as XLA FFI custom calls (dsjax/cpu_kernels.py builds and registers them).
-// Two for decoding: a decode step is a pass over the weights with a few rows of
+// Three for decoding: a decode step is a pass over the weights with a few rows of
 // activations, and XLA:CPU runs such few-row products below the machine's memory
-// bandwidth. One for training and prefill, DsjaxBlockedSwiglu{Fwd,Bwd} (further down): the
+// bandwidth (and absorbed attention over the latent cache as a dozen small ops,
+// DsjaxLatentAttention further down). One for training and prefill, DsjaxBlockedSwiglu{Fwd,Bwd} (further down): the
 // blocked dispatch's expert GEMMs, which XLA:CPU runs as a loop of small dots.
 //
 // DsjaxGatherSwiglu: the gather dispatch's routed experts (dsjax/moe.py:experts_gather),
@@ -322,6 +323,120 @@ ffi::Error RowsDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([plan] { RowsWork(*plan); });
   RowsWork(p);
   while (p.done.load(std::memory_order_acquire) < p.items) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+
+// ---- DsjaxLatentAttention ----
+//
+// Absorbed MLA attention of a decode step (dsjax/mla.py:MLA._latent_attention): every query
+// head attends to one shared key head [c_kv, k_pe] and value head c_kv,
+//   o[b, t, h] = sum_s p[s] c_kv[b, s],  p = softmax_s(scale * (q_lat[b, t, h] . c_kv[b, s]
+//                                                              + q_pe[b, t, h] . k_pe[b, s]))
+// over the slots s <= pos[b, t] (the decode mask; a row with pos < 0 sees every slot, as
+// the dense softmax of an all-masked row does). q_lat [B, T, H, C], q_pe [B, T, H, R],
+// c_kv [B, S, C], k_pe [B, S, R], pos [B, T] int32, o [B, T, H, C], float32. XLA:CPU ran
+// this as about a dozen ops, two of them batched dots of [H, C] x [C, S] at a few GFLOP/s;
+// here each (b, t) is one work item: a cache row is read once for all heads (scores), and
+// once more to mix (outputs), with the H heads' accumulators in L1.
+
+inline float Dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  V8 acc0 = {}, acc1 = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 += Load8(a + i) * Load8(b + i);
+    acc1 += Load8(a + i + 8) * Load8(b + i + 8);
+  }
+  for (; i + 8 <= n; i += 8) acc0 += Load8(a + i) * Load8(b + i);
+  float s = Sum8(acc0 + acc1);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+struct LatentPlan {
+  const float *q_lat, *q_pe, *c_kv, *k_pe;
+  const int32_t* pos;
+  float* o;
+  int64_t B, T, H, S, C, R;
+  float scale;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+void LatentItem(const LatentPlan& p, int64_t item) {
+  const int64_t b = item / p.T, H = p.H, C = p.C, R = p.R;
+  const int64_t limit = p.pos[item];
+  const int64_t n = limit < 0 ? p.S : std::min<int64_t>(limit + 1, p.S);
+  const float* ql = p.q_lat + item * H * C;
+  const float* qr = p.q_pe + item * H * R;
+  const float* ckv = p.c_kv + b * p.S * C;
+  const float* kpe = p.k_pe + b * p.S * R;
+  float* out = p.o + item * H * C;
+  std::fill(out, out + H * C, 0.0f);
+  if (n == 0) return;
+  thread_local std::vector<float> scores;
+  scores.resize(H * n);
+  for (int64_t s = 0; s < n; ++s)
+    for (int64_t h = 0; h < H; ++h)
+      scores[h * n + s] = (Dot(ql + h * C, ckv + s * C, C) + Dot(qr + h * R, kpe + s * R, R)) * p.scale;
+  if (limit < 0)  // every slot masked: the dense softmax weighs them all alike
+    std::fill(scores.begin(), scores.end(), 0.0f);
+  for (int64_t h = 0; h < H; ++h) {
+    float* sc = scores.data() + h * n;
+    const float m = *std::max_element(sc, sc + n);
+    float sum = 0.0f;
+    for (int64_t s = 0; s < n; ++s) {
+      sc[s] = std::exp(sc[s] - m);
+      sum += sc[s];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t s = 0; s < n; ++s) sc[s] *= inv;
+  }
+  for (int64_t s = 0; s < n; ++s) {
+    const float* __restrict row = ckv + s * C;
+    for (int64_t h = 0; h < H; ++h) {
+      const float w = scores[h * n + s];
+      float* __restrict acc = out + h * C;
+      for (int64_t c = 0; c < C; ++c) acc[c] += w * row[c];
+    }
+  }
+}
+
+void LatentWork(LatentPlan& p, int64_t items) {
+  for (int64_t i = p.next.fetch_add(1); i < items; i = p.next.fetch_add(1)) {
+    LatentItem(p, i);
+    p.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error LatentAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_lat, ffi::Buffer<ffi::F32> q_pe,
+                           ffi::Buffer<ffi::F32> c_kv, ffi::Buffer<ffi::F32> k_pe, ffi::Buffer<ffi::S32> pos,
+                           float scale, ffi::ResultBuffer<ffi::F32> o) {
+  auto qd = q_lat.dimensions(), rd = q_pe.dimensions(), cd = c_kv.dimensions(), kd = k_pe.dimensions(),
+       pd = pos.dimensions();
+  if (qd.size() != 4 || rd.size() != 4 || cd.size() != 3 || kd.size() != 3 || pd.size() != 2)
+    return ffi::Error::InvalidArgument("latent_attention: q_lat and q_pe must be 4-D, c_kv and k_pe 3-D, pos 2-D");
+  const int64_t B = qd[0], T = qd[1], H = qd[2], C = qd[3], S = cd[1], R = kd[2];
+  if (rd[0] != B || rd[1] != T || rd[2] != H || rd[3] != R || cd[0] != B || cd[2] != C || kd[0] != B ||
+      kd[1] != S || pd[0] != B || pd[1] != T)
+    return ffi::Error::InvalidArgument("latent_attention: shapes disagree (q_lat [B,T,H,C], q_pe [B,T,H,R], "
+                                       "c_kv [B,S,C], k_pe [B,S,R], pos [B,T])");
+  auto plan = std::make_shared<LatentPlan>();
+  LatentPlan& p = *plan;
+  p.q_lat = q_lat.typed_data();
+  p.q_pe = q_pe.typed_data();
+  p.c_kv = c_kv.typed_data();
+  p.k_pe = k_pe.typed_data();
+  p.pos = pos.typed_data();
+  p.o = o->typed_data();
+  p.B = B, p.T = T, p.H = H, p.S = S, p.C = C, p.R = R;
+  p.scale = scale;
+  const int64_t items = B * T;
+  if (items == 0) return ffi::Error::Success();
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, items - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([plan, items] { LatentWork(*plan, items); });
+  LatentWork(p, items);
+  while (p.done.load(std::memory_order_acquire) < items) std::this_thread::yield();
   return ffi::Error::Success();
 }
 
@@ -747,4 +862,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DsjaxBlockedSwigluBwd, BlockedSwigluBwd,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DsjaxLatentAttention, LatentAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>());
