@@ -4,12 +4,18 @@ the blockwise online softmax (model.attn_kernel), from XLA's own memory_analysis
     python bench/attention_memory.py [--preset small] [--seq-len 4096] [--batch 1] [--speed]
 
 Prints one JSON line: temp bytes of each kernel and their ratio. Compiles only (nothing
-runs), so it takes seconds on a CPU. `--speed` also times the layer's forward + backward
-under both kernels on this machine at 8 x 256 and 1 x 2048 tokens (interleaved, best of
-5), the figures behind `attn_kernel=auto` picking blockwise off GPUs.
+runs), so it takes seconds on a CPU. The memory is that of the kernels' JAX form: on a
+CPU in float32 `blockwise` runs the native kernel (`dsjax.attention.native_attention`),
+whose scratch XLA does not see (per thread, 64 x S float32 scores and one head's keys
+and values, S x (K + V)), so both are compiled here with the native kernels off.
+`--speed` also times the layer's forward + backward under each kernel on this machine at
+8 x 256 and 1 x 2048 tokens (interleaved, best of 5), the figures behind
+`attn_kernel=auto` picking blockwise off GPUs: `blockwise` as it runs (native on a CPU
+in float32) and `blockwise_xla`, the JAX form with the native kernels off.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -41,21 +47,40 @@ def _layer_step(cfg, batch: int, seq_len: int):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), (params, x)
 
 
+@contextlib.contextmanager
+def xla_only():
+    """Traces inside run XLA's own ops, not dsjax's native CPU kernels (DSJAX_CPU_KERNELS=0)."""
+    saved = os.environ.get("DSJAX_CPU_KERNELS")
+    os.environ["DSJAX_CPU_KERNELS"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["DSJAX_CPU_KERNELS"]
+        else:
+            os.environ["DSJAX_CPU_KERNELS"] = saved
+
+
 def temp_bytes(cfg, batch: int, seq_len: int) -> int:
-    """Temp memory of value_and_grad over one MLA layer (parameters and input) at this length."""
-    step, args = _layer_step(cfg, batch, seq_len)
-    return int(step.lower(*args).compile().memory_analysis().temp_size_in_bytes)
+    """Temp memory of value_and_grad over one MLA layer (parameters and input) at this
+    length, the kernels in their JAX form (`xla_only`)."""
+    with xla_only():
+        step, args = _layer_step(cfg, batch, seq_len)
+        return int(step.lower(*args).compile().memory_analysis().temp_size_in_bytes)
 
 
-def layer_ms(cfg, batch: int, seq_len: int, kernels=("dense", "blockwise"), reps: int = 5) -> dict[str, float]:
+def layer_ms(cfg, batch: int, seq_len: int, kernels=("dense", "blockwise", "blockwise_xla"),
+             reps: int = 5) -> dict[str, float]:
     """Best-of-`reps` milliseconds of one layer's forward + backward under each kernel,
-    the kernels timed in turn so that both see the same machine."""
+    the kernels timed in turn so that all see the same machine. `blockwise_xla`: the
+    blockwise kernel's JAX form, the native CPU kernels off."""
     runs = {}
     for kernel in kernels:
-        step, (shapes, x) = _layer_step(cfg.replace(attn_kernel=kernel), batch, seq_len)
-        params = jax.tree.map(lambda s: jnp.full(s.shape, 0.02, s.dtype), shapes)
-        xs = jax.random.normal(jax.random.key(1), x.shape, x.dtype)
-        jax.block_until_ready(step(params, xs))
+        with xla_only() if kernel.endswith("_xla") else contextlib.nullcontext():
+            step, (shapes, x) = _layer_step(cfg.replace(attn_kernel=kernel.removesuffix("_xla")), batch, seq_len)
+            params = jax.tree.map(lambda s: jnp.full(s.shape, 0.02, s.dtype), shapes)
+            xs = jax.random.normal(jax.random.key(1), x.shape, x.dtype)
+            jax.block_until_ready(step(params, xs))
         runs[kernel] = (step, params, xs, [])
     for _ in range(reps):
         for step, params, xs, times in runs.values():
@@ -70,7 +95,7 @@ def main() -> int:
     p.add_argument("--preset", default="small")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--speed", action="store_true", help="also time both kernels at 8 x 256 and 1 x 2048")
+    p.add_argument("--speed", action="store_true", help="also time the kernels at 8 x 256 and 1 x 2048")
     args = p.parse_args()
     cfg = load_model_config(args.preset)
     dense = temp_bytes(cfg.replace(attn_kernel="dense"), args.batch, args.seq_len)

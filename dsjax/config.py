@@ -137,7 +137,9 @@ class ModelConfig:
         shared latents the same way), 'cudnn' (jax.nn.dot_product_attention's cuDNN flash
         attention for the naive form, V padded to the key width; GPUs, bf16/fp16), or
         'auto' (default): dense for one-token decoding steps, cuDNN on a GPU where it
-        accepts the shapes, blockwise otherwise (also the faster one on a CPU).
+        accepts the shapes, blockwise otherwise (also the faster one on a CPU). On a CPU in
+        float32, blockwise runs as a native kernel (`dsjax.attention.native_attention`;
+        `DSJAX_CPU_KERNELS=0` keeps the JAX form).
       layer_loop: how the stacked layers run: 'scan' (one compiled layer, looped),
         'unroll' (the same stacked weights, the loop unrolled at compile time) or 'auto'
         (default, `unroll_layers`): unrolled on one CPU device, scanned on meshes of

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax import cpu_kernels
-from dsjax.attention import blockwise_attention, cudnn_or_blockwise
+from dsjax.attention import blockwise_attention, cudnn_or_blockwise, native_or_blockwise
 from dsjax.config import ModelConfig
 from dsjax.layers import RMSNorm, decode_transposed, dtype_of, linear, matmul, param, rows_kernel_applies
 from dsjax.rope import apply_rope
@@ -149,7 +149,7 @@ class MLA(nn.Module):
                                        fallback=self.cfg.attn_kernel == "auto", causal=causal).astype(dt)
         elif kernel == "blockwise":
             with jax.named_scope("blockwise_attention"):
-                o = blockwise_attention(q, k, v, mask, self.cfg.softmax_scale, causal=causal).astype(dt)
+                o = native_or_blockwise(q, k, v, mask, self.cfg.softmax_scale, causal=causal).astype(dt)
         else:
             with jax.named_scope("naive_attention"):
                 scores = jnp.einsum("bthk,bshk->bhts", q, k)

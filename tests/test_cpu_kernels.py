@@ -369,3 +369,69 @@ def test_generate_with_the_latent_attention_kernel_matches_xla(monkeypatch, spec
     assert (calls, off_calls) == (model.cfg.num_hidden_layers, 0)  # one per layer of a decode step
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)
+
+
+def _attention_inputs(B=3, T=150, H=2, K=20, V=12, seed=6):
+    # T over two query chunks of 64 and not a multiple of them; K and V not multiples of a vector
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(keys[0], (B, T, H, K)), jax.random.normal(keys[1], (B, T, H, K)),
+            jax.random.normal(keys[2], (B, T, H, V)))
+
+
+def _packed_causal_mask(B, T, split):
+    """Causal within two packed segments [0, split) and [split, T)."""
+    seg = (jnp.arange(T) >= split).astype(jnp.int32)
+    mask = jnp.tril(jnp.ones((T, T), bool)) & (seg[:, None] == seg[None, :])
+    return jnp.broadcast_to(mask, (B, T, T))
+
+
+def test_native_attention_matches_blockwise_values_and_gradients():
+    from dsjax.attention import blockwise_attention, native_attention
+
+    assert cpu_kernels.available()
+    q, k, v = _attention_inputs()
+    mask = _packed_causal_mask(3, 150, 90)
+
+    def loss(fn):
+        return lambda q, k, v: (fn(q, k, v) * jnp.cos(jnp.arange(12.0))).sum()
+
+    ours = lambda q, k, v: native_attention(q, k, v, mask, 0.3)  # noqa: E731
+    ref = lambda q, k, v: blockwise_attention(q, k, v, mask, 0.3, causal=True)  # noqa: E731
+    np.testing.assert_allclose(jax.jit(ours)(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
+    for g, r in zip(jax.jit(jax.grad(loss(ours), (0, 1, 2)))(q, k, v), jax.grad(loss(ref), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_native_attention_weighs_every_key_alike_for_a_row_that_sees_none():
+    from dsjax.attention import native_attention
+    from dsjax.mla import masked_softmax
+
+    assert cpu_kernels.available()
+    q, k, v = _attention_inputs(B=1, T=70)
+    mask = _packed_causal_mask(1, 70, 40).at[0, 66].set(False)  # row 66 sees nothing: its chunk reads all keys
+    scores = jnp.einsum("bthk,bshk->bhts", q, k)
+    want = jnp.einsum("bhts,bshv->bthv", masked_softmax(scores * 0.3, mask), v)
+    np.testing.assert_allclose(jax.jit(lambda *a: native_attention(*a, mask, 0.3))(q, k, v), want, rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_native_attention_rejects_shapes_that_disagree():
+    assert cpu_kernels.available()
+    q, k, v = _attention_inputs()
+    with pytest.raises(Exception, match="attention: shapes disagree"):
+        jax.block_until_ready(jax.jit(lambda *a: cpu_kernels.attention_fwd(*a, 1.0))(
+            q, k[:, :, :, :-1], v, _packed_causal_mask(3, 150, 90)))
+
+
+def test_training_attention_runs_the_native_kernel_in_float32_only():
+    from dsjax.attention import native_or_blockwise
+
+    q, k, v = _attention_inputs()
+    mask = _packed_causal_mask(3, 150, 90)
+    grad = lambda q, k, v: jax.grad(lambda q: native_or_blockwise(q, k, v, mask, 0.3, causal=True).sum())(q)  # noqa: E731
+    text = jax.jit(grad).lower(q, k, v).as_text()
+    assert cpu_kernels.ATTENTION_FWD_TARGET in text and cpu_kernels.ATTENTION_BWD_TARGET in text
+    half = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+    assert cpu_kernels.ATTENTION_FWD_TARGET not in jax.jit(grad).lower(*half).as_text()
+    shared = lambda q, k, v: native_or_blockwise(q, k[:, :, :1], v[:, :, :1], mask, 0.3)  # noqa: E731
+    assert cpu_kernels.ATTENTION_FWD_TARGET not in jax.jit(shared).lower(q, k, v).as_text()  # one shared head

@@ -2,8 +2,10 @@
 // Three for decoding: a decode step is a pass over the weights with a few rows of
 // activations, and XLA:CPU runs such few-row products below the machine's memory
 // bandwidth (and absorbed attention over the latent cache as a dozen small ops,
-// DsjaxLatentAttention further down). One for training and prefill, DsjaxBlockedSwiglu{Fwd,Bwd} (further down): the
-// blocked dispatch's expert GEMMs, which XLA:CPU runs as a loop of small dots.
+// DsjaxLatentAttention further down). Two for training and prefill, further down:
+// DsjaxBlockedSwiglu{Fwd,Bwd}, the blocked dispatch's expert GEMMs, which XLA:CPU runs as
+// a loop of small dots, and DsjaxAttention{Fwd,Bwd}, softmax attention with a head of keys
+// and values per query head, which it runs as small batched products.
 //
 // DsjaxGatherSwiglu: the gather dispatch's routed experts (dsjax/moe.py:experts_gather),
 // and the layer's shared experts with them when given,
@@ -600,25 +602,28 @@ typedef int32_t V16i __attribute__((vector_size(64)));
 // Taylor polynomial (relative error about 2e-7, float32's rounding); x clamped to
 // [-87, 88], where 2^n stays a normal float. (std::exp per element took most of the
 // experts' time: the compiler does not vectorize it.)
-inline V16 Exp16(V16 x) {
-  const V16 hi = V16{} + 88.0f, lo = V16{} - 87.0f;
+template <typename VF, typename VI>
+inline VF ExpV(VF x) {
+  const VF hi = VF{} + 88.0f, lo = VF{} - 87.0f;
   x = x > hi ? hi : x;
   x = x < lo ? lo : x;
-  const V16 fn = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f + (V16{} + 0.5f) - (x < 0 ? V16{} + 1.0f : V16{}), V16i), V16);
-  const V16 r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
-  V16 p = V16{} + (1.0f / 720);
+  const VF fn = __builtin_convertvector(__builtin_convertvector(x * 1.44269504f + (VF{} + 0.5f) - (x < 0 ? VF{} + 1.0f : VF{}), VI), VF);
+  const VF r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+  VF p = VF{} + (1.0f / 720);
   p = p * r + (1.0f / 120);
   p = p * r + (1.0f / 24);
   p = p * r + (1.0f / 6);
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const V16i n = __builtin_convertvector(fn, V16i);
-  V16 scale;
-  const V16i bits = (n + 127) << 23;
+  const VI n = __builtin_convertvector(fn, VI);
+  VF scale;
+  const VI bits = (n + 127) << 23;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
+
+inline V16 Exp16(V16 x) { return ExpV<V16, V16i>(x); }
 
 inline float Sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
@@ -811,6 +816,287 @@ ffi::Error BlockedSwigluBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs, ffi:
   return ffi::Error::Success();
 }
 
+
+// ---- DsjaxAttention (forward and backward) ----
+//
+// Softmax attention of training and prefill with a key and value head per query head
+// (MLA's expanded form; dsjax/attention.py's blockwise_attention on a CPU in float32):
+//   o[b, t, h] = sum_s p[s] v[b, s, h],  p = softmax_s(scale * q[b, t, h] . k[b, s, h]),
+// the masked scores set to -1e30 as the dense softmax does. q [B, T, H, K], k [B, S, H, K],
+// v [B, S, H, V], mask [B, T, S] (bool), o [B, T, H, V] and lse [B, H, T] (the log-sum-exp
+// the backward recomputes the probabilities from). XLA:CPU ran the blockwise form's
+// per-block products (contractions of 48 to 192 over [B, H] batches of small matrices) at
+// 20-35 GFLOP/s, and the elementwise softmax between them as separate passes. Here each
+// (b, h) is one work item, walking its queries in chunks of kAttnRows: the chunk's scores
+// [rows, keys] stay in L1/L2, the products run through the packed GEMM above, and keys past
+// the last one any row of the chunk sees (a causal mask's upper triangle) are skipped
+// (all keys when a row of the chunk sees none, as the dense softmax weighs them alike).
+// The backward recomputes each chunk's probabilities from lse and sums the item's dk and
+// dv over its chunks (FlashAttention-2's order, one query chunk at a time).
+
+constexpr int64_t kAttnRows = 64;
+
+struct AttnPlan {
+  const float *q, *k, *v, *o, *lse, *dout;
+  const bool* mask;
+  float *out, *lse_out, *dq, *dk, *dv;
+  int64_t B, T, S, H, K, V;
+  float scale;
+  std::vector<int64_t> key_end;  // PlanKeyEnds
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// The last key row t of batch row b sees, or -1 (8 mask bytes at a time from the end).
+int64_t LastVisible(const AttnPlan& p, int64_t b, int64_t t) {
+  const bool* m = p.mask + (b * p.T + t) * p.S;
+  int64_t s = p.S;
+  for (; s >= 8; s -= 8) {
+    uint64_t word;
+    __builtin_memcpy(&word, m + s - 8, 8);
+    if (word) break;
+  }
+  while (s > 0 && !m[s - 1]) --s;
+  return s - 1;
+}
+
+// For every batch row and query chunk, the keys [0, end) its rows may see: up to the last
+// visible one of any row, or all S when a row sees none. The same for every head.
+void PlanKeyEnds(AttnPlan& p) {
+  const int64_t chunks = (p.T + kAttnRows - 1) / kAttnRows;
+  p.key_end.assign(p.B * chunks, 0);
+  for (int64_t b = 0; b < p.B; ++b)
+    for (int64_t c = 0; c < chunks; ++c) {
+      int64_t end = 0;
+      for (int64_t t = c * kAttnRows; t < std::min(p.T, (c + 1) * kAttnRows); ++t) {
+        const int64_t last = LastVisible(p, b, t);
+        if (last < 0) {
+          end = p.S;
+          break;
+        }
+        end = std::max(end, last + 1);
+      }
+      p.key_end[b * chunks + c] = end;
+    }
+}
+
+inline int64_t KeyEnd(const AttnPlan& p, int64_t b, int64_t t0) {
+  return p.key_end[b * ((p.T + kAttnRows - 1) / kAttnRows) + t0 / kAttnRows];
+}
+
+
+// A row of a chunk's scores, in place: scaled where the mask attends, -1e30 elsewhere.
+typedef int32_t VWi __attribute__((vector_size(4 * kLanes)));
+typedef uint8_t VWb __attribute__((vector_size(kLanes)));
+
+// A row of a chunk's scores, in place: scaled where the mask attends, -1e30 elsewhere.
+inline void MaskScale(const AttnPlan& p, const bool* m, float* row, int64_t ke) {
+  int64_t s = 0;
+  const VW neg = VW{} - 1e30f;
+  for (; s + kLanes <= ke; s += kLanes) {
+    VWb mb;
+    __builtin_memcpy(&mb, m + s, sizeof(mb));
+    const VWi keep = __builtin_convertvector(mb, VWi) != 0;
+    StoreW(row + s, keep ? LoadW(row + s) * p.scale : neg);
+  }
+  for (; s < ke; ++s) row[s] = m[s] ? row[s] * p.scale : -1e30f;
+}
+
+// exp(x - sub) over a row in place; returns the row's sum.
+inline float ExpRow(float* row, int64_t ke, float sub) {
+  VW acc = {};
+  int64_t s = 0;
+  for (; s + kLanes <= ke; s += kLanes) {
+    const VW e = ExpV<VW, VWi>(LoadW(row + s) - sub);
+    StoreW(row + s, e);
+    acc += e;
+  }
+  float sum = 0.0f;
+  for (int i = 0; i < kLanes; ++i) sum += acc[i];
+  for (; s < ke; ++s) {
+    row[s] = std::exp(row[s] - sub);
+    sum += row[s];
+  }
+  return sum;
+}
+
+inline float RowMax(const float* row, int64_t ke) {
+  VW acc = VW{} - 3e38f;
+  int64_t s = 0;
+  for (; s + kLanes <= ke; s += kLanes) {
+    const VW x = LoadW(row + s);
+    acc = x > acc ? x : acc;
+  }
+  float mx = -3e38f;
+  for (int i = 0; i < kLanes; ++i) mx = std::max(mx, acc[i]);
+  for (; s < ke; ++s) mx = std::max(mx, row[s]);
+  return mx;
+}
+
+// The item's keys and values [S, K] and [S, V], contiguous (in the arrays, rows H heads
+// apart): the GEMMs' packing then reads them from L2 instead of missing on every row.
+void ItemRows(const float* src, int64_t rows, int64_t width, int64_t stride, std::vector<float>& dst) {
+  dst.resize(rows * width);
+  for (int64_t r = 0; r < rows; ++r) std::copy(src + r * stride, src + r * stride + width, dst.data() + r * width);
+}
+
+void AttnForward(AttnPlan& p, int64_t item) {
+  const int64_t b = item / p.H, h = item % p.H, T = p.T, S = p.S, H = p.H, K = p.K, V = p.V;
+  thread_local std::vector<float> kbuf, vbuf;
+  ItemRows(p.k + (b * S * H + h) * K, S, K, H * K, kbuf);
+  ItemRows(p.v + (b * S * H + h) * V, S, V, H * V, vbuf);
+  const float* kb = kbuf.data();
+  const float* vb = vbuf.data();
+  thread_local std::vector<float> scores;
+  float inv[kAttnRows];
+  for (int64_t t0 = 0; t0 < T; t0 += kAttnRows) {
+    const int64_t n = std::min(kAttnRows, T - t0), ke = KeyEnd(p, b, t0);
+    scores.resize(n * ke);
+    float* sc = scores.data();
+    const float* qc = p.q + ((b * T + t0) * H + h) * K;
+    Gemm(qc, H * K, 1, kb, 1, K, sc, ke, n, ke, K, false);  // q k^T
+    for (int64_t r = 0; r < n; ++r) {
+      float* row = sc + r * ke;
+      MaskScale(p, p.mask + (b * T + t0 + r) * S, row, ke);
+      const float mx = RowMax(row, ke);
+      const float l = ExpRow(row, ke, mx);
+      inv[r] = 1.0f / l;
+      p.lse_out[(b * H + h) * T + t0 + r] = mx + std::log(l);
+    }
+    float* oc = p.out + ((b * T + t0) * H + h) * V;
+    Gemm(sc, ke, 1, vb, V, 1, oc, H * V, n, V, ke, false);  // exp(s - max) v, then / the row's sum
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = 0; c < V; ++c) oc[r * H * V + c] *= inv[r];
+  }
+}
+
+void AttnBackward(AttnPlan& p, int64_t item) {
+  const int64_t b = item / p.H, h = item % p.H, T = p.T, S = p.S, H = p.H, K = p.K, V = p.V;
+  thread_local std::vector<float> kbuf, vbuf;
+  ItemRows(p.k + (b * S * H + h) * K, S, K, H * K, kbuf);
+  ItemRows(p.v + (b * S * H + h) * V, S, V, H * V, vbuf);
+  const float* kb = kbuf.data();
+  const float* vb = vbuf.data();
+  thread_local std::vector<float> probs, dscores, dk, dv;
+  dk.assign(S * K, 0.0f);
+  dv.assign(S * V, 0.0f);
+  int64_t touched = 0;  // keys [0, touched) got a gradient
+  for (int64_t t0 = 0; t0 < T; t0 += kAttnRows) {
+    const int64_t n = std::min(kAttnRows, T - t0), ke = KeyEnd(p, b, t0);
+    touched = std::max(touched, ke);
+    probs.resize(n * ke);
+    dscores.resize(n * ke);
+    float* pr = probs.data();
+    float* ds = dscores.data();
+    const float* qc = p.q + ((b * T + t0) * H + h) * K;
+    const float* doc = p.dout + ((b * T + t0) * H + h) * V;
+    const float* oc = p.o + ((b * T + t0) * H + h) * V;
+    Gemm(qc, H * K, 1, kb, 1, K, pr, ke, n, ke, K, false);     // q k^T
+    Gemm(doc, H * V, 1, vb, 1, V, ds, ke, n, ke, V, false);    // do v^T
+    for (int64_t r = 0; r < n; ++r) {
+      float* row = pr + r * ke;
+      MaskScale(p, p.mask + (b * T + t0 + r) * S, row, ke);
+      ExpRow(row, ke, p.lse[(b * H + h) * T + t0 + r]);
+      float delta = 0.0f;  // do . o
+      for (int64_t c = 0; c < V; ++c) delta += doc[r * H * V + c] * oc[r * H * V + c];
+      float* drow = ds + r * ke;
+      for (int64_t s = 0; s < ke; ++s) drow[s] = row[s] * (drow[s] - delta);
+    }
+    Gemm(pr, 1, ke, doc, H * V, 1, dv.data(), V, ke, V, n, true);  // dv += p^T do
+    Gemm(ds, 1, ke, qc, H * K, 1, dk.data(), K, ke, K, n, true);   // dk += ds^T q (scaled below)
+    float* dqc = p.dq + ((b * T + t0) * H + h) * K;
+    Gemm(ds, ke, 1, kb, K, 1, dqc, H * K, n, K, ke, false);    // dq = ds k (scaled here)
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = 0; c < K; ++c) dqc[r * H * K + c] *= p.scale;
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    float* dks = p.dk + ((b * S + s) * H + h) * K;
+    float* dvs = p.dv + ((b * S + s) * H + h) * V;
+    for (int64_t c = 0; c < K; ++c) dks[c] = s < touched ? dk[s * K + c] * p.scale : 0.0f;
+    for (int64_t c = 0; c < V; ++c) dvs[c] = s < touched ? dv[s * V + c] : 0.0f;
+  }
+}
+
+template <bool kBackward>
+void AttnWork(AttnPlan& p, int64_t items) {
+  for (int64_t i = p.next.fetch_add(1); i < items; i = p.next.fetch_add(1)) {
+    if (kBackward)
+      AttnBackward(p, i);
+    else
+      AttnForward(p, i);
+    p.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+template <bool kBackward>
+void RunAttn(ffi::ThreadPool& pool, std::shared_ptr<AttnPlan> plan) {
+  AttnPlan& p = *plan;
+  const int64_t items = p.B * p.H;
+  if (items == 0 || p.T == 0) return;
+  PlanKeyEnds(p);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, items - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([plan, items] { AttnWork<kBackward>(*plan, items); });
+  AttnWork<kBackward>(p, items);
+  while (p.done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+}
+
+std::string PlanAttn(AttnPlan& p, ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd,
+                     ffi::Span<const int64_t> vd, ffi::Span<const int64_t> md) {
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 3)
+    return "q, k, v must be 4-D and mask 3-D";
+  p.B = qd[0], p.T = qd[1], p.H = qd[2], p.K = qd[3], p.S = kd[1], p.V = vd[3];
+  if (kd[0] != p.B || kd[2] != p.H || kd[3] != p.K || vd[0] != p.B || vd[1] != p.S || vd[2] != p.H ||
+      md[0] != p.B || md[1] != p.T || md[2] != p.S)
+    return "shapes disagree (q [B,T,H,K], k [B,S,H,K], v [B,S,H,V], mask [B,T,S])";
+  if (p.S == 0 && p.T > 0) return "no keys";
+  return "";
+}
+
+ffi::Error AttentionFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, float scale,
+                        ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse) {
+  auto plan = std::make_shared<AttnPlan>();
+  AttnPlan& p = *plan;
+  std::string err = PlanAttn(p, q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions());
+  if (!err.empty()) return ffi::Error::InvalidArgument("attention: " + err);
+  p.q = q.typed_data();
+  p.k = k.typed_data();
+  p.v = v.typed_data();
+  p.mask = mask.typed_data();
+  p.scale = scale;
+  p.out = o->typed_data();
+  p.lse_out = lse->typed_data();
+  RunAttn<false>(pool, plan);
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> o,
+                        ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, float scale,
+                        ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                        ffi::ResultBuffer<ffi::F32> dv) {
+  auto plan = std::make_shared<AttnPlan>();
+  AttnPlan& p = *plan;
+  std::string err = PlanAttn(p, q.dimensions(), k.dimensions(), v.dimensions(), mask.dimensions());
+  if (!err.empty()) return ffi::Error::InvalidArgument("attention_bwd: " + err);
+  if (o.element_count() != p.B * p.T * p.H * p.V || dout.element_count() != p.B * p.T * p.H * p.V ||
+      lse.element_count() != p.B * p.H * p.T)
+    return ffi::Error::InvalidArgument("attention_bwd: o and do must be [B,T,H,V] and lse [B,H,T]");
+  p.q = q.typed_data();
+  p.k = k.typed_data();
+  p.v = v.typed_data();
+  p.mask = mask.typed_data();
+  p.o = o.typed_data();
+  p.lse = lse.typed_data();
+  p.dout = dout.typed_data();
+  p.scale = scale;
+  p.dq = dq->typed_data();
+  p.dk = dk->typed_data();
+  p.dv = dv->typed_data();
+  RunAttn<true>(pool, plan);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DsjaxRowsDot, RowsDot,
@@ -873,4 +1159,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DsjaxLatentAttention, LatentAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DsjaxAttentionFwd, AttentionFwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DsjaxAttentionBwd, AttentionBwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
