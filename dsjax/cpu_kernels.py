@@ -224,16 +224,18 @@ def blocked_swiglu_bwd(xs, dys, a1, a3, first, count, w1, w3, w2):
         f32(w1), f32(w3), f32(w2))
 
 
-def latent_attention(q_lat, q_pe, c_kv, k_pe, positions, scale: float):
+def latent_attention(q_lat, q_pe, c_kv, k_pe, positions, w, v0: int, scale: float):
     """Absorbed MLA attention of a decode step, float32, on a CPU: q_lat [B, T, H, C] and
     q_pe [B, T, H, R] against the cached latents c_kv [B, S, C] and k_pe [B, S, R], each
-    query (b, t) seeing the slots s <= positions[b, t] (int32 [B, T]); returns o_lat
-    [B, T, H, C], softmax(scale * (q_lat c_kv^T + q_pe k_pe^T)) c_kv. Call only where
-    `available()`; no gradient (decoding only)."""
+    query (b, t) seeing the slots s <= positions[b, t] (int32 [B, T]), then W_UV per head:
+    softmax(scale * (q_lat c_kv^T + q_pe k_pe^T)) c_kv w[h][:, v0:], with w [H, C, W]
+    (wkv_b head-major; W_UV its columns from v0). Returns [B, T, H, W - v0]. Call only
+    where `available()`; no gradient (decoding only)."""
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    out = jax.ShapeDtypeStruct(q_lat.shape, jnp.float32)
+    out = jax.ShapeDtypeStruct(q_lat.shape[:3] + (w.shape[-1] - v0,), jnp.float32)
     return jax.ffi.ffi_call(LATENT_TARGET, out, vmap_method="sequential")(
-        f32(q_lat), f32(q_pe), f32(c_kv), f32(k_pe), jnp.asarray(positions, jnp.int32), scale=np.float32(scale))
+        f32(q_lat), f32(q_pe), f32(c_kv), f32(k_pe), jnp.asarray(positions, jnp.int32), f32(w),
+        scale=np.float32(scale), v0=np.int64(v0))
 
 
 def attention_fwd(q, k, v, mask, scale: float):

@@ -81,27 +81,28 @@ class MLA(nn.Module):
             heads = ("batch", "seq", "heads", "head_dim")
             self.cache_k, self.cache_v = CacheSlot(heads), CacheSlot(heads)
 
-    def folded(self, rows: int) -> tuple[jnp.ndarray, jnp.ndarray] | None:
-        """Decoding's copies of the query and output projections with W_UK and W_UV folded
-        in (`dsjax.model.decode_weights`), transposed for the few-row kernel: (query [H *
-        (C + R), q_lora or D], output [D, H * C]), where they exist and a product of `rows`
-        rows runs through that kernel (`layers.rows_kernel_applies`); else None.
+    def folded(self, rows: int) -> jnp.ndarray | None:
+        """Decoding's copy of the query projection with W_UK folded in
+        (`dsjax.model.decode_weights`), transposed for the few-row kernel: [H * (C + R),
+        q_lora or D], where it exists and a product of `rows` rows runs through that kernel
+        (`layers.rows_kernel_applies`); else None.
 
-        The absorbed attention's per-head products (q_nope W_UK, o_lat W_UV) are batched
-        dots of H tiny matrices, which XLA:CPU ran at about 1 GB/s of weights in a batch-8
-        step; folded, each side is one product with the projection next to it."""
+        The absorbed attention's per-head product q_nope W_UK is a batched dot of H tiny
+        matrices, which XLA:CPU ran at about 1 GB/s of weights in a batch-8 step; folded, it
+        is one product with the projection next to it. (W_UV is not folded into the
+        output projection: that reads H x C x D weights where W_UV and W_O hold H x V x
+        (C + D), 1.6x on `small` and 3.7x on DeepSeek-V3; the decode kernel
+        `cpu_kernels.latent_attention` applies W_UV itself.)"""
         if not (self.has_variable("decode_weights", "wq_folded_t")
                 and rows_kernel_applies(rows, dtype_of(self.cfg.dtype))):
             return None
-        dt = dtype_of(self.cfg.dtype)
-        return tuple(nn.unbox(self.get_variable("decode_weights", k)).astype(dt)
-                     for k in ("wq_folded_t", "wo_folded_t"))
+        return nn.unbox(self.get_variable("decode_weights", "wq_folded_t")).astype(dtype_of(self.cfg.dtype))
 
     def queries(self, x: jnp.ndarray, cos, sin, folded=None) -> tuple[jnp.ndarray, jnp.ndarray]:
         """x: [B, T, D] -> (q_nope [B, T, H, K], q_pe [B, T, H, R] roped). With `folded`
-        (`MLA.folded`'s pair), the first is the latent query q_nope W_UK [B, T, H, C]."""
+        (`MLA.folded`'s query), the first is the latent query q_nope W_UK [B, T, H, C]."""
         cfg = self.cfg
-        wq = None if folded is None else folded[0]
+        wq = folded
         if cfg.q_lora_rank is None:
             if wq is None:
                 q = linear(cfg, x, self.wq, wt=decode_transposed(self, "wq"))  # [B, T, H, K + R]
@@ -163,17 +164,11 @@ class MLA(nn.Module):
         """Absorbed attention on the latents (W_UK folded into q, W_UV applied after).
 
         q_nope: [B, T, H, K]; q_pe: [B, T, H, R]; c_kv: [B, S, C]; k_pe: [B, S, R] -> [B, T, D].
-        With `folded` (`MLA.folded`'s pair), q_nope is already the latent query [B, T, H, C]
-        and W_UV comes folded into the output projection. `positions` [B, T] (decoding):
-        `mask` is the decode mask, slot s <= positions[b, t].
+        With `folded` (`MLA.folded`'s query), q_nope is already the latent query [B, T, H,
+        C]. `positions` [B, T] (decoding): `mask` is the decode mask, slot s <= positions[b, t].
         """
         dt = dtype_of(self.cfg.dtype)
         K = self.cfg.qk_nope_head_dim
-        if folded is not None:
-            with jax.named_scope("absorbed_attention"):
-                o_lat = self._latent_attention(q_nope, q_pe, c_kv, k_pe, mask, causal, positions)
-            wo = folded[1]
-            return matmul(o_lat.reshape(o_lat.shape[:2] + (-1,)), wo.T, wo)
         # W_UK = wkv_b[..., :K] and W_UV = wkv_b[..., K:] are used in place, not sliced out
         # (a copy of wkv_b per call): the query is zero-padded over the V columns, and the
         # output's first K columns are dropped. Both products are per head, so they read
@@ -185,28 +180,45 @@ class MLA(nn.Module):
         else:
             w_heads = self.wkv_b.astype(dt).transpose(1, 0, 2)
         with jax.named_scope("absorbed_attention"):
-            q_pad = jnp.pad(q_nope, ((0, 0),) * 3 + ((0, w_heads.shape[-1] - K),))
-            q_lat = jnp.einsum("bthk,hck->bthc", q_pad, w_heads)
-            o_lat = self._latent_attention(q_lat, q_pe, c_kv, k_pe, mask, causal, positions)
-            o = jnp.einsum("bthc,hcv->bthv", o_lat, w_heads)[..., K:]
+            if folded is None:
+                q_pad = jnp.pad(q_nope, ((0, 0),) * 3 + ((0, w_heads.shape[-1] - K),))
+                q_lat = jnp.einsum("bthk,hck->bthc", q_pad, w_heads)
+            else:
+                q_lat = q_nope
+            o = self._latent_attention(q_lat, q_pe, c_kv, k_pe, mask, causal, w_heads, positions)
         o = nn.with_logical_constraint(o, ("batch", "seq", "heads", "head_dim"))
         return linear(self.cfg, o, self.wo, contract=2, wt=decode_transposed(self, "wo"))
 
-    def _latent_attention(self, q_lat, q_pe, c_kv, k_pe, mask, causal: bool, positions=None) -> jnp.ndarray:
+    def _latent_attention(self, q_lat, q_pe, c_kv, k_pe, mask, causal: bool, w_heads,
+                          positions=None) -> jnp.ndarray:
         """q_lat [B, T, H, C], q_pe [B, T, H, R] against the latents c_kv [B, S, C] and k_pe
-        [B, S, R] -> o_lat [B, T, H, C]: one shared key head [c_kv, k_pe] and value head c_kv
-        for every query head. A decode step (`positions` given, at most LATENT_KERNEL_QUERIES
-        new tokens a row, `attn_kernel` auto) on a CPU in float32 runs the native kernel
-        (`cpu_kernels.latent_attention`: one call where XLA ran a dozen small ops, two of
-        them batched dots at a few GFLOP/s)."""
+        [B, S, R], one shared key head [c_kv, k_pe] and value head c_kv for every query head,
+        then W_UV (w_heads [H, C, K + V], its last V columns) -> [B, T, H, V]. A decode step
+        (`positions` given, at most LATENT_KERNEL_QUERIES new tokens a row, `attn_kernel`
+        auto) on a CPU in float32 runs the native kernel (`cpu_kernels.latent_attention`:
+        one call where XLA ran a dozen small ops, two of them batched dots at a few
+        GFLOP/s, and W_UV's per-head products at about 1 GB/s)."""
         dt = dtype_of(self.cfg.dtype)
         scale = self.cfg.softmax_scale
+        K = self.cfg.qk_nope_head_dim
+
+        def xla(q_lat, q_pe, c_kv, k_pe, mask, w_heads):
+            o_lat = self._latent_mix(q_lat, q_pe, c_kv, k_pe, mask, causal)
+            return jnp.einsum("bthc,hcv->bthv", o_lat, w_heads)[..., K:]
+
         if (positions is not None and q_lat.shape[1] <= LATENT_KERNEL_QUERIES and self.cfg.attn_kernel == "auto"
-                and cpu_kernels.applies(q_lat.dtype, q_pe.dtype, c_kv.dtype, k_pe.dtype)):
+                and cpu_kernels.applies(q_lat.dtype, q_pe.dtype, c_kv.dtype, k_pe.dtype, w_heads.dtype)):
             return jax.lax.platform_dependent(
-                q_lat, q_pe, c_kv, k_pe, mask,
-                cpu=lambda q, r, c, k, _: cpu_kernels.latent_attention(q, r, c, k, positions, scale).astype(dt),
-                default=lambda q, r, c, k, m: self._latent_attention(q, r, c, k, m, causal))
+                q_lat, q_pe, c_kv, k_pe, mask, w_heads,
+                cpu=lambda q, r, c, k, _, w: cpu_kernels.latent_attention(q, r, c, k, positions, w, K,
+                                                                          scale).astype(dt),
+                default=xla)
+        return xla(q_lat, q_pe, c_kv, k_pe, mask, w_heads)
+
+    def _latent_mix(self, q_lat, q_pe, c_kv, k_pe, mask, causal: bool) -> jnp.ndarray:
+        """The attention of `_latent_attention` before W_UV: o_lat [B, T, H, C]."""
+        dt = dtype_of(self.cfg.dtype)
+        scale = self.cfg.softmax_scale
         if self.cfg.attention_kernel(q_lat.shape[1], absorbed=True) == "blockwise":
             keys = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], -1)[:, :, None]
             q_all = jnp.concatenate([q_lat, q_pe.astype(q_lat.dtype)], -1)

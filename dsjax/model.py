@@ -128,7 +128,7 @@ def to_layout(variables: dict, layout: str) -> dict:
 # without a router), an MTP module, and the output head.
 _TRANSPOSED_ATTN = {"wq": 1, "wq_a": 1, "wq_b": 1, "wkv_a": 1, "wo": 2}
 _TRANSPOSED_MLP = {"w1": 1, "w3": 1, "w2": 1}
-_FOLDED = ("wq", "wq_b", "wo")  # absorbed MLA decodes with these folded (`wq_folded_t`, `wo_folded_t`)
+_FOLDED = ("wq", "wq_b")  # absorbed MLA decodes with these folded (`wq_folded_t`)
 _BASE_NDIM = {"wq": 3, "wq_a": 2, "wq_b": 3, "wkv_a": 2, "wo": 3, "w1": 2, "w3": 2, "w2": 2, "eh_proj": 2, "head": 2}
 
 
@@ -184,20 +184,16 @@ def decode_weights(params, absorbed: bool = True, transposed: bool = False) -> d
         return out
 
     def folds(attn):
-        """W_UK folded into the query projection and W_UV into the output, transposed:
-        wq_folded_t [H * (C + R), q_lora or D] and wo_folded_t [D, H * C]."""
+        """W_UK folded into the query projection, transposed: wq_folded_t [H * (C + R),
+        q_lora or D]. (W_UV stays out of the output projection, `MLA.folded` says why.)"""
         val = lambda x: (x.value if _boxed(x) else x).astype(jnp.float32)  # noqa: E731 (the kernel's dtype)
         wkv_b, wo = val(attn["wkv_b"]), val(attn["wo"])
         wq = val(attn["wq_b"] if "wq_b" in attn else attn["wq"])
         V = wo.shape[-2]
         K = wkv_b.shape[-1] - V
-        lead = wo.shape[:-3]
         q_lat = jnp.einsum("...lhk,...chk->...lhc", wq[..., :K], wkv_b[..., :K])
         wq_f = jnp.concatenate([q_lat, wq[..., K:]], -1)  # [..., L, H, C + R]
-        wq_f = jnp.swapaxes(wq_f.reshape(wq_f.shape[:-2] + (-1,)), -1, -2)
-        wo_f = jnp.einsum("...chv,...hvd->...hcd", wkv_b[..., K:], wo)  # [..., H, C, D]
-        wo_f = jnp.swapaxes(wo_f.reshape(lead + (-1, wo_f.shape[-1])), -1, -2)
-        return {"wq_folded_t": wq_f, "wo_folded_t": wo_f}
+        return {"wq_folded_t": jnp.swapaxes(wq_f.reshape(wq_f.shape[:-2] + (-1,)), -1, -2)}
 
     out = walk(params)
     if transposed and "head" in params:

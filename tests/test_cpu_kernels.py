@@ -268,7 +268,9 @@ def test_decode_weights_fold_the_absorbed_products_and_transpose_the_rest():
     mlp, mlp_t = params["dense_layers"]["ffn"], out["dense_layers"]["ffn"]
     np.testing.assert_array_equal(mlp_t["w2_t"], np.swapaxes(mlp["w2"], -1, -2))
     np.testing.assert_array_equal(out["head_t"], params["head"].T)
-    assert not {"wq_b_t", "wo_t"} & set(dw)  # folded instead
+    assert "wq_b_t" not in dw and "wo_folded_t" not in dw  # wq_b folded; wo plain (W_UV runs in the kernel)
+    np.testing.assert_array_equal(dw["wo_t"], np.swapaxes(attn["wo"].reshape(attn["wo"].shape[0], -1,
+                                                                             attn["wo"].shape[-1]), -1, -2))
     assert "ffn" not in out["moe_layers"]  # routed and shared experts have their own kernel
     # The folds: q_nope W_UK and (o_lat W_UV) wo as single products, layer 0.
     cfg = model.cfg
@@ -279,9 +281,6 @@ def test_decode_weights_fold_the_absorbed_products_and_transpose_the_rest():
     q = jnp.einsum("bl,lhk->bhk", c_q, wq_b)
     want = jnp.concatenate([jnp.einsum("bhk,chk->bhc", q[..., :K], wkv_b[..., :K]), q[..., K:]], -1)
     np.testing.assert_allclose((c_q @ dw["wq_folded_t"][0].T).reshape(3, H, C + R), want, rtol=1e-4, atol=1e-5)
-    o_lat = jax.random.normal(jax.random.key(2), (3, H, C))
-    want = jnp.einsum("bhv,hvd->bd", jnp.einsum("bhc,chv->bhv", o_lat, wkv_b[..., K:]), wo)
-    np.testing.assert_allclose(o_lat.reshape(3, H * C) @ dw["wo_folded_t"][0].T, want, rtol=1e-4, atol=1e-5)
     assert V == wo.shape[1]
 
 
@@ -309,40 +308,45 @@ def test_generate_with_the_row_kernel_matches_xla(monkeypatch, speculative, over
     monkeypatch.setattr(layers, "ROWS_KERNEL_MAX", 1)  # off
     jax.clear_caches()
     off_calls, ref = run()
-    # a decode step: 4 layers x ([wq_a,] wkv_a, folded query, folded output), the dense MLP's 3, the head
+    # a decode step: 4 layers x ([wq_a,] wkv_a, folded query, output), the dense MLP's 3, the head
     assert (calls, off_calls) == (4 * calls_per_layer + 3 + 1, 0)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)
 
 
-def _latent_inputs(B=3, T=2, H=4, C=37, R=8, S=20):
-    keys = jax.random.split(jax.random.key(5), 4)
+def _latent_inputs(B=3, T=2, H=4, C=37, R=8, S=20, W=19):
+    keys = jax.random.split(jax.random.key(5), 5)
     return (jax.random.normal(keys[0], (B, T, H, C)), jax.random.normal(keys[1], (B, T, H, R)),
-            jax.random.normal(keys[2], (B, S, C)), jax.random.normal(keys[3], (B, S, R)))
+            jax.random.normal(keys[2], (B, S, C)), jax.random.normal(keys[3], (B, S, R)),
+            jax.random.normal(keys[4], (H, C, W)))
 
 
 def test_latent_attention_matches_the_masked_softmax():
     from dsjax.mla import masked_softmax
 
     assert cpu_kernels.available()
-    q_lat, q_pe, c_kv, k_pe = _latent_inputs()  # C not a multiple of 8: the dot products' tails
+    q_lat, q_pe, c_kv, k_pe, w = _latent_inputs()  # C not a multiple of 8: the dot products' tails
     S = c_kv.shape[1]
     # the first slot only, the last slot, a middle one; and a row with nothing visible (the
     # dense softmax of an all-masked row weighs every slot alike)
     positions = jnp.asarray([[0, 1], [5, S - 1], [-1, 7]], jnp.int32)
     mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]
     scores = jnp.einsum("bthc,bsc->bhts", q_lat, c_kv) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe)
-    want = jnp.einsum("bhts,bsc->bthc", masked_softmax(scores * 0.3, mask), c_kv)
-    got = jax.jit(lambda *a: cpu_kernels.latent_attention(*a, positions, 0.3))(q_lat, q_pe, c_kv, k_pe)
+    o_lat = jnp.einsum("bhts,bsc->bthc", masked_softmax(scores * 0.3, mask), c_kv)
+    want = jnp.einsum("bthc,hcv->bthv", o_lat, w[..., 7:])  # W_UV: w's columns from 7
+    got = jax.jit(lambda *a: cpu_kernels.latent_attention(*a[:4], positions, a[4], 7, 0.3))(q_lat, q_pe, c_kv, k_pe, w)
+    assert got.shape == (3, 2, 4, 12)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_latent_attention_rejects_shapes_that_disagree():
     assert cpu_kernels.available()
-    q_lat, q_pe, c_kv, k_pe = _latent_inputs()
+    q_lat, q_pe, c_kv, k_pe, w = _latent_inputs()
+    run = lambda *a: cpu_kernels.latent_attention(*a[:4], jnp.zeros((3, 2), jnp.int32), a[4], 7, 1.0)  # noqa: E731
     with pytest.raises(Exception, match="latent_attention: shapes disagree"):
-        jax.block_until_ready(jax.jit(lambda *a: cpu_kernels.latent_attention(*a, jnp.zeros((3, 2), jnp.int32), 1.0))(
-            q_lat, q_pe, c_kv[:, :, :-1], k_pe))
+        jax.block_until_ready(jax.jit(run)(q_lat, q_pe, c_kv[:, :, :-1], k_pe, w))
+    with pytest.raises(Exception, match="latent_attention: shapes disagree"):
+        jax.block_until_ready(jax.jit(run)(q_lat, q_pe, c_kv, k_pe, w[:3]))
 
 
 @pytest.mark.parametrize("speculative", [False, True])
