@@ -284,30 +284,35 @@ def test_decode_weights_fold_the_absorbed_products_and_transpose_the_rest():
     assert V == wo.shape[1]
 
 
+def _kernel_calls_and_generate(model, variables, prompts, lengths, target, speculative):
+    """(custom calls to `target` in the lowered plain greedy decoding, 6 tokens of
+    `dsjax.generate`)."""
+    import dsjax
+    from dsjax import decoding
+
+    plain = lambda v: decoding._plain(model, v, jnp.asarray(prompts), jnp.asarray(lengths),  # noqa: E731
+                                      jax.random.key(0), jnp.float32(1.0), max_new_tokens=6, greedy=True,
+                                      top_k=0, top_p=1.0, stop_tokens=())
+    text = jax.jit(plain).lower(variables).as_text()
+    out = dsjax.generate(model, variables, prompts, lengths, max_new_tokens=6, speculative=speculative)
+    return text.count(target), out
+
+
 @pytest.mark.parametrize("speculative, overrides, calls_per_layer", [
     (False, {}, 4), (True, {}, 4),
     # no query compression: wq (folded) instead of wq_a and wq_b; the head is the embedding
     (False, {"q_lora_rank": None, "tie_word_embeddings": True}, 3)])
 def test_generate_with_the_row_kernel_matches_xla(monkeypatch, speculative, overrides, calls_per_layer):
-    import dsjax
-    from dsjax import decoding, layers
+    from dsjax import layers
 
     model, variables = _tiny_decoding(**overrides)
     prompts = np.random.default_rng(0).integers(2, model.cfg.vocab_size, (3, 16))  # prefill: 48 rows, XLA
     lengths = np.array([16, 9, 16])
-
-    def run():
-        plain = lambda v: decoding._plain(model, v, jnp.asarray(prompts), jnp.asarray(lengths),  # noqa: E731
-                                          jax.random.key(0), jnp.float32(1.0), max_new_tokens=6, greedy=True,
-                                          top_k=0, top_p=1.0, stop_tokens=())
-        text = jax.jit(plain).lower(variables).as_text()
-        out = dsjax.generate(model, variables, prompts, lengths, max_new_tokens=6, speculative=speculative)
-        return text.count(cpu_kernels.ROWS_TARGET), out
-
-    calls, out = run()
+    args = (model, variables, prompts, lengths, cpu_kernels.ROWS_TARGET, speculative)
+    calls, out = _kernel_calls_and_generate(*args)
     monkeypatch.setattr(layers, "ROWS_KERNEL_MAX", 1)  # off
     jax.clear_caches()
-    off_calls, ref = run()
+    off_calls, ref = _kernel_calls_and_generate(*args)
     # a decode step: 4 layers x ([wq_a,] wkv_a, folded query, output), the dense MLP's 3, the head
     assert (calls, off_calls) == (4 * calls_per_layer + 3 + 1, 0)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
@@ -351,25 +356,16 @@ def test_latent_attention_rejects_shapes_that_disagree():
 
 @pytest.mark.parametrize("speculative", [False, True])
 def test_generate_with_the_latent_attention_kernel_matches_xla(monkeypatch, speculative):
-    import dsjax
-    from dsjax import decoding, mla
+    from dsjax import mla
 
     model, variables = _tiny_decoding()
     prompts = np.random.default_rng(1).integers(2, model.cfg.vocab_size, (3, 20))  # prefill: 20 > 16 queries, XLA
     lengths = np.array([20, 11, 20])
-
-    def run():
-        plain = lambda v: decoding._plain(model, v, jnp.asarray(prompts), jnp.asarray(lengths),  # noqa: E731
-                                          jax.random.key(0), jnp.float32(1.0), max_new_tokens=6, greedy=True,
-                                          top_k=0, top_p=1.0, stop_tokens=())
-        text = jax.jit(plain).lower(variables).as_text()
-        out = dsjax.generate(model, variables, prompts, lengths, max_new_tokens=6, speculative=speculative)
-        return text.count(cpu_kernels.LATENT_TARGET), out
-
-    calls, out = run()
+    args = (model, variables, prompts, lengths, cpu_kernels.LATENT_TARGET, speculative)
+    calls, out = _kernel_calls_and_generate(*args)
     monkeypatch.setattr(mla, "LATENT_KERNEL_QUERIES", 0)  # off
     jax.clear_caches()
-    off_calls, ref = run()
+    off_calls, ref = _kernel_calls_and_generate(*args)
     assert (calls, off_calls) == (model.cfg.num_hidden_layers, 0)  # one per layer of a decode step
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, rtol=1e-4, atol=1e-4)
