@@ -329,137 +329,6 @@ ffi::Error RowsDot(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 }
 
 
-// ---- DsjaxLatentAttention ----
-//
-// Absorbed MLA attention of a decode step (dsjax/mla.py:MLA._latent_attention): every query
-// head attends to one shared key head [c_kv, k_pe] and value head c_kv,
-//   o[b, t, h] = sum_s p[s] c_kv[b, s],  p = softmax_s(scale * (q_lat[b, t, h] . c_kv[b, s]
-//                                                              + q_pe[b, t, h] . k_pe[b, s]))
-// over the slots s <= pos[b, t] (the decode mask; a row with pos < 0 sees every slot, as
-// the dense softmax of an all-masked row does), then W_UV per head: out[b, t, h] =
-// o[b, t, h] W[h][:, v0:]. q_lat [B, T, H, C], q_pe [B, T, H, R], c_kv [B, S, C], k_pe
-// [B, S, R], pos [B, T] int32, W [H, C, Wd] (wkv_b head-major, W_UV its columns from
-// v0), out [B, T, H, Wd - v0], float32. (Folding W_UV into the output projection instead
-// reads H x C x D weights a step where W_UV and W_O hold H x V x (C + D): 1.6x on
-// `small`, 3.7x on DeepSeek-V3.) XLA:CPU ran
-// this as about a dozen ops, two of them batched dots of [H, C] x [C, S] at a few GFLOP/s;
-// here each (b, t) is one work item: a cache row is read once for all heads (scores), and
-// once more to mix (outputs), with the H heads' accumulators in L1.
-
-inline float Dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  V8 acc0 = {}, acc1 = {};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 += Load8(a + i) * Load8(b + i);
-    acc1 += Load8(a + i + 8) * Load8(b + i + 8);
-  }
-  for (; i + 8 <= n; i += 8) acc0 += Load8(a + i) * Load8(b + i);
-  float s = Sum8(acc0 + acc1);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-struct LatentPlan {
-  const float *q_lat, *q_pe, *c_kv, *k_pe, *w;
-  const int32_t* pos;
-  float* o;
-  int64_t B, T, H, S, C, R, Wd, v0, V;
-  float scale;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-void LatentItem(const LatentPlan& p, int64_t item) {
-  const int64_t b = item / p.T, H = p.H, C = p.C, R = p.R;
-  const int64_t limit = p.pos[item];
-  const int64_t n = limit < 0 ? p.S : std::min<int64_t>(limit + 1, p.S);
-  const float* ql = p.q_lat + item * H * C;
-  const float* qr = p.q_pe + item * H * R;
-  const float* ckv = p.c_kv + b * p.S * C;
-  const float* kpe = p.k_pe + b * p.S * R;
-  thread_local std::vector<float> o_lat;
-  o_lat.assign(H * C, 0.0f);
-  float* out = o_lat.data();
-  thread_local std::vector<float> scores;
-  scores.resize(H * n);
-  for (int64_t s = 0; s < n; ++s)
-    for (int64_t h = 0; h < H; ++h)
-      scores[h * n + s] = (Dot(ql + h * C, ckv + s * C, C) + Dot(qr + h * R, kpe + s * R, R)) * p.scale;
-  if (limit < 0)  // every slot masked: the dense softmax weighs them all alike
-    std::fill(scores.begin(), scores.end(), 0.0f);
-  for (int64_t h = 0; h < H; ++h) {
-    float* sc = scores.data() + h * n;
-    const float m = *std::max_element(sc, sc + n);
-    float sum = 0.0f;
-    for (int64_t s = 0; s < n; ++s) {
-      sc[s] = std::exp(sc[s] - m);
-      sum += sc[s];
-    }
-    const float inv = 1.0f / sum;
-    for (int64_t s = 0; s < n; ++s) sc[s] *= inv;
-  }
-  for (int64_t s = 0; s < n; ++s) {
-    const float* __restrict row = ckv + s * C;
-    for (int64_t h = 0; h < H; ++h) {
-      const float w = scores[h * n + s];
-      float* __restrict acc = out + h * C;
-      for (int64_t c = 0; c < C; ++c) acc[c] += w * row[c];
-    }
-  }
-  const int64_t V = p.V;
-  for (int64_t h = 0; h < H; ++h) {  // W_UV
-    float* __restrict y = p.o + (item * H + h) * V;
-    std::fill(y, y + V, 0.0f);
-    const float* wh = p.w + h * C * p.Wd + p.v0;
-    for (int64_t c = 0; c < C; ++c) {
-      const float a = out[h * C + c];
-      const float* __restrict wr = wh + c * p.Wd;
-      for (int64_t v = 0; v < V; ++v) y[v] += a * wr[v];
-    }
-  }
-}
-
-void LatentWork(LatentPlan& p, int64_t items) {
-  for (int64_t i = p.next.fetch_add(1); i < items; i = p.next.fetch_add(1)) {
-    LatentItem(p, i);
-    p.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-ffi::Error LatentAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_lat, ffi::Buffer<ffi::F32> q_pe,
-                           ffi::Buffer<ffi::F32> c_kv, ffi::Buffer<ffi::F32> k_pe, ffi::Buffer<ffi::S32> pos,
-                           ffi::Buffer<ffi::F32> w, float scale, int64_t v0, ffi::ResultBuffer<ffi::F32> o) {
-  auto qd = q_lat.dimensions(), rd = q_pe.dimensions(), cd = c_kv.dimensions(), kd = k_pe.dimensions(),
-       pd = pos.dimensions(), wd = w.dimensions(), od = o->dimensions();
-  if (qd.size() != 4 || rd.size() != 4 || cd.size() != 3 || kd.size() != 3 || pd.size() != 2 || wd.size() != 3)
-    return ffi::Error::InvalidArgument("latent_attention: q_lat and q_pe must be 4-D, c_kv, k_pe and w 3-D, pos 2-D");
-  const int64_t B = qd[0], T = qd[1], H = qd[2], C = qd[3], S = cd[1], R = kd[2];
-  if (rd[0] != B || rd[1] != T || rd[2] != H || rd[3] != R || cd[0] != B || cd[2] != C || kd[0] != B ||
-      kd[1] != S || pd[0] != B || pd[1] != T || wd[0] != H || wd[1] != C || v0 < 0 || v0 > wd[2] ||
-      od[3] != wd[2] - v0)
-    return ffi::Error::InvalidArgument("latent_attention: shapes disagree (q_lat [B,T,H,C], q_pe [B,T,H,R], "
-                                       "c_kv [B,S,C], k_pe [B,S,R], pos [B,T], w [H,C,W], out [B,T,H,W-v0])");
-  auto plan = std::make_shared<LatentPlan>();
-  LatentPlan& p = *plan;
-  p.q_lat = q_lat.typed_data();
-  p.q_pe = q_pe.typed_data();
-  p.c_kv = c_kv.typed_data();
-  p.k_pe = k_pe.typed_data();
-  p.pos = pos.typed_data();
-  p.w = w.typed_data();
-  p.o = o->typed_data();
-  p.B = B, p.T = T, p.H = H, p.S = S, p.C = C, p.R = R, p.Wd = wd[2], p.v0 = v0, p.V = wd[2] - v0;
-  p.scale = scale;
-  const int64_t items = B * T;
-  if (items == 0) return ffi::Error::Success();
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, items - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([plan, items] { LatentWork(*plan, items); });
-  LatentWork(p, items);
-  while (p.done.load(std::memory_order_acquire) < items) std::this_thread::yield();
-  return ffi::Error::Success();
-}
-
-
 // ---- DsjaxBlockedSwiglu (forward and backward) ----
 //
 // The blocked dispatch's routed experts (dsjax/moe.py:experts_blocked) for training and
@@ -1113,6 +982,131 @@ ffi::Error AttentionBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   RunAttn<true>(pool, plan);
   return ffi::Error::Success();
 }
+
+// ---- DsjaxLatentAttention ----
+//
+// Absorbed MLA attention of a decode step (dsjax/mla.py:MLA._latent_attention): every query
+// head attends to one shared key head [c_kv, k_pe] and value head c_kv,
+//   o[b, t, h] = sum_s p[s] c_kv[b, s],  p = softmax_s(scale * (q_lat[b, t, h] . c_kv[b, s]
+//                                                              + q_pe[b, t, h] . k_pe[b, s]))
+// over the slots s <= pos[b, t] (the decode mask; a row with pos < 0 sees every slot, as
+// the dense softmax of an all-masked row does), then W_UV per head: out[b, t, h] =
+// o[b, t, h] W[h][:, v0:]. q_lat [B, T, H, C], q_pe [B, T, H, R], c_kv [B, S, C], k_pe
+// [B, S, R], pos [B, T] int32, W [H, C, Wd] (wkv_b head-major, W_UV its columns from
+// v0), out [B, T, H, Wd - v0], float32. (Folding W_UV into the output projection instead
+// reads H x C x D weights a step where W_UV and W_O hold H x V x (C + D): 1.6x on
+// `small`, 3.7x on DeepSeek-V3.) XLA:CPU ran
+// this as about a dozen ops, two of them batched dots of [H, C] x [C, S] at a few GFLOP/s;
+// here each (b, t) is one work item: a cache row is read once for all heads (scores), and
+// once more to mix (outputs), with the H heads' accumulators in L1.
+
+inline float Dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  V8 acc0 = {}, acc1 = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 += Load8(a + i) * Load8(b + i);
+    acc1 += Load8(a + i + 8) * Load8(b + i + 8);
+  }
+  for (; i + 8 <= n; i += 8) acc0 += Load8(a + i) * Load8(b + i);
+  float s = Sum8(acc0 + acc1);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+struct LatentPlan {
+  const float *q_lat, *q_pe, *c_kv, *k_pe, *w;
+  const int32_t* pos;
+  float* o;
+  int64_t B, T, H, S, C, R, Wd, v0, V;
+  float scale;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+void LatentItem(const LatentPlan& p, int64_t item) {
+  const int64_t b = item / p.T, H = p.H, C = p.C, R = p.R;
+  const int64_t limit = p.pos[item];
+  const int64_t n = limit < 0 ? p.S : std::min<int64_t>(limit + 1, p.S);
+  const float* ql = p.q_lat + item * H * C;
+  const float* qr = p.q_pe + item * H * R;
+  const float* ckv = p.c_kv + b * p.S * C;
+  const float* kpe = p.k_pe + b * p.S * R;
+  thread_local std::vector<float> o_lat;
+  o_lat.assign(H * C, 0.0f);
+  float* out = o_lat.data();
+  thread_local std::vector<float> scores;
+  scores.resize(H * n);
+  for (int64_t s = 0; s < n; ++s)
+    for (int64_t h = 0; h < H; ++h)
+      scores[h * n + s] = (Dot(ql + h * C, ckv + s * C, C) + Dot(qr + h * R, kpe + s * R, R)) * p.scale;
+  if (limit < 0)  // every slot masked: the dense softmax weighs them all alike
+    std::fill(scores.begin(), scores.end(), 0.0f);
+  for (int64_t h = 0; n > 0 && h < H; ++h) {  // softmax (an empty cache, n = 0: o stays 0)
+    float* sc = scores.data() + h * n;
+    const float inv = 1.0f / ExpRow(sc, n, RowMax(sc, n));
+    for (int64_t s = 0; s < n; ++s) sc[s] *= inv;
+  }
+  for (int64_t s = 0; s < n; ++s) {
+    const float* __restrict row = ckv + s * C;
+    for (int64_t h = 0; h < H; ++h) {
+      const float w = scores[h * n + s];
+      float* __restrict acc = out + h * C;
+      for (int64_t c = 0; c < C; ++c) acc[c] += w * row[c];
+    }
+  }
+  const int64_t V = p.V;
+  for (int64_t h = 0; h < H; ++h) {  // W_UV
+    float* __restrict y = p.o + (item * H + h) * V;
+    std::fill(y, y + V, 0.0f);
+    const float* wh = p.w + h * C * p.Wd + p.v0;
+    for (int64_t c = 0; c < C; ++c) {
+      const float a = out[h * C + c];
+      const float* __restrict wr = wh + c * p.Wd;
+      for (int64_t v = 0; v < V; ++v) y[v] += a * wr[v];
+    }
+  }
+}
+
+void LatentWork(LatentPlan& p, int64_t items) {
+  for (int64_t i = p.next.fetch_add(1); i < items; i = p.next.fetch_add(1)) {
+    LatentItem(p, i);
+    p.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error LatentAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_lat, ffi::Buffer<ffi::F32> q_pe,
+                           ffi::Buffer<ffi::F32> c_kv, ffi::Buffer<ffi::F32> k_pe, ffi::Buffer<ffi::S32> pos,
+                           ffi::Buffer<ffi::F32> w, float scale, int64_t v0, ffi::ResultBuffer<ffi::F32> o) {
+  auto qd = q_lat.dimensions(), rd = q_pe.dimensions(), cd = c_kv.dimensions(), kd = k_pe.dimensions(),
+       pd = pos.dimensions(), wd = w.dimensions(), od = o->dimensions();
+  if (qd.size() != 4 || rd.size() != 4 || cd.size() != 3 || kd.size() != 3 || pd.size() != 2 || wd.size() != 3)
+    return ffi::Error::InvalidArgument("latent_attention: q_lat and q_pe must be 4-D, c_kv, k_pe and w 3-D, pos 2-D");
+  const int64_t B = qd[0], T = qd[1], H = qd[2], C = qd[3], S = cd[1], R = kd[2];
+  if (rd[0] != B || rd[1] != T || rd[2] != H || rd[3] != R || cd[0] != B || cd[2] != C || kd[0] != B ||
+      kd[1] != S || pd[0] != B || pd[1] != T || wd[0] != H || wd[1] != C || v0 < 0 || v0 > wd[2] ||
+      od[3] != wd[2] - v0)
+    return ffi::Error::InvalidArgument("latent_attention: shapes disagree (q_lat [B,T,H,C], q_pe [B,T,H,R], "
+                                       "c_kv [B,S,C], k_pe [B,S,R], pos [B,T], w [H,C,W], out [B,T,H,W-v0])");
+  auto plan = std::make_shared<LatentPlan>();
+  LatentPlan& p = *plan;
+  p.q_lat = q_lat.typed_data();
+  p.q_pe = q_pe.typed_data();
+  p.c_kv = c_kv.typed_data();
+  p.k_pe = k_pe.typed_data();
+  p.pos = pos.typed_data();
+  p.w = w.typed_data();
+  p.o = o->typed_data();
+  p.B = B, p.T = T, p.H = H, p.S = S, p.C = C, p.R = R, p.Wd = wd[2], p.v0 = v0, p.V = wd[2] - v0;
+  p.scale = scale;
+  const int64_t items = B * T;
+  if (items == 0) return ffi::Error::Success();
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, items - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([plan, items] { LatentWork(*plan, items); });
+  LatentWork(p, items);
+  while (p.done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
 
 }  // namespace
 
