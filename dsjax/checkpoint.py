@@ -74,31 +74,54 @@ def restore_variables(directory: str, target: dict, step: int | None = None) -> 
     return {"params": out["params"], "moe_bias": out.get("moe_bias") or {}}, int(step)
 
 
-def load_trained(workdir: str, step: int | None = None, shardings: Any = None):
+def read_run_config(workdir: str) -> dict:
+    """The run config a `python -m train` run directory holds (its config.yaml: `stage`
+    and one mapping per section). Raises FileNotFoundError for a directory without one."""
+    import yaml
+
+    path = os.path.join(workdir, "config.yaml")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir} is not a training workdir (no config.yaml)")
+    with open(path) as f:
+        run = yaml.safe_load(f) or {}
+    if not isinstance(run, dict):
+        raise ValueError(f"{path} is not a run config (a mapping of sections)")
+    return run
+
+
+def run_model_config(workdir: str):
+    """The ModelConfig of a `python -m train` run directory (its config.yaml's model section)."""
+    from dsjax.config import config_from_dict
+
+    return config_from_dict(read_run_config(workdir).get("model") or {})
+
+
+def load_trained(workdir: str, step: int | None = None, shardings: Any = None, module: type | None = None):
     """The model and its variables from a `python -m train` workdir, on this machine's devices.
 
     Reads `config.yaml` (the resolved run config) and the latest (or given) checkpoint's
     parameters and router bias only (not the optimizer moments), whatever the device
     count or mesh that wrote it: onto the first local device, or onto `shardings` (a
     sharding for every leaf, or a pytree of them matching {'params', 'moe_bias'}).
-    Returns (Transformer, or a dsjax.reward.RewardModel for a `train rm` run,
-    {'params', 'moe_bias'}, run config dict with the restored step added as
-    'checkpoint_step'). Raises FileNotFoundError with a one-line message.
+
+    Args:
+      workdir: the run directory.
+      step: the checkpoint (default: the latest).
+      shardings: where the arrays go (default: the first local device).
+      module: the flax Module class built from the run's model config (default
+        dsjax.Transformer); its parameters are the ones read, so a module with extra
+        heads (dsjax.reward_model.RewardModel) reads them too.
+    Returns:
+      (module instance, {'params', 'moe_bias'}, run config dict with the restored step
+      added as 'checkpoint_step'). Raises FileNotFoundError with a one-line message.
 
         model, variables, run = dsjax.load_trained("workdir")
     """
-    import yaml
-
     from dsjax.config import config_from_dict
     from dsjax.model import Transformer, unbox
-    from dsjax.reward import RewardModel
 
-    config_path = os.path.join(workdir, "config.yaml")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{workdir} is not a training workdir (no config.yaml)")
-    with open(config_path) as f:
-        run = yaml.safe_load(f)
-    model = (RewardModel if run.get("stage") == "rm" else Transformer)(config_from_dict(run["model"]))
+    run = read_run_config(workdir)
+    model = (module or Transformer)(config_from_dict(run["model"]))
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir} has no checkpoints/")

@@ -73,16 +73,51 @@ def source_files(cfg: DataConfig) -> list[str]:
     return files
 
 
+class JSONLError(ValueError):
+    """A line of a JSONL file that is not a JSON object; the message names path:line."""
+
+
+def read_jsonl(path: str, numbered: bool = False, errors: list[str] | None = None) -> list:
+    """The records of a JSONL file (one JSON object per line; blank lines skipped).
+
+    Args:
+      path: the file (UTF-8).
+      numbered: return (line number, record) pairs (from 1), so a caller's own checks of a
+        record can name its line.
+      errors: where to put the one-line message of each malformed line (not JSON, or not
+        an object) and go on; None: the first one raises JSONLError.
+    Returns:
+      [record, ...] (dicts), or [(n, record), ...] with `numbered`, in file order.
+    Raises:
+      JSONLError naming `path:line`; OSError / UnicodeDecodeError from reading the file.
+    """
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise JSONLError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(record, dict):
+                    raise JSONLError(f"{path}:{n}: a record must be a JSON object")
+            except JSONLError as e:
+                if errors is None:
+                    raise
+                errors.append(str(e))
+                continue
+            out.append((n, record) if numbered else record)
+    return out
+
+
 def _documents(path: str, cfg: DataConfig):
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if cfg.text_field not in record:
-                    raise KeyError(f"{path}:{n}: record has no field {cfg.text_field!r} (data.text_field)")
-                yield f"{path}:{n}", str(record[cfg.text_field])
+        for n, record in read_jsonl(path, numbered=True):
+            if cfg.text_field not in record:
+                raise KeyError(f"{path}:{n}: record has no field {cfg.text_field!r} (data.text_field)")
+            yield f"{path}:{n}", str(record[cfg.text_field])
     else:
         with open(path, encoding="utf-8", errors="replace") as f:
             yield path, f.read()

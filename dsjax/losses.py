@@ -7,6 +7,7 @@ per-token log-probabilities and entropies of a policy (GRPO).
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -66,9 +67,44 @@ def mtp_cross_entropy(mtp_logits: jnp.ndarray, targets: jnp.ndarray, mask: jnp.n
     return jnp.mean(jnp.stack(losses))
 
 
+def distillation_kl(teacher_logits: jnp.ndarray, student_logits: jnp.ndarray, temperature: float = 1.0,
+                    chunks: int = 4) -> jnp.ndarray:
+    """KL(teacher || student) per position between the softmaxes of logits / temperature,
+    summed over the vocabulary a chunk at a time (each chunk's float32 log-probabilities
+    are the only [B, T, V / chunks] temporaries; the log-partition functions come first).
+
+    teacher_logits, student_logits: [B, T, V] (any float dtype) -> float32 [B, T].
+    """
+    V = student_logits.shape[-1]
+    lse_t = jax.nn.logsumexp(teacher_logits.astype(jnp.float32) / temperature, axis=-1, keepdims=True)
+    lse_s = jax.nn.logsumexp(student_logits.astype(jnp.float32) / temperature, axis=-1, keepdims=True)
+    size = -(-V // max(chunks, 1))
+    total = jnp.zeros(student_logits.shape[:-1], jnp.float32)
+    for start in range(0, V, size):
+        t = teacher_logits[..., start:start + size].astype(jnp.float32) / temperature - lse_t
+        s = student_logits[..., start:start + size].astype(jnp.float32) / temperature - lse_s
+        total = total + jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+    return total
+
+
 def model_variables(params, moe_bias) -> dict:
     """{'params', 'moe_bias'} for model.apply, without an empty router bias."""
     return {"params": params, "moe_bias": moe_bias} if moe_bias else {"params": params}
+
+
+def apply_model(model, params, moe_bias, *args, rules=(), **kwargs):
+    """`model.apply` on {'params', 'moe_bias'} under the logical-axis rules `rules` (the
+    activation constraints of sharding.rules.activation_rules; () for none).
+
+    Args:
+      model: a flax.linen Module (a Transformer, a RewardModel, ...).
+      params / moe_bias: its parameters and router bias ({} for a dense model).
+      *args / **kwargs: the module's call arguments (tokens [B, T], ...).
+    Returns:
+      what the module returns (a ModelOutput for a Transformer).
+    """
+    with nn.logical_axis_rules(rules):
+        return model.apply(model_variables(params, moe_bias), *args, **kwargs)
 
 
 def make_eval_step(model, rules=()):
@@ -77,12 +113,9 @@ def make_eval_step(model, rules=()):
     `batch` holds `inputs` and `targets` [B, T] and optionally `mask`, `segment_ids` and
     `positions` (packed SFT windows). Summing lets batches of any fill average exactly.
     """
-    import flax.linen as nn
-
     def eval_step(params, moe_bias, batch):
-        with nn.logical_axis_rules(rules):
-            out = model.apply(model_variables(params, moe_bias), batch["inputs"], batch.get("positions"),
-                              batch.get("segment_ids"), mtp=False)
+        out = apply_model(model, params, moe_bias, batch["inputs"], batch.get("positions"),
+                          batch.get("segment_ids"), mtp=False, rules=rules)
         nll = optax.softmax_cross_entropy_with_integer_labels(out.logits, batch["targets"])
         mask = batch.get("mask")
         m = jnp.ones_like(nll) if mask is None else mask.astype(jnp.float32)

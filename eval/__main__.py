@@ -67,6 +67,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def sampling_defaults(run: dict, task: str | None = None, template: str | None = None,
+                      max_new_tokens: int | None = None) -> tuple[str | None, str, int]:
+    """What to sample a checkpoint on: (task spec NAME:DIFFICULTY, prompt template, tokens
+    per completion), each as given, else as the run's `grpo` section trained it, else
+    (None, 'r1', 256).
+
+    Args:
+      run: the run config of the checkpoint's directory (dsjax.checkpoint.read_run_config;
+        {} for a Hugging Face directory).
+    """
+    grpo = run.get("grpo") or {}
+    spec = task or (f"{grpo['task']}:{grpo['difficulty']}" if grpo.get("task") else None)
+    return spec, template or grpo.get("template", "r1"), int(max_new_tokens or grpo.get("max_new_tokens", 256))
+
+
 def _load(args):
     import dataclasses
 
@@ -79,9 +94,9 @@ def _load(args):
     else:
         model, variables = dsjax.from_pretrained(args.hf)
         tokenizer = args.tokenizer or os.path.join(args.hf, "tokenizer.json")
-    from dsjax.config import IMPL_FIELDS, override_model
+    from eval.loss import with_implementation
 
-    cfg = override_model(dataclasses.replace(model.cfg, attn_impl=args.attn_impl), args.overrides, IMPL_FIELDS)
+    cfg = with_implementation(dataclasses.replace(model.cfg, attn_impl=args.attn_impl), args.overrides)
     return dsjax.Transformer(cfg), variables, tokenizer
 
 
@@ -123,18 +138,14 @@ def reasoning(args) -> int:
     from eval import reasoning as rs
     from eval import tasks as tasks_lib
 
-    run_grpo = {}
-    if args.checkpoint and os.path.isfile(os.path.join(args.checkpoint, "config.yaml")):
-        import yaml
+    from dsjax.checkpoint import read_run_config
 
-        with open(os.path.join(args.checkpoint, "config.yaml")) as f:
-            run_grpo = (yaml.safe_load(f) or {}).get("grpo", {})
     try:
-        spec = args.task or (f"{run_grpo['task']}:{run_grpo['difficulty']}" if run_grpo else None)
+        run = read_run_config(args.checkpoint) if args.checkpoint else {}
+        spec, template, max_new = sampling_defaults(run, args.task, args.template, args.max_new_tokens)
         if not spec:
             raise ValueError("--task NAME[:DIFFICULTY] is needed (this checkpoint names no grpo task); "
                              f"tasks: {tasks_lib.names()}")
-        template = args.template or run_grpo.get("template", "r1")
         chosen = tasks_lib.parse_spec(spec, template)
         model, variables, tokenizer_spec = _load(args)
         from dsjax.tokenizer import load_tokenizer
@@ -143,7 +154,6 @@ def reasoning(args) -> int:
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
-    max_new = args.max_new_tokens or int(run_grpo.get("max_new_tokens", 256))
     split = args.split or ("train" if rejecting else "test")
     rows, kept_all, records = {}, [], []
     for name, task in chosen:

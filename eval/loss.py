@@ -7,17 +7,43 @@ evaluates the same weights under other arithmetic.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
+import yaml
 from tqdm.auto import tqdm
 
 from dsjax import data as data_lib
 from dsjax.checkpoint import load_trained
-from dsjax.config import IMPL_FIELDS, override_model
+from dsjax.config import ConfigError, ModelConfig
+from dsjax.impl import IMPL_FIELDS
 from dsjax.losses import make_eval_step
 from dsjax.model import Transformer
 from dsjax.tokenizer import load_tokenizer
+
+
+def with_implementation(cfg: ModelConfig, overrides: list[str]) -> ModelConfig:
+    """`cfg` with `model.KEY=VALUE` items (--set syntax) applied, KEY one of the
+    implementation fields (dsjax.impl.IMPL_FIELDS: how the model computes, never what it
+    is). Values read as YAML scalars; ConfigError (a ValueError) naming the key otherwise."""
+    updates = {}
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not eq or not dot or section != "model":
+            raise ConfigError(f"--set {item!r}: expected model.KEY=VALUE")
+        if field not in IMPL_FIELDS:
+            raise ConfigError(f"--set model.{field}: here only {', '.join('model.' + a for a in IMPL_FIELDS)} "
+                              "can be set (they change how the model computes, not what it is)")
+        try:
+            updates[field] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            updates[field] = text
+    try:
+        return dataclasses.replace(cfg, **updates)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"--set model: {e}") from None
 
 
 def checkpoint_loss(workdir: str, batches: int | None = None, overrides: list[str] = (),
@@ -27,13 +53,13 @@ def checkpoint_loss(workdir: str, batches: int | None = None, overrides: list[st
     Args:
       workdir: the training workdir (its config.yaml and checkpoints/).
       batches: validation batches (default: the run's train.eval_batches, or 8 if it had none).
-      overrides: `model.key=value` for the keys in dsjax.config.IMPL_FIELDS.
+      overrides: `model.key=value` for the keys in dsjax.impl.IMPL_FIELDS.
       step: checkpoint step (default: the latest).
     Returns {'step', 'batches', 'tokens', 'val_loss', 'perplexity', 'set'}.
-    Raises FileNotFoundError, ValueError (dsjax.config.ConfigError) with a one-line message.
+    Raises FileNotFoundError, ValueError (ConfigError) with a one-line message.
     """
     model, variables, run = load_trained(workdir, step)
-    cfg = override_model(model.cfg, list(overrides), IMPL_FIELDS)
+    cfg = with_implementation(model.cfg, list(overrides))
     train = run["train"]
     n = (train["eval_batches"] or 8) if batches is None else batches
     if n < 1:

@@ -4,12 +4,15 @@ With no arguments: pretrains the tiny preset on the Python standard library's so
 (byte-level tokens), with a progress bar, validation, checkpoints, metrics.jsonl, a loss
 plot and a generated sample. Running again on the same workdir resumes exactly.
 
-Stages: `pretrain`, `sft` (prompt/response JSONL, the loss on responses; configs/sft.yaml)
-`grpo` (rollouts + rule-based rewards on a generated task; configs/grpo.yaml),
-`distill` (SFT of a student on a teacher's rejection-sampled generations;
-configs/distill.yaml) and `rm` (a reward model on preference-pair JSONL, Bradley-Terry;
-configs/rm.yaml). Each reads `configs/<stage>.yaml` unless `--config` names another
-run config.
+Stages (train/stages/, each declaring itself): `pretrain`, `sft` (prompt/response JSONL,
+the loss on responses), `grpo` (rollouts + rule-based rewards on a generated task),
+`distill` (SFT of a student on a teacher's rejection-sampled generations) and `rm` (a
+reward model on preference-pair JSONL, Bradley-Terry). Each reads its own run config,
+`configs/<stage>.yaml`, unless `--config` names another.
+
+On a CPU (dsjax.cpu.allocator.runs_on_cpu: JAX_PLATFORMS, else no accelerator plugin
+installed) the process starts again once with huge pages for XLA's buffers and keeps
+those buffers mapped between steps; on a GPU or TPU it touches no allocator setting.
 """
 
 from __future__ import annotations
@@ -17,10 +20,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-STAGES = ("pretrain", "sft", "grpo", "distill", "rm")
 
-
-def _parser(config: str | None = None) -> argparse.ArgumentParser:
+def _parser(stages: dict, config: str | None = None) -> argparse.ArgumentParser:
     """The command line; its --help lists every --set key with the value the run config
     `config` gives it (None: no list, for a parse that shows no help)."""
     from train.config import describe_options
@@ -29,8 +30,9 @@ def _parser(config: str | None = None) -> argparse.ArgumentParser:
         prog="python -m train", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train DeepSeek-style models with dsjax. `python -m train STAGE --help` lists the "
                     "values that stage's run uses; --show-config prints its whole resolved config.",
-        epilog=describe_options(config) if config else None, add_help=config is not None)
-    p.add_argument("stage", nargs="?", default="pretrain", choices=STAGES, help="what to run (default: pretrain)")
+        epilog=describe_options(config, stages) if config else None, add_help=config is not None)
+    p.add_argument("stage", nargs="?", default="pretrain", choices=list(stages),
+                   help="what to run (default: pretrain)")
     p.add_argument("--config", default=None,
                    help="run config: a name under configs/ or a YAML path (default: the stage's own)")
     p.add_argument("--workdir", default="workdir", help="outputs and checkpoints (resumed if present)")
@@ -81,23 +83,6 @@ def dry_run(cfg, args) -> int:
     return 0
 
 
-def _stage_class(stage: str):
-    if stage == "sft":
-        from train.sft import SFTStage
-        return SFTStage
-    if stage == "grpo":
-        from train.grpo import GRPOStage
-        return GRPOStage
-    if stage == "rm":
-        from train.rm import RMStage
-        return RMStage
-    if stage == "distill":
-        from train.distill import DistillStage
-        return DistillStage
-    from train.loop import PretrainStage
-    return PretrainStage
-
-
 # Words of the errors a process sees when a peer of its run has died (gloo's transport,
 # the coordination service), whatever exception type carries them.
 _PEER_GONE = ("Gloo", "Connection reset by peer", "Connection closed by peer", "heartbeat", "UNAVAILABLE")
@@ -105,34 +90,45 @@ _PEER_GONE = ("Gloo", "Connection reset by peer", "Connection closed by peer", "
 
 def main(argv: list[str] | None = None, keep_buffers: bool = False) -> int:
     """`python -m train`. `keep_buffers`: keep XLA:CPU's buffers mapped between steps
-    (train/allocator.py `keep_buffers`, process-wide: the command line sets it)."""
+    (dsjax.cpu.allocator.keep_buffers, process-wide: the command line sets it on a CPU)."""
     from dsjax.config import ConfigError
+    from train.stages import all_stages
 
+    stages = all_stages()
     argv = sys.argv[1:] if argv is None else list(argv)
     # --help shows the values of the run this command line would start: parse it once
     # without help to learn the stage and --config.
-    known, _ = _parser().parse_known_args([a for a in argv if a not in ("-h", "--help")])
-    args = _parser(known.config or known.stage).parse_args(argv)
+    known, _ = _parser(stages).parse_known_args([a for a in argv if a not in ("-h", "--help")])
+    spec = stages[known.stage]
+    args = _parser(stages, known.config or spec.default_config).parse_args(argv)
     try:
         from train.config import build_config
 
         overrides = list(args.overrides) + ([f"init.workdir={args.init}"] if args.init else [])
-        cfg = build_config(args.config or args.stage, overrides)
+        cfg = build_config(args.config or spec.default_config, overrides, stages)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.show_config:
-        from train.config import config_yaml
+        from train.workdir import config_yaml
 
         print(config_yaml(cfg, args.stage), end="")
         return 0
     if args.dry_run:
         return dry_run(cfg, args)
+    from sharding.mesh import initialize_distributed
     from train.loop import RunStopped, run_stage
 
-    args.keep_buffers = keep_buffers
     try:
-        return run_stage(cfg, args, _stage_class(args.stage))
+        try:
+            initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if keep_buffers:  # after jax.distributed starts, before the first computation
+            from dsjax.cpu.allocator import keep_buffers as keep
+
+            keep()
+        return run_stage(cfg, args.workdir, spec.stage)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -164,7 +160,9 @@ def main(argv: list[str] | None = None, keep_buffers: bool = False) -> int:
 
 
 if __name__ == "__main__":
-    from train.allocator import reexec
+    from dsjax.cpu.allocator import reexec, runs_on_cpu
 
-    reexec()  # huge pages for XLA's buffers (train/allocator.py), before JAX loads
-    sys.exit(main(keep_buffers=True))
+    on_cpu = runs_on_cpu()
+    if on_cpu:
+        reexec()  # huge pages for XLA's buffers, before JAX starts
+    sys.exit(main(keep_buffers=on_cpu))

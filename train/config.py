@@ -1,24 +1,86 @@
 """Run configuration: typed frozen dataclasses hold every default; YAML files in configs/
 and `--set section.key=value` override them. Unknown keys and bad values raise
-ConfigError naming the key."""
+ConfigError naming the key.
+
+A run config has the base sections (`model`, `train`, `data`, `mesh`, `init`) and one
+section per stage that declares one (train/stages/: `sft`, `grpo`, `distill`, `rm`, ...).
+The stages are passed in (`train.stages.all_stages()`): this module knows none of them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+import types
+import typing
+from typing import Any, Mapping
 
 import yaml
 
-from dsjax.config import _CONFIG_DIR, ConfigError, ModelConfig, apply_updates, load_model_config, parse_value
-from sharding.mesh import MeshConfig
+from dsjax.config import _CONFIG_DIR, ConfigError, ModelConfig, load_model_config
 from dsjax.data import DataConfig
-from train.distill import DistillConfig
-from train.grpo import GRPOConfig
-from train.rm import RMConfig
-from train.sft import SFTConfig
+from sharding.mesh import MeshConfig
+from train.workdir import check_same_model, init_source
 
 SCHEDULES = ("cosine", "constant", "step")
+
+
+def coerce(key: str, value: Any, hint: Any) -> Any:
+    """`value` (as YAML reads it) checked against a field's type hint, a type, a union
+    with None or `tuple[X, ...]` (a list): ints widen to floats, numbers become strings, a
+    mapping builds a dataclass (its fields checked the same way); a bool is never a number
+    nor a number a bool."""
+    if typing.get_origin(hint) is tuple:  # tuple[X, ...]: a YAML list of X (mappings for dataclasses)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} is not a list")
+        item = typing.get_args(hint)[0]
+        return tuple(coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    for kind in typing.get_args(hint) if union else (hint,):
+        if isinstance(value, bool) != (kind is bool):
+            continue
+        if isinstance(value, kind):
+            return value
+        if kind is float and isinstance(value, int) or kind is str and isinstance(value, (int, float)):
+            return kind(value)
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            unknown = sorted(set(value) - {f.name for f in dataclasses.fields(kind)})
+            if unknown:
+                raise ConfigError(f"{key}: unknown key {unknown[0]!r}; keys: "
+                                  f"{[f.name for f in dataclasses.fields(kind)]}")
+            hints = typing.get_type_hints(kind)
+            return kind(**{k: coerce(f"{key}.{k}", v, hints[k]) for k, v in value.items()})
+    raise ConfigError(f"{key}={value!r} is not a valid {hint if union else hint.__name__}")
+
+
+def apply_updates(section: str, base: Any, updates: dict[str, Any]) -> Any:
+    """`base` (a config dataclass) with `updates` applied, each value checked against the
+    field's type; unknown keys and bad values raise ConfigError naming `section.key`."""
+    cls = type(base)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kw = {}
+    for k, v in updates.items():
+        if k not in fields:
+            raise ConfigError(f"unknown config key {section}.{k}")
+        kw[k] = coerce(f"{section}.{k}", v, hints[k])
+    try:
+        return dataclasses.replace(base, **kw)
+    except (TypeError, ValueError) as e:  # ConfigError included
+        raise ConfigError(f"{section}: {e}") from None
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: numbers (1, 0.5, 1e-3), then YAML scalars (true, null), else a string."""
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,36 +172,72 @@ class InitConfig:
     hf: str = ""
 
 
+BASE_SECTIONS = {"train": TrainConfig, "data": DataConfig, "mesh": MeshConfig, "model": ModelConfig,
+                 "init": InitConfig}
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything `python -m train` does: model, training, data, mesh, where parameters
-    start, and the SFT and GRPO stages' own settings."""
+    start, and the settings of each stage that declares a section (`cfg.sft`, `cfg.grpo`,
+    ... read like the base sections).
+
+    Attributes:
+      model / train / data / mesh / init: the base sections.
+      stage_sections: (section name, config) of every declared stage section, in order.
+    """
 
     model: ModelConfig = dataclasses.field(default_factory=lambda: load_model_config("tiny"))
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
-    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)
-    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
-    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
-    rm: RMConfig = dataclasses.field(default_factory=RMConfig)
+    stage_sections: tuple[tuple[str, Any], ...] = ()
+
+    def __getattr__(self, name: str) -> Any:
+        for section, value in self.__dict__.get("stage_sections", ()):
+            if section == name:
+                return value
+        raise AttributeError(f"RunConfig has no section {name!r}")
+
+    def sections(self) -> dict[str, Any]:
+        """{section: config dataclass}, the base sections first."""
+        return {**{name: getattr(self, name) for name in BASE_SECTIONS}, **dict(self.stage_sections)}
+
+    def replace_section(self, name: str, value: Any) -> "RunConfig":
+        """This config with section `name` (a base or a stage section) set to `value`."""
+        if name in BASE_SECTIONS:
+            return dataclasses.replace(self, **{name: value})
+        if name not in dict(self.stage_sections):
+            raise ConfigError(f"unknown config section {name!r}")
+        return dataclasses.replace(self, stage_sections=tuple((s, value if s == name else v)
+                                                              for s, v in self.stage_sections))
+
+    def as_dict(self) -> dict[str, Any]:
+        """{section: {key: value}} of every section (nested dataclasses as mappings)."""
+        return {name: dataclasses.asdict(value) for name, value in self.sections().items()}
 
 
-_SECTIONS = {"train": TrainConfig, "data": DataConfig, "mesh": MeshConfig, "model": ModelConfig,
-             "init": InitConfig, "sft": SFTConfig, "grpo": GRPOConfig,
-             "distill": DistillConfig, "rm": RMConfig}
+def section_classes(stages: Mapping[str, Any] = {}) -> dict[str, type]:
+    """{section: its config dataclass}: the base sections, then those the stages declare
+    (each a train.loop.StageSpec; pretraining declares none)."""
+    out = dict(BASE_SECTIONS)
+    for spec in stages.values():
+        if spec.section is not None:
+            out[spec.section] = spec.config
+    return out
 
 
-def parse_set(item: str) -> tuple[str, str, Any]:
-    """One `--set section.key=value` -> (section, key, parsed value); ConfigError if malformed."""
+def parse_set(item: str, sections: Mapping[str, type] = BASE_SECTIONS) -> tuple[str, str, Any]:
+    """One `--set section.key=value` -> (section, key, parsed value); ConfigError if malformed
+    or if the section is not in `sections`."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected section.key=value")
     key, text = item.split("=", 1)
     if "." not in key:
-        raise ConfigError(f"--set {key}: expected section.key (sections: {sorted(_SECTIONS)})")
+        raise ConfigError(f"--set {key}: expected section.key (sections: {sorted(sections)})")
     section, field = key.split(".", 1)
-    if section not in _SECTIONS:
+    if section not in sections:
         raise ConfigError(f"unknown config section {section!r} in --set {key}")
     return section, field, parse_value(text)
 
@@ -154,11 +252,20 @@ def resolve_config_path(name_or_path: str) -> str:
     return path
 
 
-def build_config(config: str | None, overrides: list[str]) -> RunConfig:
+def build_config(config: str | None, overrides: list[str], stages: Mapping[str, Any] = {}) -> RunConfig:
     """RunConfig from a YAML file (or none) and `section.key=value` overrides.
 
+    Args:
+      config: a run config name under configs/ or a YAML path (None: the defaults).
+      overrides: `section.key=value` items, as --set takes them.
+      stages: {name: train.loop.StageSpec} whose sections the run config has
+        (`train.stages.all_stages()`; empty: the base sections only).
+
     The model section may name a `preset` (configs/models/) that its other keys modify.
+    A stage config with a `data_from()` method names a run (an InitConfig) whose tokenizer
+    the data section takes when the run starts from no init source (distillation's teacher).
     """
+    classes = section_classes(stages)
     raw: dict[str, Any] = {}
     if config:
         with open(resolve_config_path(config)) as f:
@@ -167,18 +274,18 @@ def build_config(config: str | None, overrides: list[str]) -> RunConfig:
             raise ConfigError(f"{config}: a run config must be a mapping of sections")
     sections: dict[str, dict[str, Any]] = {}
     for section, values in raw.items():
-        if section not in _SECTIONS:
-            raise ConfigError(f"unknown config section {section!r}; sections: {sorted(_SECTIONS)}")
+        if section not in classes:
+            raise ConfigError(f"unknown config section {section!r}; sections: {sorted(classes)}")
         if not isinstance(values, dict):
             raise ConfigError(f"config section {section!r} must be a mapping")
         sections[section] = dict(values)
     for item in overrides:
-        section, field, value = parse_set(item)
+        section, field, value = parse_set(item, classes)
         sections.setdefault(section, {})[field] = value
     init = apply_updates("init", InitConfig(), sections.pop("init", {}))
     model_values = dict(sections.pop("model", {}))
     preset = model_values.pop("preset", None)
-    source, source_data = _init_source(init)
+    source, source_data = init_source(init.workdir, init.hf)
     if source is not None and preset is None:
         model = source
     else:
@@ -186,97 +293,41 @@ def build_config(config: str | None, overrides: list[str]) -> RunConfig:
     model = apply_updates("model", model, model_values)
     if source is not None:
         check_same_model(source, model, f"the init source {init.workdir or init.hf}")
-        data = sections.setdefault("data", {})
-        for key, value in source_data.items():
-            data.setdefault(key, value)
-    distill = sections.get("distill", {})
-    if source is None and (distill.get("teacher") or distill.get("teacher_hf")):
-        # A student reads the teacher's text with the teacher's tokenizer unless told otherwise.
-        teacher = InitConfig(workdir=str(distill.get("teacher") or ""), hf=str(distill.get("teacher_hf") or ""))
-        _, teacher_data = _init_source(teacher, ("distill.teacher", "distill.teacher_hf"))
-        for key, value in teacher_data.items():
-            sections.setdefault("data", {}).setdefault(key, value)
-    cfg = RunConfig(model=model, init=init)
+    stage_sections = []
+    for section, cls in classes.items():
+        if section not in BASE_SECTIONS:
+            stage_sections.append((section, apply_updates(section, cls(), sections.pop(section, {}))))
+    for _, value in stage_sections:
+        other = value.data_from() if source is None and hasattr(value, "data_from") else None
+        if other is not None:
+            run, names = other
+            _, source_data = init_source(run.workdir, run.hf, names)
+    data = sections.setdefault("data", {})
+    for key, value in source_data.items():
+        data.setdefault(key, value)
+    cfg = RunConfig(model=model, init=init, stage_sections=tuple(stage_sections))
     for section, values in sections.items():
-        cfg = dataclasses.replace(cfg, **{section: apply_updates(section, getattr(cfg, section), values)})
-    cfg.train.validate()
-    cfg.grpo.validate()
-    cfg.distill.validate()
+        cfg = cfg.replace_section(section, apply_updates(section, getattr(cfg, section), values))
+    for value in cfg.sections().values():
+        if hasattr(value, "validate") and not isinstance(value, ModelConfig):
+            value.validate()
     return cfg
 
 
-def _init_source(init: InitConfig, names: tuple[str, str] = ("init.workdir", "init.hf")
-                 ) -> tuple[ModelConfig | None, dict[str, Any]]:
-    """The model config of `init.workdir` / `init.hf` and the data keys a run inherits
-    from it (its tokenizer), or (None, {})."""
-    import json
-
-    from dsjax.config import config_from_dict
-
-    if init.workdir and init.hf:
-        raise ConfigError("init.workdir and init.hf are exclusive: start from one of them")
-    if init.workdir:
-        path = os.path.join(init.workdir, "config.yaml")
-        if not os.path.isfile(path):
-            raise ConfigError(f"{names[0]}: {init.workdir} is not a training workdir (no config.yaml)")
-        with open(path) as f:
-            run = yaml.safe_load(f) or {}
-        return config_from_dict(run["model"]), {"tokenizer": run.get("data", {}).get("tokenizer", "bytes")}
-    if init.hf:
-        path = os.path.join(init.hf, "config.json")
-        if not os.path.isfile(path):
-            raise ConfigError(f"{names[1]}: {init.hf} has no config.json")
-        with open(path) as f:
-            model = ModelConfig.from_hf(json.load(f))
-        tokenizer = os.path.join(init.hf, "tokenizer.json")
-        return model, ({"tokenizer": tokenizer} if os.path.isfile(tokenizer) else {})
-    return None, {}
-
-
-def model_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
-    """The architecture keys (not dsjax.config.IMPL_FIELDS) on which two configs differ."""
-    from dsjax.config import IMPL_FIELDS
-
-    return [f.name for f in dataclasses.fields(ModelConfig)
-            if f.name not in IMPL_FIELDS and getattr(a, f.name) != getattr(b, f.name)]
-
-
-def check_same_model(have: ModelConfig, asked: ModelConfig, where: str) -> None:
-    """ConfigError naming every architecture key where `asked` differs from `have`."""
-    diff = model_differences(have, asked)
-    if diff:
-        shown = ", ".join(f"model.{k}={getattr(asked, k)!r} (there: {getattr(have, k)!r})" for k in diff[:6])
-        raise ConfigError(f"{where} holds a different model: {shown}")
-
-
-def config_yaml(cfg: RunConfig, stage: str) -> str:
-    """The resolved config as the workdir's config.yaml holds it (tuples, such as
-    grpo.sources, as YAML lists)."""
-    return yaml.safe_dump(_plain({"stage": stage, **dataclasses.asdict(cfg)}), sort_keys=False)
-
-
-def _plain(value):
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def describe_options(config: str = "pretrain") -> str:
+def describe_options(config: str = "pretrain", stages: Mapping[str, Any] = {}) -> str:
     """Every --set key with the value the run config `config` (a stage's own, or a name or
     path as --config takes) gives it, and the dataclass default where that differs; for --help.
     The model keys' defaults are the `tiny` preset's."""
-    defaults = RunConfig()
+    defaults = build_config(None, [], stages)
     try:
-        run = build_config(config, [])
+        run = build_config(config, [], stages)
         head = f"options for --set, as the run config {config!r} sets them [default where it differs]:"
     except (ConfigError, FileNotFoundError) as e:
         run = defaults
         head = f"options for --set with their defaults (run config {config!r} not read: {e}):"
     lines = [head]
-    for section in ("train", "data", "mesh", "init", "sft", "grpo", "distill", "rm", "model"):
-        obj, base = getattr(run, section), getattr(defaults, section)
+    for section, obj in run.sections().items():
+        base = getattr(defaults, section)
         for f in dataclasses.fields(obj):
             value, default = getattr(obj, f.name), getattr(base, f.name)
             lines.append(f"  {section}.{f.name} = {value!r}" + (f"   [default {default!r}]" if value != default else ""))

@@ -18,9 +18,9 @@ import types
 import typing
 from typing import Any
 
-from train.config import _SECTIONS, build_config
+from train.config import build_config, section_classes
+from train.stages import all_stages
 
-SECTION_ORDER = ("train", "data", "mesh", "model", "init", "sft", "grpo", "distill", "rm")
 DEFAULT_RUN = "pretrain"
 _ENTRY = re.compile(r"^(\s*)([A-Za-z_][\w ./]*?):\s+(.*)$")
 
@@ -140,10 +140,11 @@ def section_keys(prefix: str, cls: type, run: Any = dataclasses.MISSING) -> list
 
 
 def all_keys() -> dict[str, tuple[type, list[Key]]]:
-    """{section: (its dataclass, its keys)} in SECTION_ORDER (then any other section)."""
-    run = build_config(DEFAULT_RUN, [])
-    order = list(SECTION_ORDER) + sorted(set(_SECTIONS) - set(SECTION_ORDER))
-    return {s: (_SECTIONS[s], section_keys(s, _SECTIONS[s], getattr(run, s))) for s in order}
+    """{section: (its dataclass, its keys)}: the base sections, then each stage's (as
+    train.stages.all_stages declares them)."""
+    stages = all_stages()
+    run = build_config(DEFAULT_RUN, [], stages)
+    return {s: (cls, section_keys(s, cls, getattr(run, s))) for s, cls in section_classes(stages).items()}
 
 
 def _cell(text: str) -> str:

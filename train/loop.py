@@ -1,9 +1,10 @@
 """The run skeleton every stage shares: set-up, config check, init or resume, the step
 loop, metrics, evaluation, checkpoints, plots, the progress bar and the end-of-run sample.
 
-A stage (pretraining, SFT, GRPO) is its batch source and its step function: a `Stage`
-subclass loads its data in `__init__`, compiles its step in `compile`, and runs one
-optimizer step (or one rollout + update) in `step`. Everything else lives here once.
+A stage (pretraining, SFT, GRPO, ...) is its batch source and its step function: a
+`Stage` subclass loads its data in `__init__`, compiles its step in `compile`, and runs
+one optimizer step (or one rollout + update) in `step`. Each stage module under
+train/stages/ declares itself with a `StageSpec`. Everything else lives here once.
 """
 
 from __future__ import annotations
@@ -18,23 +19,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from dsjax import data as data_lib
+from dsjax import impl
 from dsjax.checkpoint import Checkpointer, restore_variables
-from dsjax.config import ConfigError, config_from_dict
+from dsjax.config import ConfigError
 from dsjax.decoding import generate
 from dsjax.losses import make_eval_step
 from dsjax.model import Transformer, unbox
 from dsjax.tokenizer import load_tokenizer
-from sharding.mesh import initialize_distributed, make_mesh
+from sharding.mesh import make_mesh
 from sharding.rules import activation_rules
 from train.optim import make_optimizer
 from train.report import MetricsLog, plot_curves
 from train.steps import TrainState, flops_per_token, make_train_step, state_shardings
+from train.workdir import CHECKPOINTS, check_workdir, write_config
 
 _PEAK_TFLOPS = (("v6", 918.0), ("v5p", 459.0), ("v5 lite", 197.0), ("v5e", 197.0), ("v4", 275.0),
                 ("h200", 989.0), ("h100", 989.0), ("a100", 312.0))
@@ -67,6 +68,29 @@ def peak_tflops(device) -> float:
         if key in kind:
             return value
     return 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """A stage's declaration: each module under train/stages/ ends with `STAGE = StageSpec(...)`.
+
+    Attributes:
+      name: the stage as the command line names it (`python -m train NAME`).
+      section: the run config section it adds (`cfg.<section>`, `--set <section>.key=...`);
+        None for a stage with no settings of its own.
+      config: that section's frozen dataclass (holding every default; a `validate()`
+        method, when it has one, raises ConfigError for impossible values); None with no
+        section.
+      stage: the Stage subclass that runs it.
+      default_config: the run config it reads unless --config names another
+        (`configs/<default_config>.yaml`).
+    """
+
+    name: str
+    section: str | None
+    config: type | None
+    stage: type
+    default_config: str
 
 
 @dataclasses.dataclass
@@ -105,13 +129,14 @@ class Stage(abc.ABC):
       eval_at_start: evaluate before the first step too (logged as step 0).
       head_params: top-level parameters the stage's model adds to the language model's
         (fresh when the run starts from init.workdir / init.hf).
-      samples: the run ends with a generated sample (train.sample_tokens).
+      prints_sample: the run ends by printing text the model generates
+        (train.sample_tokens of it, after `sample_prompt()`).
     """
 
     name = "stage"
     eval_at_start = False
     head_params: tuple[str, ...] = ()
-    samples = True
+    prints_sample = True
 
     @classmethod
     def build_model(cls, model_cfg):
@@ -173,10 +198,6 @@ class SupervisedStage(Stage):
             raise ConfigError(f"train.batch_size={run.cfg.train.batch_size} does not divide over the {shards} "
                               f"devices of the mesh's batch axes (data x fsdp x expert)")
 
-    def step_options(self) -> dict:
-        """Extra keyword arguments of train.steps.make_train_step (distillation's KL)."""
-        return {}
-
     def data_state(self) -> dict:
         return self.batches.get_state()
 
@@ -185,8 +206,7 @@ class SupervisedStage(Stage):
 
     def compile(self) -> None:
         run = self.run
-        self.train_step = jax.jit(make_train_step(run.model, run.tx, run.cfg.train, run.lr_schedule, run.rules,
-                                                  **self.step_options()),
+        self.train_step = jax.jit(make_train_step(run.model, run.tx, run.cfg.train, run.lr_schedule, run.rules),
                                   in_shardings=(run.state_sh, run.batch_sh), out_shardings=(run.state_sh, None),
                                   donate_argnums=(0,))
         self.eval_step = jax.jit(make_eval_step(run.model, run.rules),
@@ -203,60 +223,6 @@ class SupervisedStage(Stage):
         return {"val_loss": float(sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1.0))}
 
 
-class PretrainStage(SupervisedStage):
-    """Pretraining on a text corpus (dsjax.data): packed windows, every token scored."""
-
-    name = "pretrain"
-
-    def __init__(self, run: Run):
-        super().__init__(run)
-        cfg, tcfg = run.cfg, run.cfg.train
-        t0 = time.time()
-        try:
-            corpus = data_lib.load_corpus(cfg.data, run.tokenizer)
-            self.batches = data_lib.train_iterator(corpus.train, tcfg.seq_len, run.local_batch, tcfg.seed,
-                                                   run.process_index, run.process_count)
-            self.val = data_lib.eval_batches(corpus.val, tcfg.seq_len, run.local_batch,
-                                             max(tcfg.eval_batches, 1), run.process_index, run.process_count)
-        except (ValueError, KeyError, FileNotFoundError, UnicodeDecodeError) as e:
-            raise ConfigError(e.args[0] if e.args else str(e)) from None
-        if not tcfg.eval_batches:
-            self.val = []
-        self.baseline = corpus.unigram_baseline()
-        run.log(f"data: {cfg.data.source} -> {len(corpus.train):,} train / {len(corpus.val):,} validation tokens "
-                f"from {corpus.num_files} files ({time.time() - t0:.1f}s); unigram baseline "
-                f"{self.baseline:.3f} nats/token")
-
-    def plot(self) -> str | None:
-        return plot_curves(self.run.workdir, self.baseline)
-
-    def summary(self, last_eval) -> str:
-        if "val_loss" not in last_eval:
-            return ""
-        return f"validation loss {last_eval['val_loss']:.4f} vs unigram baseline {self.baseline:.4f} nats/token"
-
-
-def _check_workdir(workdir: str, cfg, stage: str) -> None:
-    """Refuses a workdir that is a file or holds another stage's or another model's run."""
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ConfigError(f"--workdir {workdir} is a file, not a directory")
-    path = os.path.join(workdir, "config.yaml")
-    if not os.path.exists(path):
-        return
-    from train.config import check_same_model
-
-    with open(path) as f:
-        saved = yaml.safe_load(f) or {}
-    if saved.get("stage", "pretrain") != stage:
-        raise ConfigError(f"--workdir {workdir} holds a {saved.get('stage', 'pretrain')} run; "
-                          f"use another workdir for {stage}")
-    try:
-        have = config_from_dict(saved.get("model", {}))
-    except (ConfigError, TypeError) as e:
-        raise ConfigError(f"{path} is not a valid run config: {e}") from None
-    check_same_model(have, cfg.model, f"--workdir {workdir}")
-
-
 def _initial_variables(run: Run, abstract_state: TrainState, heads: tuple[str, ...] = ()):
     """Parameters and router bias from init.workdir or init.hf, placed as the state's;
     the stage's `heads` parameters are left out (the caller initializes them)."""
@@ -265,7 +231,7 @@ def _initial_variables(run: Run, abstract_state: TrainState, heads: tuple[str, .
               "moe_bias": abstract_state.moe_bias}
     if init.workdir:
         try:
-            variables, step = restore_variables(os.path.join(init.workdir, "checkpoints"), target)
+            variables, step = restore_variables(os.path.join(init.workdir, CHECKPOINTS), target)
         except FileNotFoundError as e:
             raise ConfigError(f"init.workdir: {e}") from None
         run.log(f"init: parameters from {init.workdir} (step {step})")
@@ -281,20 +247,16 @@ def _initial_variables(run: Run, abstract_state: TrainState, heads: tuple[str, .
     return {"params": variables["params"], "moe_bias": variables.get("moe_bias", {})}
 
 
-def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
-    """Runs `stage_cls` under `cfg` in `args.workdir`, resuming it if it holds a checkpoint."""
-    try:
-        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if getattr(args, "keep_buffers", False):  # `python -m train`: after the backends may start
-        from train.allocator import keep_buffers
+def run_stage(cfg, workdir: str, stage_cls: type[Stage]) -> int:
+    """Runs `stage_cls` under `cfg` in `workdir`, resuming it if it holds a checkpoint
+    (jax.distributed, when the run has several processes, is started by the caller).
 
-        keep_buffers()
+    The model is built from `cfg.model` with its implementation choices resolved for the
+    platform of the mesh's devices (dsjax.impl.resolve); config.yaml holds them resolved."""
     tcfg = cfg.train
-    workdir = os.path.abspath(args.workdir)
+    workdir = os.path.abspath(workdir)
     lead = jax.process_index() == 0
-    _check_workdir(workdir, cfg, stage_cls.name)
+    check_workdir(workdir, cfg.model, stage_cls.name)
     try:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
     except (FileNotFoundError, ValueError, OSError) as e:
@@ -306,6 +268,7 @@ def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
         mesh = make_mesh(cfg.mesh)
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
+    cfg = cfg.replace_section("model", impl.resolve(cfg.model, impl.platform_of(mesh)))
     n_proc, proc = jax.process_count(), jax.process_index()
     if tcfg.batch_size % n_proc:
         raise ConfigError(f"train.batch_size={tcfg.batch_size} does not divide over {n_proc} processes")
@@ -313,7 +276,7 @@ def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
         if lead:
             print(f"training keeps float32 master weights (model.param_dtype={cfg.model.param_dtype} "
                   "is used for checkpoints exported to Hugging Face)")
-        cfg = dataclasses.replace(cfg, model=cfg.model.replace(param_dtype="float32"))
+        cfg = cfg.replace_section("model", cfg.model.replace(param_dtype="float32"))
     model = stage_cls.build_model(cfg.model)
     boxed = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, tcfg.seq_len), jnp.int32))
     tx, lr_schedule = make_optimizer(tcfg, boxed["params"])
@@ -335,7 +298,7 @@ def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
 
     with jax.set_mesh(mesh):
         stage = stage_cls(run)
-        ckpt_dir = os.path.join(workdir, "checkpoints")
+        ckpt_dir = os.path.join(workdir, CHECKPOINTS)
         # Created only once the initial state exists, so a bad init source writes nothing.
         ckpt = Checkpointer(ckpt_dir, keep=tcfg.keep_checkpoints) if os.path.isdir(ckpt_dir) else None
         start = ckpt.latest_step() if ckpt else None
@@ -360,11 +323,7 @@ def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
         if ckpt is None:
             ckpt = Checkpointer(ckpt_dir, keep=tcfg.keep_checkpoints)
         if lead:
-            os.makedirs(workdir, exist_ok=True)
-            from train.config import config_yaml
-
-            with open(os.path.join(workdir, "config.yaml"), "w") as f:
-                f.write(config_yaml(cfg, stage.name))
+            write_config(workdir, cfg, stage.name)
         metrics_log = MetricsLog(workdir, start if start else None) if lead else None
         if start >= tcfg.steps:
             run.log(f"already trained to step {start} (train.steps={tcfg.steps}); nothing to do")
@@ -383,7 +342,7 @@ def run_stage(cfg, args, stage_cls: type[Stage]) -> int:
             plot = stage.plot()
             print(f"done: {tcfg.steps} steps; plot {plot}" + (f"; {stage.summary(stage.last_eval)}"
                                                                 if stage.last_eval else ""))
-        if tcfg.sample_tokens and stage.samples:
+        if tcfg.sample_tokens and stage.prints_sample:
             _print_sample(run, stage, state)
     return 0
 

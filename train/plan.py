@@ -19,6 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from dsjax import impl
 from dsjax.attention import causal_chunks
 from dsjax.model import Transformer
 from dsjax.moe import block_rows
@@ -52,8 +53,7 @@ class MemoryPlan:
 
 
 def _layer_activation_values(cfg, seq_len: int, moe: bool, tensor: int, dispatch: str,
-                              expert_parallel: bool, tokens: int = 1, backend: str | None = None
-                              ) -> tuple[float, float]:
+                              expert_parallel: bool, tokens: int = 1) -> tuple[float, float]:
     """(all intermediates, matmul outputs) per token of one layer, in values (not bytes);
     the float32 attention scores are counted twice to weigh 4 bytes against 2 (blockwise:
     none, but the key and value prefixes of its causal query chunks). The routed
@@ -65,7 +65,7 @@ def _layer_activation_values(cfg, seq_len: int, moe: bool, tensor: int, dispatch
     K, R, V, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     q = (cfg.q_lora_rank or 0) + H * (K + R)
     kv = (C + R) + H * (K + V)
-    kernel = cfg.attention_kernel(T, backend)
+    kernel = impl.attention_kernel(cfg, T)
     scores = 0 if kernel != "dense" else 2 * H * T  # float32
     if kernel == "blockwise":  # each causal chunk keeps its own key and value prefix
         scores += (causal_chunks(T) - 1) / 2 * H * (K + R + V)
@@ -90,8 +90,9 @@ def _layer_activation_values(cfg, seq_len: int, moe: bool, tensor: int, dispatch
 
 def memory_plan(run_cfg, num_devices: int, device_memory_gib: float, backend: str | None = None) -> MemoryPlan:
     """Per-device memory of training `run_cfg` on `num_devices` devices of `backend`
-    (default: the one JAX runs on; it picks the MoE dispatch), allocating nothing."""
-    cfg = run_cfg.model.replace(param_dtype="float32")
+    ('cpu', 'gpu' or 'tpu'; default: that of JAX's devices; the model's implementation
+    choices are resolved for it), allocating nothing."""
+    cfg = impl.resolve(run_cfg.model.replace(param_dtype="float32"), backend or impl.platform_of(jax.devices()))
     tcfg = run_cfg.train
     sizes = run_cfg.mesh.sizes(num_devices)
     boxed = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 1), jnp.int32))
@@ -104,12 +105,11 @@ def memory_plan(run_cfg, num_devices: int, device_memory_gib: float, backend: st
                          f"{batch_split} devices")
     tokens = tcfg.batch_size // batch_split * tcfg.seq_len
     act_bytes = jnp.dtype(cfg.dtype).itemsize
-    dispatch = cfg.moe_dispatch(backend)
+    dispatch = impl.moe_dispatch(cfg)
     expert_parallel = sizes["expert"] > 1 and preset != "dp"
-    dense_all, dense_dots = _layer_activation_values(cfg, tcfg.seq_len, False, sizes["tensor"], dispatch, False,
-                                                     backend=backend)
+    dense_all, dense_dots = _layer_activation_values(cfg, tcfg.seq_len, False, sizes["tensor"], dispatch, False)
     moe_all, moe_dots = _layer_activation_values(cfg, tcfg.seq_len, True, sizes["tensor"], dispatch,
-                                                 expert_parallel, tokens, backend)
+                                                 expert_parallel, tokens)
     L_dense, L_moe = cfg.num_dense_layers, cfg.num_moe_layers + cfg.num_nextn_predict_layers
     if cfg.remat_policy == "none":
         per_token = L_dense * dense_all + L_moe * moe_all

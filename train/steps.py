@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsjax.losses import cross_entropy, masked_mean, model_variables, mtp_cross_entropy
+from dsjax.losses import apply_model, cross_entropy, mtp_cross_entropy
 from dsjax.model import ModelOutput, Transformer, unbox
 from sharding.rules import tree_shardings
 
@@ -97,7 +96,7 @@ def guarded_update(state: "TrainState", tx: optax.GradientTransformation, loss, 
     The test is the gradients' global norm (one reduction, shared with the metrics and the
     clipping: any NaN or Inf makes it non-finite). The choice is a `lax.cond` around the
     optimizer: a per-element select between the old and the new parameters and moments
-    doubled the optimizer's time on a CPU (`small`: 357 vs 193 ms a step; the cond, 208)."""
+    would read and write every one of them again (docs/benchmarks.md)."""
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree_utils.tree_norm(grads))
 
     def advance(params, opt_state, bias):
@@ -110,23 +109,19 @@ def guarded_update(state: "TrainState", tx: optax.GradientTransformation, loss, 
     return state, {**metrics, "skipped": 1.0 - finite.astype(jnp.float32)}
 
 
-def make_train_step(model: Transformer, tx: optax.GradientTransformation, tcfg,
-                    lr_schedule: Callable, rules=(), kl_weight: float = 0.0, kl_temperature: float = 1.0) -> Callable:
-    """Returns train_step(state, batch) -> (state, metrics), to be jitted by the caller.
+def supervised_loss(model: Transformer, tcfg, rules=()) -> Callable:
+    """Returns loss_fn(params, moe_bias, batch, step) -> (loss, (ModelOutput, parts)):
+    DeepSeek-V3's objective on one batch, with `parts` the terms {'ce', 'mtp_loss',
+    'balance_loss'} for the metrics.
 
     `batch`: `inputs`, `targets` int32 [B, T]; for packed SFT windows also `positions`,
-    `segment_ids` [B, T] and `mask` bool [B, T] (the targets that are scored). With
-    `kl_weight` (distillation) the batch carries a teacher's `teacher_logprobs` [B, T, V]
-    (log-softmax at `kl_temperature`) and the loss adds kl_weight x KL(teacher || student)
-    averaged over the scored tokens.
+    `segment_ids` [B, T] and `mask` bool [B, T] (the targets that are scored).
     """
-    cfg = model.cfg
-    mtp_lambda, gamma = schedules(tcfg)
+    mtp_lambda, _ = schedules(tcfg)
 
     def loss_fn(params, moe_bias, batch, step):
-        with nn.logical_axis_rules(rules):
-            out = model.apply(model_variables(params, moe_bias), batch["inputs"], batch.get("positions"),
-                              batch.get("segment_ids"))
+        out = apply_model(model, params, moe_bias, batch["inputs"], batch.get("positions"),
+                          batch.get("segment_ids"), rules=rules)
         mask, segments = batch.get("mask"), batch.get("segment_ids")
         ce = cross_entropy(out.logits, batch["targets"], mask)
         mtp = 0.0
@@ -138,26 +133,36 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation, tcfg,
         if out.mtp_balance_loss is not None:
             balance = balance + out.mtp_balance_loss.sum()
         loss = ce + mtp_lambda(step) * mtp + tcfg.balance_alpha * balance
-        kl = 0.0
-        if kl_weight:
-            teacher = batch["teacher_logprobs"]
-            student = jax.nn.log_softmax(out.logits.astype(jnp.float32) / kl_temperature)
-            kl = masked_mean(jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1), mask)
-            loss = loss + kl_weight * kl
-        return loss, (out, ce, mtp, balance, kl)
+        parts = {"ce": ce, "mtp_loss": jnp.asarray(mtp, jnp.float32), "balance_loss": jnp.asarray(balance, jnp.float32)}
+        return loss, (out, parts)
+
+    return loss_fn
+
+
+def supervised_update(state: TrainState, tx: optax.GradientTransformation, tcfg, lr_schedule: Callable,
+                      loss, out: ModelOutput, grads, metrics: dict) -> tuple[TrainState, dict]:
+    """The optimizer step of a supervised loss (`guarded_update`) with the aux-loss-free
+    router bias update from `out`'s expert loads; metrics add `loss`, `grad_norm`, `lr`
+    and (for MoE models) `max_vio`."""
+    _, gamma = schedules(tcfg)
+    metrics = {"loss": loss, **metrics, "grad_norm": optax.tree_utils.tree_norm(grads),
+               "lr": lr_schedule(state.step)}
+    if out.expert_loads is not None:
+        metrics["max_vio"] = max_violation(out.expert_loads)
+    bias = (lambda b: update_moe_bias(b, out, gamma(state.step))) if state.moe_bias else None
+    return guarded_update(state, tx, loss, grads, metrics, bias)
+
+
+def make_train_step(model: Transformer, tx: optax.GradientTransformation, tcfg,
+                    lr_schedule: Callable, rules=()) -> Callable:
+    """Returns train_step(state, batch) -> (state, metrics), to be jitted by the caller
+    (`batch` as `supervised_loss` takes it)."""
+    loss_fn = supervised_loss(model, tcfg, rules)
 
     def train_step(state: TrainState, batch):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (out, ce, mtp, balance, kl)), grads = grad_fn(state.params, state.moe_bias, batch, state.step)
-        metrics = {"loss": loss, "ce": ce, "mtp_loss": jnp.asarray(mtp, jnp.float32),
-                   "balance_loss": jnp.asarray(balance, jnp.float32), "grad_norm": optax.tree_utils.tree_norm(grads),
-                   "lr": lr_schedule(state.step)}
-        if kl_weight:
-            metrics["distill_kl"] = kl
-        if cfg.num_moe_layers:
-            metrics["max_vio"] = max_violation(out.expert_loads)
-        bias = (lambda b: update_moe_bias(b, out, gamma(state.step))) if state.moe_bias else None
-        return guarded_update(state, tx, loss, grads, metrics, bias)
+        (loss, (out, parts)), grads = grad_fn(state.params, state.moe_bias, batch, state.step)
+        return supervised_update(state, tx, tcfg, lr_schedule, loss, out, grads, parts)
 
     return train_step
 

@@ -1,35 +1,36 @@
-"""XLA:CPU's buffers kept mapped between steps (`keep_buffers`, in the process), and
-transparent huge pages for them (`reexec`, set before the process starts); Linux, glibc.
+"""The CPU wing's allocator settings: XLA:CPU's buffers kept mapped between steps
+(`keep_buffers`, in the process), and transparent huge pages for them (`reexec`, set
+before the process starts); Linux, glibc.
 
-XLA:CPU allocates each run's temporary buffers in one block (480 MB for the `small`
-preset's forward pass at 8 x 256, about 2.3 GB for its training step) with
-`posix_memalign`, from one of its worker threads. glibc gives such a thread its own arena,
-whose heaps hold at most 64 MiB, so a larger block is always a fresh `mmap`, unmapped
+XLA:CPU allocates each run's temporary buffers in one block (hundreds of MB to GB for
+the `small` preset) with `posix_memalign`, from one of its worker threads. glibc gives
+such a thread its own arena, whose heaps hold at most 64 MiB, so a larger block is always a fresh `mmap`, unmapped
 again on free, whatever `mmap_threshold` or `mmap_max` say. Every step then faults every
-page of those buffers in anew: about 150,000 page faults per `small` forward pass and
-586,000 per training step here. One arena for all threads (`arena_max=1`) keeps the
-memory and ends the faults, but its lock cost the training step more than the faults did
+page of those buffers in anew. One arena for all threads (`arena_max=1`) keeps the
+memory and ends the faults, but its lock costs the training step more than the faults do
 (docs/benchmarks.md). glibc's `glibc.malloc.hugetlb=1` tunable (glibc 2.35+) asks for
-transparent huge pages on such mappings, 400 times fewer faults: the `small` training step
-ran 1.17x and its forward pass 1.07x faster on a 2-core machine (`bench/allocator.py`;
-not a sure gain where other work shares the process, docs/benchmarks.md). The tunable is
+transparent huge pages on such mappings, a few hundred times fewer faults
+(`bench/allocator.py`; not a sure gain where other work shares the process). The tunable is
 read only when a process starts, so `python -m train` starts again with it set
-(`reexec`), before importing JAX. Set DSJAX_HUGEPAGES=0 to run without; from a notebook,
+(`reexec`) before JAX starts. Set DSJAX_HUGEPAGES=0 to run without; from a notebook,
 start Jupyter with GLIBC_TUNABLES=glibc.malloc.hugetlb=1.
 
 `keep_buffers()` removes the faults where they start: it runs CPU computations on the
 calling thread (`jax_cpu_enable_async_dispatch=False`), whose glibc arena is the main one,
 and tells glibc to serve large blocks from its heap and never give the heap back
 (`mallopt(M_MMAP_MAX, 0)`, `mallopt(M_TRIM_THRESHOLD, -1)`), so each step reuses the last
-step's pages: the `small` training step 3,222 / 3,284 -> 2,857 / 2,774 ms and its forward
-pass 804 / 850 -> 724 / 718 ms here, faults 565,000 -> under 500 per step (huge pages
-alone: 3,017 / 2,862 and 736 / 737 ms). It costs what those settings say: the process
-keeps its peak heap until it exits, and Python no longer runs ahead of the CPU
+step's pages (figures in docs/benchmarks.md). It costs what those settings say: the
+process keeps its peak heap until it exits, and Python no longer runs ahead of the CPU
 computations it dispatches. Call it before JAX's first computation (the dispatch setting
-is read when the CPU backend starts; later it warns and does nothing), in a notebook too;
-`python -m train` and `bench/vs_hf.py` call it. DSJAX_KEEP_BUFFERS=0 turns it off.
+is read when the CPU backend starts), in a notebook too; `python -m train` and
+`bench/vs_hf.py` call it. DSJAX_KEEP_BUFFERS=0 turns it off.
 
-Imports nothing heavy: `reexec` runs before JAX loads.
+Both apply to programs that run on a CPU only. `runs_on_cpu` decides that before JAX
+starts, from what is installed and asked for: JAX_PLATFORMS (its first entry) when set,
+else the CPU when no accelerator plugin is installed (no `jax_plugins` entry point or
+module, no libtpu). `python -m train` calls `reexec` and `keep_buffers` only then.
+
+The module imports JAX only inside `keep_buffers`.
 """
 
 from __future__ import annotations
@@ -90,11 +91,27 @@ def reexec() -> None:
         return
 
 
+def runs_on_cpu(environ: dict | None = None) -> bool:
+    """Whether this program's JAX will run on a CPU, decided without starting JAX: the
+    first entry of JAX_PLATFORMS when it is set, else whether no accelerator plugin is
+    installed (no `jax_plugins` entry point or module, no libtpu)."""
+    import importlib.metadata
+    import importlib.util
+
+    environ = os.environ if environ is None else environ
+    asked = environ.get("JAX_PLATFORMS", "").strip()
+    if asked:
+        return asked.split(",")[0].strip().lower() == "cpu"
+    if importlib.metadata.entry_points(group="jax_plugins"):
+        return False
+    return all(importlib.util.find_spec(name) is None for name in ("jax_plugins", "libtpu"))
+
+
 def keep_buffers() -> str | None:
     """Keeps XLA:CPU's per-step buffers mapped (see the module docstring): synchronous CPU
-    dispatch, and glibc serving large blocks from a heap it never trims. Returns what it
-    set, or None where it did nothing: not Linux with glibc, JAX not on the CPU, JAX's
-    backends already started (it warns), or DSJAX_KEEP_BUFFERS=0."""
+    dispatch, and glibc serving large blocks from a heap it never trims. Call it only for
+    a program that runs on a CPU, before JAX's first computation. Returns what it set, or
+    None where it did nothing: not Linux with glibc, or DSJAX_KEEP_BUFFERS=0."""
     if os.environ.get(KEEP_OPT_OUT, "1") == "0" or not sys.platform.startswith("linux"):
         return None
     if platform.libc_ver()[0] != "glibc":
@@ -104,25 +121,10 @@ def keep_buffers() -> str | None:
     import jax
 
     try:
-        from jax._src.xla_bridge import backends_are_initialized
-    except ImportError:  # a JAX without it: assume started, and leave the process alone
-        return None
-    if backends_are_initialized():
-        # The dispatch setting is read when JAX's CPU client starts; without it the buffers
-        # come from a worker thread's arena, which mmaps them whatever mallopt says.
-        import warnings
-
-        warnings.warn("keep_buffers: JAX's backends have already started; call it before the first "
-                      "computation (left the process as it was)", stacklevel=2)
-        return None
-    # Set before asking which backend runs (that starts the client).
-    async_before = jax.config.values["jax_cpu_enable_async_dispatch"]
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
-    try:
-        libc = ctypes.CDLL("libc.so.6") if jax.default_backend() == "cpu" else None
+        libc = ctypes.CDLL("libc.so.6")
     except OSError:
-        libc = None
-    if libc is None or not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, -1)):
-        jax.config.update("jax_cpu_enable_async_dispatch", async_before)
         return None
+    if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, -1)):
+        return None
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
     return "jax_cpu_enable_async_dispatch=False, mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1)"

@@ -1,4 +1,4 @@
-"""`python -m train rm`: a reward model (dsjax.reward.RewardModel) trained on preference
+"""`python -m train rm`: a reward model (dsjax.reward_model.RewardModel) trained on preference
 pairs with the Bradley-Terry loss (DeepSeek-R1 §2.3.4's preference models).
 
 JSONL records hold `prompt`, `chosen` and `rejected` (names set by `rm.*_field`). Each
@@ -13,9 +13,7 @@ sharded jit step, checkpoints, exact resume, plots.
 from __future__ import annotations
 
 import dataclasses
-import json
 
-import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
@@ -23,10 +21,10 @@ import numpy as np
 import optax
 
 from dsjax.config import ConfigError
-from dsjax.data import is_validation, source_files
-from dsjax.losses import model_variables
-from dsjax.reward import RewardModel, bradley_terry, encode_responses
-from train.loop import SupervisedStage
+from dsjax.data import is_validation, read_jsonl, source_files
+from dsjax.losses import apply_model
+from dsjax.reward_model import RewardModel, bradley_terry, encode_responses
+from train.loop import StageSpec, SupervisedStage
 from train.steps import guarded_update
 
 HEAD_PARAMS = ("score", "score_bias")
@@ -51,26 +49,16 @@ def read_pairs(paths: list[str], cfg: RMConfig) -> tuple[list[tuple[str, str, st
     pairs, skipped = [], 0
     keys = (cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                    if not isinstance(record, dict):
-                        raise ValueError(f"{path}:{n}: a record must be a JSON object")
-                    missing = [k for k in keys if k not in record]
-                    if missing:
-                        raise ValueError(f"{path}:{n}: record has no field {missing[0]!r}")
-                except ValueError:
-                    if cfg.strict:
-                        raise
-                    skipped += 1
-                    continue
-                pairs.append(tuple(str(record[k]) for k in keys))
+        errors = None if cfg.strict else []
+        for n, record in read_jsonl(path, numbered=True, errors=errors):
+            missing = [k for k in keys if k not in record]
+            if missing:
+                if cfg.strict:
+                    raise ValueError(f"{path}:{n}: record has no field {missing[0]!r}")
+                skipped += 1
+                continue
+            pairs.append(tuple(str(record[k]) for k in keys))
+        skipped += len(errors or ())
     return pairs, skipped
 
 
@@ -100,9 +88,8 @@ def make_rm_step(model: RewardModel, tx, lr_schedule, rules=()):
 
     def scores(params, moe_bias, batch):
         B, _, T = batch["tokens"].shape
-        with nn.logical_axis_rules(rules):
-            s = model.apply(model_variables(params, moe_bias), batch["tokens"].reshape(2 * B, T),
-                            batch["last"].reshape(2 * B, 1))
+        s = apply_model(model, params, moe_bias, batch["tokens"].reshape(2 * B, T),
+                        batch["last"].reshape(2 * B, 1), rules=rules)
         return s.reshape(B, 2)
 
     def loss_fn(params, moe_bias, batch):
@@ -132,7 +119,7 @@ class RMStage(SupervisedStage):
 
     name = "rm"
     head_params = HEAD_PARAMS
-    samples = False  # a reward model scores text; it does not write any
+    prints_sample = False  # a reward model scores text; it does not write any
 
     @classmethod
     def build_model(cls, model_cfg):
@@ -213,3 +200,6 @@ class RMStage(SupervisedStage):
         if "val_accuracy" not in last_eval:
             return ""
         return f"held-out pairwise accuracy {last_eval['val_accuracy']:.4f}, loss {last_eval['val_loss']:.4f}"
+
+
+STAGE = StageSpec(name="rm", section="rm", config=RMConfig, stage=RMStage, default_config="rm")

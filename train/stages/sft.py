@@ -15,14 +15,13 @@ validation by a hash of their text, as pretraining splits documents.
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import grain
 import numpy as np
 
 from dsjax.config import ConfigError
-from dsjax.data import is_validation, source_files
-from train.loop import SupervisedStage
+from dsjax.data import is_validation, read_jsonl, source_files
+from train.loop import StageSpec, SupervisedStage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,26 +62,21 @@ def _record_text(record, cfg: SFTConfig, where: str) -> tuple[str, str]:
 
 def read_examples(paths: list[str], cfg: SFTConfig) -> tuple[list[tuple[str, str, str]], int]:
     """(key, prompt, response) of every record of the JSONL files, and the count of
-    skipped malformed lines (always 0 when `cfg.strict`: the first one raises ValueError)."""
+    skipped malformed lines (always 0 when `cfg.strict`: the first one raises ValueError
+    naming its file and line)."""
     examples, skipped = [], 0
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{n}"
-                try:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-                    prompt, response = _record_text(record, cfg, where)
-                except ValueError:
-                    if cfg.strict:
-                        raise
-                    skipped += 1
-                    continue
-                examples.append((f"{prompt}\0{response}", prompt, response))
+        errors = None if cfg.strict else []
+        for n, record in read_jsonl(path, numbered=True, errors=errors):
+            try:
+                prompt, response = _record_text(record, cfg, f"{path}:{n}")
+            except ValueError:
+                if cfg.strict:
+                    raise
+                skipped += 1
+                continue
+            examples.append((f"{prompt}\0{response}", prompt, response))
+        skipped += len(errors or ())
     return examples, skipped
 
 
@@ -242,3 +236,6 @@ class SFTStage(SupervisedStage):
 
     def sample_prompt(self) -> str:
         return self.first_prompt
+
+
+STAGE = StageSpec(name="sft", section="sft", config=SFTConfig, stage=SFTStage, default_config="sft")

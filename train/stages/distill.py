@@ -11,8 +11,11 @@ to `WORKDIR/distill_data.jsonl`, with the acceptance rate per task in
 `WORKDIR/rejection.json`. Training is then `python -m train sft` on that file.
 
 Beyond R1 (which used SFT only), `distill.kl_weight > 0` adds a token-level KL(teacher ||
-student) on the response tokens, from the teacher's logits computed in the step; it
-needs the two models to share a vocabulary.
+student) on the response tokens (Hinton et al.'s soft targets at `kl_temperature`). The
+teacher runs inside the jitted step: its frozen parameters are an argument of the step,
+sharded by the run's rules as the student's are, and the KL is summed over the
+vocabulary a chunk at a time (dsjax.losses.distillation_kl), so no [B, T, V] tensor
+leaves the devices. It needs the two models to share a vocabulary.
 """
 
 from __future__ import annotations
@@ -24,9 +27,16 @@ import os
 import jax
 import jax.numpy as jnp
 
-from dsjax.config import ConfigError
-from dsjax.losses import model_variables
-from train.sft import SFTStage
+from dsjax import impl
+from dsjax.checkpoint import load_trained, read_run_config, run_model_config
+from dsjax.config import ConfigError, ModelConfig
+from dsjax.losses import apply_model, distillation_kl, masked_mean
+from dsjax.model import Transformer
+from sharding.rules import tree_shardings
+from train.config import InitConfig
+from train.loop import StageSpec
+from train.stages.sft import SFTStage
+from train.steps import supervised_loss, supervised_update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +53,8 @@ class DistillConfig:
       shortest: keep only the shortest passing completion of each problem.
       kl_weight / kl_temperature: weight and softmax temperature of the token-level KL to
         the teacher's logits (0: SFT only, as R1).
+      kl_chunks: vocabulary chunks the KL is summed over (each chunk's float32
+        log-probabilities are the step's largest KL temporaries).
     """
 
     teacher: str = ""
@@ -58,6 +70,7 @@ class DistillConfig:
     shortest: bool = True
     kl_weight: float = 0.0
     kl_temperature: float = 1.0
+    kl_chunks: int = 4
 
     def validate(self) -> None:
         if self.teacher and self.teacher_hf:
@@ -69,28 +82,90 @@ class DistillConfig:
             raise ConfigError("distill: kl_weight >= 0, kl_temperature > 0, temperature >= 0 and top_p in (0, 1]")
         if self.max_new_tokens < 0:
             raise ConfigError(f"distill.max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.kl_chunks < 1:
+            raise ConfigError(f"distill.kl_chunks must be at least 1, got {self.kl_chunks}")
 
     def teacher_source(self) -> str:
         return self.teacher or self.teacher_hf
 
-
-def teacher_run(d: DistillConfig) -> dict:
-    """The teacher workdir's resolved run config ({} for a Hugging Face teacher)."""
-    import yaml
-
-    if not d.teacher:
-        return {}
-    path = os.path.join(d.teacher, "config.yaml")
-    if not os.path.isfile(path):
-        raise ConfigError(f"distill.teacher: {d.teacher} is not a training workdir (no config.yaml)")
-    with open(path) as f:
-        return yaml.safe_load(f) or {}
+    def data_from(self) -> tuple[InitConfig, tuple[str, str]] | None:
+        """The teacher, whose tokenizer the student reads its text with unless told
+        otherwise (train.config.build_config), and the keys that name it."""
+        if not self.teacher_source():
+            return None
+        return InitConfig(workdir=self.teacher, hf=self.teacher_hf), ("distill.teacher", "distill.teacher_hf")
 
 
-def load_teacher(d: DistillConfig):
-    """(Transformer with absorbed attention, variables) of the teacher."""
+def teacher_model(d: DistillConfig, platform: str) -> Transformer:
+    """The teacher's Transformer (full-sequence attention, implementation choices
+    resolved for `platform`), from its run directory or Hugging Face config.json."""
+    try:
+        if d.teacher:
+            cfg = run_model_config(d.teacher)
+        else:
+            with open(os.path.join(d.teacher_hf, "config.json")) as f:
+                cfg = ModelConfig.from_hf(json.load(f), dtype="float32", param_dtype="float32",
+                                          num_nextn_predict_layers=0)
+    except (FileNotFoundError, KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"distill teacher: {e.args[0] if e.args else e}") from None
+    return Transformer(impl.resolve(cfg.replace(attn_impl="naive"), platform))
+
+
+def load_teacher(d: DistillConfig, model: Transformer, shardings: dict) -> dict:
+    """The teacher's {'params', 'moe_bias'}, read straight onto `shardings` (a tree like them)."""
     import dsjax
-    from dsjax.checkpoint import load_trained
+
+    try:
+        if d.teacher:
+            _, variables, _ = load_trained(d.teacher, shardings=shardings)
+        else:
+            _, variables = dsjax.from_pretrained(d.teacher_hf, mtp="off", shardings=shardings)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise ConfigError(f"distill teacher: {e.args[0] if e.args else e}") from None
+    return {"params": variables["params"], "moe_bias": variables.get("moe_bias", {})}
+
+
+def make_distill_step(model: Transformer, teacher: Transformer, tx, tcfg, lr_schedule, rules=(),
+                      kl_weight: float = 1.0, temperature: float = 1.0, chunks: int = 4):
+    """Returns distill_step(state, teacher_variables, batch) -> (state, metrics): the
+    supervised objective plus kl_weight x KL(teacher || student) over the scored tokens,
+    the teacher's logits computed in the step from its frozen `teacher_variables`
+    ({'params', 'moe_bias'}; no gradient). Metrics add `distill_kl`.
+
+    `batch` as train.steps.supervised_loss takes it (inputs, targets, ... [B, T]).
+    """
+    base = supervised_loss(model, tcfg, rules)
+
+    def loss_fn(params, moe_bias, teacher_variables, batch, step):
+        loss, (out, parts) = base(params, moe_bias, batch, step)
+        t_out = apply_model(teacher, teacher_variables["params"], teacher_variables["moe_bias"], batch["inputs"],
+                            batch.get("positions"), batch.get("segment_ids"), mtp=False, rules=rules)
+        kl = masked_mean(distillation_kl(jax.lax.stop_gradient(t_out.logits), out.logits, temperature, chunks),
+                         batch.get("mask"))
+        return loss + kl_weight * kl, (out, {**parts, "distill_kl": kl})
+
+    def distill_step(state, teacher_variables, batch):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (out, parts)), grads = grad_fn(state.params, state.moe_bias, teacher_variables, batch, state.step)
+        return supervised_update(state, tx, tcfg, lr_schedule, loss, out, grads, parts)
+
+    return distill_step
+
+
+def sample_teacher(run, d: DistillConfig, path: str) -> dict:
+    """Rejection-samples the teacher into SFT JSONL at `path`; the per-task statistics."""
+    from eval import reasoning as rs
+    from eval import tasks as tasks_lib
+    from eval.__main__ import sampling_defaults
+
+    try:
+        spec, template, max_new = sampling_defaults(read_run_config(d.teacher) if d.teacher else {}, d.task,
+                                                    d.template, d.max_new_tokens)
+    except FileNotFoundError:
+        raise ConfigError(f"distill.teacher: {d.teacher} is not a training workdir (no config.yaml)") from None
+    if not spec:
+        raise ConfigError("distill.task is needed: the teacher names no grpo task")
+    import dsjax
 
     try:
         if d.teacher:
@@ -99,21 +174,6 @@ def load_teacher(d: DistillConfig):
             model, variables = dsjax.from_pretrained(d.teacher_hf)
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise ConfigError(f"distill teacher: {e.args[0] if e.args else e}") from None
-    return model, variables
-
-
-def sample_teacher(run, d: DistillConfig, path: str) -> dict:
-    """Rejection-samples the teacher into SFT JSONL at `path`; the per-task statistics."""
-    from eval import reasoning as rs
-    from eval import tasks as tasks_lib
-
-    trun = teacher_run(d).get("grpo", {})
-    spec = d.task or (f"{trun['task']}:{trun['difficulty']}" if trun else "")
-    if not spec:
-        raise ConfigError("distill.task is needed: the teacher names no grpo task")
-    template = d.template or trun.get("template", "r1")
-    max_new = d.max_new_tokens or int(trun.get("max_new_tokens", 256))
-    model, variables = load_teacher(d)
     model = model.clone(cfg=model.cfg.replace(attn_impl="absorb"))
     kept, stats = [], {}
     try:
@@ -168,11 +228,17 @@ class DistillStage(SFTStage):
                     json.dump(stats, f, indent=1)
         self.teacher = None
         if d.kl_weight:
-            tmodel, tvars = load_teacher(d)
-            if tmodel.cfg.vocab_size != run.model.cfg.vocab_size:
+            self.teacher = teacher_model(d, impl.platform_of(run.mesh))
+            if self.teacher.cfg.vocab_size != run.model.cfg.vocab_size:
                 raise ConfigError(f"distill.kl_weight needs one vocabulary: the teacher has "
-                                  f"{tmodel.cfg.vocab_size} tokens, the student {run.model.cfg.vocab_size}")
-            self.teacher = (tmodel.clone(cfg=tmodel.cfg.replace(attn_impl="naive")), tvars)
+                                  f"{self.teacher.cfg.vocab_size} tokens, the student {run.model.cfg.vocab_size}")
+            boxed = jax.eval_shape(self.teacher.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))
+            try:
+                sh = tree_shardings(boxed, run.mesh, run.cfg.mesh.rules)
+            except ValueError as e:
+                raise ConfigError(f"distill teacher: {e}") from None
+            self.teacher_sh = {"params": sh["params"], "moe_bias": sh.get("moe_bias", {})}
+            self.teacher_variables = load_teacher(d, self.teacher, self.teacher_sh)
         super().__init__(run)
 
     def sources(self) -> list[str]:
@@ -180,27 +246,21 @@ class DistillStage(SFTStage):
             raise ConfigError(f"distill.data: {self.data_path} does not exist")
         return [self.data_path]
 
-    def step_options(self) -> dict:
-        d = self.run.cfg.distill
-        return {"kl_weight": d.kl_weight, "kl_temperature": d.kl_temperature} if self.teacher else {}
-
     def compile(self) -> None:
         super().compile()
         if self.teacher is None:
             return
-        tmodel, tvars = self.teacher
-        temperature = self.run.cfg.distill.kl_temperature
-
-        def teacher_logprobs(variables, batch):
-            out = tmodel.apply(model_variables(variables["params"], variables.get("moe_bias", {})),
-                               batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
-            return jax.nn.log_softmax(out.logits.astype(jnp.float32) / temperature)
-
-        self.teacher_fn = jax.jit(teacher_logprobs)
-        self.teacher_vars = jax.device_put(tvars)
+        run, d = self.run, self.run.cfg.distill
+        step = make_distill_step(run.model, self.teacher, run.tx, run.cfg.train, run.lr_schedule, run.rules,
+                                 d.kl_weight, d.kl_temperature, d.kl_chunks)
+        self.train_step = jax.jit(step, in_shardings=(run.state_sh, self.teacher_sh, run.batch_sh),
+                                  out_shardings=(run.state_sh, None), donate_argnums=(0,))
 
     def step(self, state, step):
-        batch = self.run.to_global(next(self.batches))
-        if self.teacher is not None:
-            batch["teacher_logprobs"] = self.teacher_fn(self.teacher_vars, batch)
-        return self.train_step(state, batch)
+        if self.teacher is None:
+            return super().step(state, step)
+        return self.train_step(state, self.teacher_variables, self.run.to_global(next(self.batches)))
+
+
+STAGE = StageSpec(name="distill", section="distill", config=DistillConfig, stage=DistillStage,
+                  default_config="distill")

@@ -8,6 +8,7 @@ pairs with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected).
 
     rm = RewardModel(cfg)
     scores = rm.apply(variables, tokens, last)      # last: int32 [B, S], -1 where unused
+    rm, variables, run = load_reward_model("workdir")   # a `python -m train rm` run
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsjax.checkpoint import load_trained
 from dsjax.layers import param
 from dsjax.model import Transformer
 
@@ -74,3 +76,13 @@ def encode_responses(tokenizer, prompts, responses, width: int,
         tokens[i, :len(row)] = row
         last[i, 0] = len(row) - 1
     return tokens, last
+
+
+def load_reward_model(workdir: str, step: int | None = None, shardings=None):
+    """A reward model and its variables (backbone and head) from a run directory, as
+    dsjax.checkpoint.load_trained reads a language model. Raises FileNotFoundError with a
+    one-line message where the directory or its checkpoint holds no reward model."""
+    try:
+        return load_trained(workdir, step, shardings, module=RewardModel)
+    except (KeyError, ValueError) as e:
+        raise FileNotFoundError(f"{workdir} holds no reward model (python -m train rm): {e}") from None
