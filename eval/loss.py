@@ -33,9 +33,11 @@ def with_implementation(cfg: ModelConfig, overrides: list[str]) -> ModelConfig:
         section, dot, field = key.partition(".")
         if not eq or not dot or section != "model":
             raise ConfigError(f"--set {item!r}: expected model.KEY=VALUE")
+        if field not in {f.name for f in dataclasses.fields(ModelConfig)}:
+            raise ConfigError(f"unknown config key model.{field}")
         if field not in IMPL_FIELDS:
-            raise ConfigError(f"--set model.{field}: here only {', '.join('model.' + a for a in IMPL_FIELDS)} "
-                              "can be set (they change how the model computes, not what it is)")
+            raise ConfigError(f"--set model.{field}: changes the trained model; here only "
+                              f"{', '.join('model.' + a for a in IMPL_FIELDS)} can be set")
         try:
             updates[field] = yaml.safe_load(text)
         except yaml.YAMLError:

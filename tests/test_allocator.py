@@ -1,5 +1,5 @@
-"""train/allocator.py: XLA's buffers kept mapped between steps, and the entry points started
-again with huge pages for them."""
+"""dsjax/cpu/allocator.py: XLA's buffers kept mapped between steps, and the entry points
+started again with huge pages for them, on a CPU only."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from train import allocator
+from dsjax.cpu import allocator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUPPORTED = allocator._glibc_supports_hugetlb()
@@ -35,7 +35,7 @@ def test_no_tunable_without_glibc(monkeypatch):
 
 @pytest.mark.skipif(not SUPPORTED, reason="needs Linux with glibc 2.35+")
 def test_reexec_starts_the_same_command_again_with_the_tunable():
-    code = ("import os, sys; from train.allocator import reexec; print('start', flush=True); reexec(); "
+    code = ("import os, sys; from dsjax.cpu.allocator import reexec; print('start', flush=True); reexec(); "
             "print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])")
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocator.OPT_OUT)}
     env["PYTHONPATH"] = ROOT
@@ -56,7 +56,7 @@ def test_keep_buffers_runs_steps_without_faulting_their_buffers_in_again():
     pages in on every call; DSJAX_KEEP_BUFFERS=0 leaves the process as it was."""
     code = """
 import resource, jax, jax.numpy as jnp
-from train.allocator import keep_buffers
+from dsjax.cpu.allocator import keep_buffers
 kept = keep_buffers()
 f = jax.jit(lambda x: (jnp.exp(x[:, None] * x[None, :] * 1e-9) @ x).sum())  # a 128 MiB temporary
 x = jnp.arange(4096 * 2, dtype=jnp.float32)
@@ -74,10 +74,35 @@ print(kept is not None, jax.config.values["jax_cpu_enable_async_dispatch"], faul
     env[allocator.KEEP_OPT_OUT] = "0"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True", "True"], out.stderr[-2000:]
-    # after the first computation the dispatch setting can no longer take: it says so
-    late = ("import warnings, jax; jax.numpy.ones(3).block_until_ready(); from train.allocator import keep_buffers\n"
-            "with warnings.catch_warnings(record=True) as w:\n    warnings.simplefilter('always'); r = keep_buffers()\n"
-            "print(r, jax.config.values['jax_cpu_enable_async_dispatch'], 'already started' in str(w[0].message))")
-    env.pop(allocator.KEEP_OPT_OUT)
-    out = subprocess.run([sys.executable, "-c", late], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["None", "True", "True"], out.stderr[-2000:]
+
+
+def test_the_platform_is_decided_before_jax_starts(monkeypatch):
+    """JAX_PLATFORMS (its first entry) when set; else the CPU unless an accelerator
+    plugin is installed."""
+    assert allocator.runs_on_cpu({"JAX_PLATFORMS": "cpu"})
+    assert not allocator.runs_on_cpu({"JAX_PLATFORMS": "tpu,cpu"})
+    assert not allocator.runs_on_cpu({"JAX_PLATFORMS": "cuda"})
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert allocator.runs_on_cpu({})
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "libtpu" else None)
+    assert not allocator.runs_on_cpu({})
+
+
+@pytest.mark.skipif(not SUPPORTED, reason="needs Linux with glibc 2.35+")
+def test_python_m_train_starts_again_on_a_cpu_only():
+    """`python -m train` re-executes itself with the tunable on a CPU; for a GPU or TPU
+    program it neither re-executes nor sets any allocator setting."""
+    code = ("import os, runpy, sys; print('start', os.environ.get('GLIBC_TUNABLES'), flush=True); "
+            "sys.argv = ['train', '--show-config']; runpy.run_module('train', run_name='__main__')")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocator.OPT_OUT)}
+    env["PYTHONPATH"] = ROOT
+    starts = {}
+    for platform in ("cpu", "tpu"):
+        out = subprocess.run([sys.executable, "-c", code], env=dict(env, JAX_PLATFORMS=platform), cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        starts[platform] = [line for line in out.stdout.splitlines() if line.startswith("start")]
+    assert starts["cpu"] == ["start None", f"start {allocator.TUNABLE}"]
+    assert starts["tpu"] == ["start None"]

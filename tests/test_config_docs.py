@@ -6,7 +6,8 @@ import typing
 
 from dsjax.config import RopeScaling
 from train import docs
-from train.config import _SECTIONS, RunConfig
+from train.config import BASE_SECTIONS, build_config, section_classes
+from train.stages import all_stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH = os.path.join(ROOT, "docs", "config.md")
@@ -21,8 +22,10 @@ def test_docs_config_md_is_current():
 def test_every_field_has_a_documented_row():
     text = open(PATH).read()
     rows = {line.split("|")[1].strip().strip("`"): line for line in text.splitlines() if line.startswith("| `")}
-    assert set(docs.SECTION_ORDER) == set(_SECTIONS) == {f.name for f in dataclasses.fields(RunConfig)}
-    for section, cls in _SECTIONS.items():
+    sections = section_classes(all_stages())
+    assert set(sections) == set(build_config(None, [], all_stages()).sections()) == \
+        set(BASE_SECTIONS) | {s.section for s in all_stages().values() if s.section}
+    for section, cls in sections.items():
         for f in dataclasses.fields(cls):
             assert f"{section}.{f.name}" in rows, f"{section}.{f.name} missing from docs/config.md"
     for f in dataclasses.fields(RopeScaling):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import dsjax
-from dsjax.reward import RewardModel, bradley_terry
+from dsjax.reward_model import RewardModel, bradley_terry
 
 CFG = dsjax.load_model_config("tiny").replace(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
                                                q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,

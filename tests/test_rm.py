@@ -10,12 +10,13 @@ import pytest
 
 import dsjax
 from dsjax.checkpoint import restore_variables
-from dsjax.reward import RewardModel
+from dsjax.reward_model import RewardModel, load_reward_model
 from dsjax.tokenizer import ByteTokenizer
 from eval import rewards
 from train.__main__ import main
 from train.config import build_config
-from train.rm import encode_pairs
+from train.stages import all_stages
+from train.stages.rm import encode_pairs
 from tests.test_train import SMALL
 
 RAMBLE = ["well, let me think about it for a while", "hmm, it could be many things really",
@@ -52,7 +53,7 @@ def _records(workdir):
 
 
 def _score(workdir, prompt, response):
-    cfg = build_config("rm", _overrides())
+    cfg = build_config("rm", _overrides(), all_stages())
     rm = RewardModel(cfg.model)
     abstract = dsjax.unbox(jax.eval_shape(rm.init, jax.random.key(0), np.zeros((1, 64), np.int32)))
     variables, _ = restore_variables(os.path.join(workdir, "checkpoints"),
@@ -70,22 +71,33 @@ def test_reward_model_learns_the_stated_preference_and_its_opposite(tmp_path):
     assert _score(tmp_path / "rm", "17+44=", digits) > _score(tmp_path / "rm", "17+44=", ramble)
     assert _score(tmp_path / "swapped", "17+44=", digits) < _score(tmp_path / "swapped", "17+44=", ramble)
 
-    # In the reward registry, scored in batches on the device: the same scores as the model
-    # called directly, mixed with a rule-based reward.
-    rewards.register_reward_model("prefers_digits", str(tmp_path / "rm"), batch_size=4)
-    try:
-        prompts = ["17+44=", "3+4=", "20+20=", "1+2=", "9+9="]
-        texts = [digits, ramble, "<answer>40</answer>", RAMBLE[0], "<answer>18</answer>"]
-        fields = [{"answer": 61}, {"answer": 7}, {"answer": 40}, {"answer": 3}, {"answer": 18}]
-        totals, parts = rewards.combine("prefers_digits:0.5,format:1").batch(prompts, texts, fields)
-        direct = [_score(tmp_path / "rm", p, t) for p, t in zip(prompts, texts)]
-        np.testing.assert_allclose(parts["prefers_digits"], direct, rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(totals, 0.5 * np.asarray(direct) + parts["format"], rtol=1e-4, atol=1e-5)
-        assert rewards.get("prefers_digits")(prompts[0], texts[0]) == pytest.approx(direct[0], rel=1e-4, abs=1e-5)
-    finally:
-        rewards.unregister("prefers_digits")
+    # As a run's batch reward (train/rl/rewards.py), scored in batches on the device: the
+    # same scores as the model called directly, mixed with a rule-based reward.
+    from train.rl.rewards import reward_model_scorer
+
+    scorer = reward_model_scorer(str(tmp_path / "rm"), batch_size=4)
+    prompts = ["17+44=", "3+4=", "20+20=", "1+2=", "9+9="]
+    texts = [digits, ramble, "<answer>40</answer>", RAMBLE[0], "<answer>18</answer>"]
+    fields = [{"answer": 61}, {"answer": 7}, {"answer": 40}, {"answer": 3}, {"answer": 18}]
+    mixed = rewards.combine("prefers_digits:0.5,format:1", {"prefers_digits": scorer})
+    totals, parts = mixed.batch(prompts, texts, fields)
+    direct = [_score(tmp_path / "rm", p, t) for p, t in zip(prompts, texts)]
+    np.testing.assert_allclose(parts["prefers_digits"], direct, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(totals, 0.5 * np.asarray(direct) + parts["format"], rtol=1e-4, atol=1e-5)
+    assert mixed(prompts[0], texts[0])[1]["prefers_digits"] == pytest.approx(direct[0], rel=1e-4, abs=1e-5)
     with pytest.raises(ValueError, match="is not a training workdir"):
-        rewards.register_reward_model("lm", str(tmp_path / "missing"))
+        reward_model_scorer(str(tmp_path / "missing"))
+
+    # The library reads the run directory: as a reward model (backbone and head), or as
+    # the language model its backbone is (no head), without knowing which stage wrote it.
+    rm, variables, run = load_reward_model(str(tmp_path / "rm"))
+    assert isinstance(rm, RewardModel) and {"score", "score_bias"} <= set(variables["params"])
+    enc = encode_pairs([("17+44=", digits, digits)], ByteTokenizer(), 64)
+    assert float(rm.apply(variables, enc["tokens"][:, 0], enc["last"][:, :1])[0, 0]) == pytest.approx(
+        _score(tmp_path / "rm", "17+44=", digits), rel=1e-5, abs=1e-6)
+    lm, lm_variables, _ = dsjax.load_trained(str(tmp_path / "rm"))
+    assert type(lm) is dsjax.Transformer and "score" not in lm_variables["params"]
+    assert lm.apply(lm_variables, enc["tokens"][:, 0]).logits.shape[-1] == lm.cfg.vocab_size
 
 
 def test_reward_model_resumes_exactly_and_refuses_bad_pairs(tmp_path):
@@ -105,7 +117,7 @@ def test_reward_model_starts_from_a_language_model_workdir(tmp_path):
     # A language model's workdir as `python -m train` leaves it (config.yaml and a
     # checkpoint of parameters and router bias), written here directly.
     from dsjax.checkpoint import Checkpointer
-    from train.config import config_yaml
+    from train.workdir import config_yaml
 
     cfg = build_config("pretrain", _overrides())
     lm = dsjax.unbox(dsjax.Transformer(cfg.model).init(jax.random.key(7), np.zeros((1, 8), np.int32)))

@@ -17,7 +17,8 @@ from dsjax.tokenizer import ByteTokenizer
 from train.__main__ import main
 from train.config import build_config
 from train.optim import make_optimizer
-from train.sft import SFTConfig, pack, read_examples, window_batch
+from train.stages import all_stages
+from train.stages.sft import SFTConfig, pack, read_examples, window_batch
 from train.steps import TrainState, make_train_step
 from tests.test_train import SMALL
 
@@ -49,7 +50,7 @@ def test_packing_masks_prompts_and_restarts_positions():
 
 
 def test_packed_examples_do_not_see_each_other_and_loss_is_response_only():
-    cfg = build_config("sft", SMALL)
+    cfg = build_config("sft", SMALL, all_stages())
     model = dsjax.Transformer(cfg.model)
     tok = ByteTokenizer()
     b = window_batch(*(lambda p: (p.tokens, p.segments, p.loss))(pack(EXAMPLES, tok, seq_len=32)))
@@ -128,7 +129,7 @@ def test_sft_resumes_exactly_starts_from_a_run_and_refuses_bad_data(tmp_path, ca
     assert main(_args("sft", tmp_path / "init", "train.steps=1", f"data.source={data}")
                 + ["--init", str(tmp_path / "full")]) == 0
     assert "init: parameters from" in capsys.readouterr().out
-    target = jax.eval_shape(lambda: dsjax.unbox(dsjax.Transformer(build_config("sft", SMALL).model).init(
+    target = jax.eval_shape(lambda: dsjax.unbox(dsjax.Transformer(build_config("sft", SMALL, all_stages()).model).init(
         jax.random.key(0), jnp.zeros((1, 8), jnp.int32))))
     target = {"params": target["params"], "moe_bias": target["moe_bias"]}
     start, step = restore_variables(str(tmp_path / "full" / "checkpoints"), target)

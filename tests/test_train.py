@@ -20,6 +20,7 @@ from eval.loss import checkpoint_loss
 from dsjax import data as data_lib
 from train.__main__ import main
 from train.config import RunConfig, build_config
+from train.stages import all_stages
 from train.optim import decay_mask, make_optimizer
 from dsjax.losses import cross_entropy, mtp_cross_entropy
 from train.steps import TrainState, make_train_step, max_violation
@@ -48,7 +49,7 @@ def test_every_run_config_loads():
     names = [f[:-5] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".yaml")]
     assert "pretrain" in names
     for name in names:
-        build_config(name, [])
+        build_config(name, [], all_stages())
 
 
 def test_overrides_apply_with_types():
@@ -245,6 +246,9 @@ def test_run_outputs_eval_loss_and_exact_resume_after_sigkill(tmp_path, capsys):
     assert any("val_loss" in r for r in records)
     assert (full / "plots" / "loss.png").stat().st_size > 10_000
     assert (full / "config.yaml").exists() and os.listdir(full / "checkpoints")
+    # The implementation choices the run compiled with, resolved for its devices (a CPU's).
+    written = dsjax.checkpoint.read_run_config(str(full))["model"]
+    assert all(written[k] != "auto" for k in ("attn_kernel", "moe_impl", "layer_loop")), written
 
     # python -m eval loss: the logged validation loss again, and the same weights under FP8.
     logged = [r["val_loss"] for r in records if "val_loss" in r][-1]
