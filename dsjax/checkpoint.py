@@ -58,7 +58,8 @@ def restore_variables(directory: str, target: dict, step: int | None = None) -> 
       target: {'params': ..., 'moe_bias': ...} of jax.ShapeDtypeStruct with the shardings
         to restore onto (any device count or mesh: orbax reads each shard's slice).
       step: the checkpoint (default: the latest).
-    Returns ({'params', 'moe_bias'}, step). Raises FileNotFoundError with a one-line message.
+    Returns ({'params', 'moe_bias'}, step). Raises FileNotFoundError with a one-line message,
+    also when the checkpoint lacks an array of `target` (it holds another model).
     """
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory} does not exist")
@@ -71,6 +72,12 @@ def restore_variables(directory: str, target: dict, step: int | None = None) -> 
     out = ocp.PyTreeCheckpointer().restore(
         os.path.join(os.path.abspath(directory), str(step), "state"),
         args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+    missing = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(out)
+               if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if missing:
+        raise FileNotFoundError(f"{directory} step {step} holds no {missing[0]}"
+                                + (f" (nor {len(missing) - 1} more arrays)" if len(missing) > 1 else "")
+                                + ": a checkpoint of another model")
     return {"params": out["params"], "moe_bias": out.get("moe_bias") or {}}, int(step)
 
 
