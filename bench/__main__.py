@@ -1,12 +1,13 @@
 """Runs the benchmarks under bench/ and prints their JSON lines, then a table.
 
     python -m bench                       # every benchmark not marked slow (minutes on 2 cores)
-    python -m bench vs_hf decode_cache    # the ones named (slow ones included)
+    python -m bench vs_hf decode          # the ones named (slow ones included)
     python -m bench --all                 # everything, the slow ones too (hours on a CPU)
     python -m bench --list                # names, marks and first docstring lines
     python -m bench vs_hf -- --presets tiny --reps 3   # arguments after -- go to each named one
 
-Each benchmark is `python bench/NAME.py` in its own process, from the repository root.
+Each benchmark is the module bench/NAME.py, run as `python -m bench.NAME` in its own
+process from the repository root (so that it imports dsjax, train, ... from there).
 Its JSON lines (stdout lines that parse as a JSON object) are printed as they come, with
 `name` added where the benchmark leaves it out; its other stdout goes to stderr. A
 benchmark that cannot run here (no GPU, no trained model, a required argument) is skipped
@@ -29,22 +30,20 @@ ROOT = os.path.dirname(HERE)
 # Opt-in benchmarks: run only when named or with --all (why: roughly how long on 2 cores).
 SLOW = {
     "allocator": "4 child processes compiling the small step, about 7 minutes",
-    "decode_cache": "about 5 minutes",
+    "decode": "about 5 minutes",
     "fp8_ablation": "800 training steps",
     "fp8_quality": "nine 800-step training runs",
     "r1": "about 12 minutes",
-    "r1_distill": "about 10 minutes, after r1",
-    "r1_full": "about 20-25 minutes, after r1",
     "scale": "compiles the small step in 4 layouts, about 3 minutes",
 }
 GPU_ONLY = {"gpu_check"}
+# Modules of bench/ that are not benchmarks.
+HELPERS = {"common"}
 # The table's figures per benchmark (others: their first few scalar fields).
 KEY_FIGURES = {
     "vs_hf": ("preset", "measure", "dsjax_per_s", "hf_per_s", "speedup", "mfu", "fraction_of_bound",
               "tokens_agree", "target_met"),
-    "vs_transformers": ("dsjax_tokens_per_s", "transformers_tokens_per_s", "speedup", "identical_tokens"),
     "attention_memory": ("preset", "seq_len", "dense_temp_mib", "blockwise_temp_mib", "reduction"),
-    "speculative": ("speculative_tokens_per_forward", "acceptance_rate", "speedup", "identical_tokens"),
     "gpu_check": ("device_kind", "fp8_speedup", "losses_finite", "fp8_lowered_to_f8_dots"),
     "scale": ("preset", "batch", "seq_len", "moe_impl", "targets_met"),
     "allocator": ("preset", "kept_train_ms", "hugepages_train_ms", "plain_train_ms", "kept_train_speedup",
@@ -54,10 +53,11 @@ MAX_FIGURES = 6
 
 
 def discover() -> dict[str, str]:
-    """{name: first docstring line} of every bench/*.py but this runner's files."""
+    """{name: first docstring line} of every benchmark module bench/*.py (not the
+    runner's files, not the helpers)."""
     out = {}
     for fname in sorted(os.listdir(HERE)):
-        if fname.endswith(".py") and not fname.startswith("_"):
+        if fname.endswith(".py") and not fname.startswith("_") and fname[:-3] not in HELPERS:
             with open(os.path.join(HERE, fname), encoding="utf-8") as f:
                 doc = ast.get_docstring(ast.parse(f.read())) or ""
             out[fname[:-3]] = " ".join(doc.split("\n\n")[0].split())
@@ -73,8 +73,6 @@ def skip_reason(name: str, extra: list[str]) -> str | None:
             return f"needs a GPU (JAX backend here: {jax.default_backend()})"
     if name == "fp8_ablation" and not extra:
         return "needs a VARIANT: python -m bench fp8_ablation -- forward_only"
-    if name == "speculative" and "--workdir" not in extra and not os.path.isdir(os.path.join(ROOT, "workdir")):
-        return "needs a trained model: python -m train --workdir workdir first (or -- --workdir DIR)"
     return None
 
 
@@ -102,7 +100,7 @@ def _scalar(v) -> bool:
 
 def key_figures(record: dict) -> list[tuple[str, object]]:
     """The (key, value) pairs of a record the table shows."""
-    if record.get("name") == "decode_cache" and isinstance(record.get("runs"), list):
+    if record.get("name") == "decode" and isinstance(record.get("runs"), list):
         return [(f"{r['impl']}@{r['context']}", r["decode_tokens_per_s"]) for r in record["runs"]
                 if isinstance(r, dict) and {"impl", "context", "decode_tokens_per_s"} <= set(r)]
     keys = KEY_FIGURES.get(record.get("name"))
@@ -138,13 +136,13 @@ def format_table(results: list[dict]) -> str:
 
 
 def run_one(name: str, extra: list[str]) -> dict:
-    """Runs bench/NAME.py, echoing its JSON lines (with `name`) as they come."""
+    """Runs `python -m bench.NAME` from the repository root, echoing its JSON lines (with
+    `name`) as they come."""
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch's spinning OpenMP threads stall on a shared CPU
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else ROOT
-    print(f"[bench] {name}: python bench/{name}.py {' '.join(extra)}".rstrip(), file=sys.stderr, flush=True)
+    print(f"[bench] {name}: python -m bench.{name} {' '.join(extra)}".rstrip(), file=sys.stderr, flush=True)
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, f"{name}.py"), *extra], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", f"bench.{name}", *extra], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, text=True)
     records = []
     for line in proc.stdout:

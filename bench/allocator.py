@@ -1,9 +1,9 @@
 """The training step and forward pass with XLA's buffers kept mapped between steps
-(train/allocator.py `keep_buffers`), with transparent huge pages for them instead
+(dsjax/cpu/allocator.py `keep_buffers`), with transparent huge pages for them instead
 (`reexec`), and with neither: what `python -m train` sets for itself against a plain
 process, each setting in its own child process, the settings alternated.
 
-    python bench/allocator.py [--preset small] [--batch 8] [--seq-len 256] [--steps 6] [--rounds 2]
+    python -m bench.allocator [--preset small] [--batch 8] [--seq-len 256] [--steps 6] [--rounds 2]
 
 Each child builds `python -m train`'s step for the preset (MTP off, AdamW, the dispatch
 `auto` picks, the state donated), compiles it, times --steps forward passes (logits) and
@@ -23,20 +23,21 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from bench.common import emit
+from dsjax.cpu.allocator import KEEP_OPT_OUT, OPT_OUT, hugepage_env
 
-from train.allocator import KEEP_OPT_OUT, OPT_OUT, hugepage_env  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def child(preset: str, batch: int, seq_len: int, steps: int) -> dict:
     import jax
 
-    from bench.profile_step import train_step
-    from train.allocator import keep_buffers
+    from bench.profile_step import mtp_off_step
+    from dsjax.cpu.allocator import keep_buffers
 
     keep_buffers()  # does nothing under DSJAX_KEEP_BUFFERS=0
-    model, variables, state, step, data = train_step(preset, batch, seq_len)
+    train, variables, data = mtp_off_step(preset, batch, seq_len)
+    model, step = train.model, train.step
     forward = jax.jit(lambda v, t: model.apply(v, t).logits)
 
     def timed(fn):
@@ -50,13 +51,14 @@ def child(preset: str, batch: int, seq_len: int, steps: int) -> dict:
         faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
         return statistics.median(times) * 1e3, faults
 
-    def train():
+    def train_once():
         nonlocal state
         state, metrics = step(state, data)
         return metrics["loss"]
 
     forward_ms, forward_faults = timed(lambda: forward(variables, data["inputs"]))  # before the step donates them
-    train_ms, train_faults = timed(train)
+    state = train.start(variables)
+    train_ms, train_faults = timed(train_once)
     return {"train_ms": round(train_ms, 1), "forward_ms": round(forward_ms, 1),
             "train_faults": round(train_faults), "forward_faults": round(forward_faults)}
 
@@ -71,7 +73,7 @@ def main() -> int:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.preset, args.batch, args.seq_len, args.steps)))
+        emit(child(args.preset, args.batch, args.seq_len, args.steps))
         return 0
     plain = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" or "hugetlb" not in v}
     plain[OPT_OUT] = "0"
@@ -80,10 +82,10 @@ def main() -> int:
     huge = hugepage_env({k: v for k, v in plain.items() if k != OPT_OUT})
     head = {"name": "allocator", "preset": args.preset, "batch": args.batch, "seq_len": args.seq_len}
     if huge is None:
-        print(json.dumps({**head, "skipped": "no glibc 2.35+ on Linux: the hugetlb tunable does not exist here"}))
+        emit({**head, "skipped": "no glibc 2.35+ on Linux: the hugetlb tunable does not exist here"})
         return 0
     runs = {"kept": [], "hugepages": [], "plain": []}
-    command = [sys.executable, os.path.abspath(__file__), "--child", "--preset", args.preset, "--batch",
+    command = [sys.executable, "-m", "bench.allocator", "--child", "--preset", args.preset, "--batch",
                str(args.batch), "--seq-len", str(args.seq_len), "--steps", str(args.steps)]
     for r in range(args.rounds):
         for setting, env in (("kept", kept), ("hugepages", huge), ("plain", plain)):
@@ -101,7 +103,7 @@ def main() -> int:
     for setting in ("kept", "hugepages"):
         for key in ("train", "forward"):
             line[f"{setting}_{key}_speedup"] = round(line[f"plain_{key}_ms"] / line[f"{setting}_{key}_ms"], 3)
-    print(json.dumps(line))
+    emit(line)
     return 0
 
 

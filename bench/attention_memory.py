@@ -1,35 +1,31 @@
 """Compiled temp memory of one MLA layer's attention, forward + backward, dense scores vs
 the blockwise online softmax (model.attn_kernel), from XLA's own memory_analysis.
 
-    python bench/attention_memory.py [--preset small] [--seq-len 4096] [--batch 1] [--speed]
+    python -m bench.attention_memory [--preset small] [--seq-len 4096] [--batch 1] [--speed]
 
 Prints one JSON line: temp bytes of each kernel and their ratio. Compiles only (nothing
-runs), so it takes seconds on a CPU. The memory is that of the kernels' JAX form: on a
-CPU in float32 `blockwise` runs the native kernel (`dsjax.attention.native_attention`),
-whose scratch XLA does not see (per thread, 64 x S float32 scores and one head's keys
-and values, S x (K + V)), so both are compiled here with the native kernels off.
+runs), so it takes seconds on a CPU. The memory is that of the kernels' JAX form,
+compiled with the CPU wing's native kernels off (their scratch is invisible to XLA).
 `--speed` also times the layer's forward + backward under each kernel on this machine at
-8 x 256 and 1 x 2048 tokens (interleaved, best of 5), the figures behind
-`attn_kernel=auto` picking blockwise off GPUs: `blockwise` as it runs (native on a CPU
-in float32) and `blockwise_xla`, the JAX form with the native kernels off.
+8 x 256 and 1 x 2048 tokens (interleaved, best of 5): `dense`, `blockwise` (the JAX
+form) and `cpu`, the CPU wing's native attention (dsjax/cpu/attention.py, blockwise
+where it does not apply), what `attn_kernel=auto` resolves to on a CPU.
 """
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from dsjax.config import load_model_config  # noqa: E402
-from dsjax.mla import MLA  # noqa: E402
-from dsjax.model import attention_mask, unbox  # noqa: E402
-from dsjax.rope import rope_tables  # noqa: E402
+from bench.common import emit
+from dsjax.config import load_model_config
+from dsjax.mla import MLA
+from dsjax.model import attention_mask, unbox
+from dsjax.rope import rope_tables
 
 
 def _layer_step(cfg, batch: int, seq_len: int):
@@ -69,18 +65,16 @@ def temp_bytes(cfg, batch: int, seq_len: int) -> int:
         return int(step.lower(*args).compile().memory_analysis().temp_size_in_bytes)
 
 
-def layer_ms(cfg, batch: int, seq_len: int, kernels=("dense", "blockwise", "blockwise_xla"),
+def layer_ms(cfg, batch: int, seq_len: int, kernels=("dense", "blockwise", "cpu"),
              reps: int = 5) -> dict[str, float]:
     """Best-of-`reps` milliseconds of one layer's forward + backward under each kernel,
-    the kernels timed in turn so that all see the same machine. `blockwise_xla`: the
-    blockwise kernel's JAX form, the native CPU kernels off."""
+    the kernels timed in turn so that all see the same machine."""
     runs = {}
     for kernel in kernels:
-        with xla_only() if kernel.endswith("_xla") else contextlib.nullcontext():
-            step, (shapes, x) = _layer_step(cfg.replace(attn_kernel=kernel.removesuffix("_xla")), batch, seq_len)
-            params = jax.tree.map(lambda s: jnp.full(s.shape, 0.02, s.dtype), shapes)
-            xs = jax.random.normal(jax.random.key(1), x.shape, x.dtype)
-            jax.block_until_ready(step(params, xs))
+        step, (shapes, x) = _layer_step(cfg.replace(attn_kernel=kernel), batch, seq_len)
+        params = jax.tree.map(lambda s: jnp.full(s.shape, 0.02, s.dtype), shapes)
+        xs = jax.random.normal(jax.random.key(1), x.shape, x.dtype)
+        jax.block_until_ready(step(params, xs))
         runs[kernel] = (step, params, xs, [])
     for _ in range(reps):
         for step, params, xs, times in runs.values():
@@ -108,7 +102,7 @@ def main() -> int:
         for b, t in ((8, 256), (1, 2048)):
             for kernel, ms in layer_ms(cfg, b, t).items():
                 out[f"{kernel}_ms_{b}x{t}"] = ms
-    print(json.dumps(out))
+    emit(out)
     return 0
 
 

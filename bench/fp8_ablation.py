@@ -1,4 +1,4 @@
-"""FP8 ablations (the README's table): one run of `bench/fp8_quality.py`'s FP8 training (same
+"""FP8 ablations (docs/fp8.md's table): one run of `bench/fp8_quality.py`'s FP8 training (same
 settings, seed and data) with part of the recipe swapped out, then one JSON line with its
 final validation loss, the mean training CE over the last `--tail` steps and the
 first-step loss. Compare with the BF16 and FP8 runs of the same seed from fp8_quality.
@@ -13,22 +13,21 @@ Variants (each linear layer's and expert's product, forward and backward):
   mantissa3_forward  forward operands rounded to E4M3's 3 mantissa bits, with float32's
                      exponent range and no scales; BF16 gradients
 
-    python bench/fp8_ablation.py VARIANT [--seed 0] [--steps 800] [--tail N] [--workdir DIR] [--set key=value ...]
+    python -m bench fp8_ablation -- VARIANT [--seed 0] [--steps 800] [--tail N] [--workdir DIR] [--set key=value ...]
 """
 
 import argparse
-import json
 import os
 import sys
 
-from fp8_quality import read_run, train_sets  # also puts the repository on sys.path
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-import dsjax.fp8  # noqa: E402
-import dsjax.layers  # noqa: E402
-import dsjax.moe  # noqa: E402
+import dsjax.fp8
+import dsjax.layers
+import dsjax.moe.dispatch
+from bench.common import emit
+from bench.fp8_quality import read_run, train_sets
 
 VARIANTS = ("forward_only", "backward_only", "no_quantization", "mantissa3_forward")
 
@@ -60,8 +59,8 @@ def apply(variant: str) -> None:
     else:  # no FP8 GEMM, so no recipe to follow
         mm = lambda x, w, **kw: bf16_mm(_round_mantissa3(x), _round_mantissa3(w))
         grouped = lambda x, w, g, **kw: bf16_grouped(_round_mantissa3(x), _round_mantissa3(w), g)
-    dsjax.layers.fp8_matmul = dsjax.moe.fp8_matmul = mm
-    dsjax.moe.fp8_ragged_dot = grouped
+    dsjax.layers.fp8_matmul = dsjax.moe.dispatch.fp8_matmul = mm
+    dsjax.moe.dispatch.fp8_ragged_dot = grouped
 
 
 def main():
@@ -90,9 +89,9 @@ def main():
     if train_main(argv):
         sys.exit(f"error: the {args.variant} run failed")
     val, _, ce, first = read_run(workdir, args)
-    print(json.dumps({"variant": args.variant, "seed": args.seed, "steps": args.steps, "val_loss": round(val, 5),
-                      "tail_steps": args.tail, "train_ce": round(ce, 5), "first_step_loss": round(first, 6),
-                      **({"set": args.extra} if args.extra else {})}))
+    emit({"variant": args.variant, "seed": args.seed, "steps": args.steps, "val_loss": round(val, 5),
+          "tail_steps": args.tail, "train_ce": round(ce, 5), "first_step_loss": round(first, 6),
+          **({"set": args.extra} if args.extra else {})})
 
 
 if __name__ == "__main__":

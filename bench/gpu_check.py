@@ -1,7 +1,7 @@
 """The GPU check of the FP8 recipe: FP8 vs BF16 train steps on this machine's first device.
 
-Builds one model, compiles the full train step (forward, backward, AdamW, bias update)
-in BF16 and with `precision=fp8`, times `--steps` steps of each after a warm-up, and
+Builds one model, compiles the full train step (bench.common.train_step: forward,
+backward, AdamW, bias update) in BF16 and with `precision=fp8`, times `--steps` steps of each after a warm-up, and
 prints one JSON line: backend and device, compile seconds, seconds per step, tokens/s,
 the FP8 speed-up over BF16, both final losses (finite), each program's temporary memory,
 and the GEMMs of the FP8 program that take E4M3 operands (`fp8_dots`: dot_general for the
@@ -9,28 +9,20 @@ linear layers, ragged_dot for the experts on GPUs/TPUs; CPUs lower ragged_dot to
 dot_general). `--fp8-gemm auto` is native off the CPU (dsjax.fp8), so on a GPU
 `fp8_lowered_to_f8_dots` must be true.
 
-    python bench/gpu_check.py [--preset small] [--batch 8] [--seq 512] [--moe-impl ragged] [--steps 10]
-    python bench/gpu_check.py --preset tiny --batch 2 --seq 64 --steps 2   # on a CPU
+    python -m bench gpu_check [-- --preset small --batch 8 --seq 512 --moe-impl ragged --steps 10]
+    python -m bench.gpu_check --preset tiny --batch 2 --seq 64 --steps 2   # on a CPU
 """
 
 import argparse
-import json
 import math
-import os
 import re
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-import dsjax  # noqa: E402
-from dsjax.fp8 import native_gemm  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
-from train.optim import make_optimizer  # noqa: E402
-from train.steps import TrainState, make_train_step  # noqa: E402
+from bench.common import emit, random_batch, run_config, train_step
+from dsjax.fp8 import native_gemm
 
 _FP8_GEMM = re.compile(r"(stablehlo\.dot_general|chlo\.ragged_dot).* : "
                        r"\(tensor<[^>]*xf8E4M3FN>, tensor<[^>]*xf8E4M3FN>")
@@ -44,14 +36,10 @@ def fp8_dots(text: str) -> dict:
 
 def time_steps(cfg, tcfg, batch, steps):
     """Compiles and times the train step of `cfg`: a dict of figures."""
-    model = dsjax.Transformer(cfg)
-    boxed = jax.jit(model.init)(jax.random.key(0), batch["inputs"][:1])
-    v = dsjax.unbox(boxed)
-    tx, schedule = make_optimizer(tcfg, boxed["params"])
-    state = TrainState(jnp.zeros((), jnp.int32), v["params"], tx.init(v["params"]), v.get("moe_bias", {}))
-    step = jax.jit(make_train_step(model, tx, tcfg, schedule), donate_argnums=0)
+    train = train_step(cfg, tcfg)
+    state = train.start(train.init_variables())
     start = time.perf_counter()
-    lowered = step.lower(state, batch)
+    lowered = train.step.lower(state, batch)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     state, metrics = compiled(state, batch)  # warm-up
@@ -75,11 +63,10 @@ def main():
     p.add_argument("--fp8-gemm", default="auto", choices=("auto", "native", "emulated"))
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
-    cfg = dsjax.load_model_config(args.preset).replace(moe_impl=args.moe_impl, dtype="bfloat16",
-                                                       fp8_gemm=args.fp8_gemm)
-    tcfg = TrainConfig(steps=1000, batch_size=args.batch, seq_len=args.seq)
-    tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1), 2, cfg.vocab_size)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    run = run_config(args.preset, args.batch, args.seq, f"model.moe_impl={args.moe_impl}", "model.dtype=bfloat16",
+                     f"model.fp8_gemm={args.fp8_gemm}", "train.steps=1000")
+    cfg, tcfg = run.model, run.train
+    batch = random_batch(cfg.vocab_size, args.batch, args.seq, 1)
     out = {"name": "gpu_check", "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
            "preset": args.preset, "batch": args.batch, "seq": args.seq, "moe_impl": args.moe_impl,
            "fp8_gemm": "native" if native_gemm(args.fp8_gemm) else "emulated", "steps": args.steps}
@@ -97,7 +84,7 @@ def main():
     # Linear layers and experts both on E4M3 operands (a CPU lowers ragged_dot to dot_general).
     out["fp8_lowered_to_f8_dots"] = dots["dot_general"] > 0 and (
         dots["ragged_dot"] > 0 or args.moe_impl == "dense" or out["backend"] == "cpu")
-    print(json.dumps(out))
+    emit(out)
 
 
 if __name__ == "__main__":

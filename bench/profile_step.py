@@ -1,11 +1,11 @@
 """Where the training step's time goes: an XLA profile of `python -m train`'s jitted step,
 summed per part of the model. With --decode B, the same for one step of greedy decoding.
 
-    python bench/profile_step.py [--preset small] [--batch 8] [--seq-len 256] [--steps 3] [--top 12]
-    python bench/profile_step.py --decode 8 [--preset small] [--new-tokens 33]
+    python -m bench.profile_step [--preset small] [--batch 8] [--seq-len 256] [--steps 3] [--top 12]
+    python -m bench.profile_step --decode 8 [--preset small] [--new-tokens 33]
 
-Builds the step `vs_hf` times (MTP off, AdamW, the dispatch and attention kernel `auto`
-picks), runs `--steps` steps under `jax.profiler.trace`, reads the trace back with
+Builds the step `vs_hf` times (bench.common.train_step: MTP off, AdamW, the
+implementation choices resolved for the CPU), runs `--steps` steps under `jax.profiler.trace`, reads the trace back with
 `jax.profiler.ProfileData` (no TensorBoard needed) and attributes each executed XLA op to
 the JAX scope in its HLO metadata: routed experts, the rest of the MoE layer, attention
 (MLA), the dense MLP, the output head and loss, norms, embedding, and the optimizer with
@@ -28,18 +28,18 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import json
 import os
 import re
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from bench.common import emit, random_batch, run_config, train_step
+from dsjax import impl
 
 # Scope fragments of the HLO op_name metadata -> part of the model, first match wins.
 PARTS = (("routed_experts", "routed experts"), ("/moe/", "MoE router, shared expert, combine"),
@@ -139,8 +139,8 @@ def report(name: str, header: dict, wall_ms: float, times: collections.Counter, 
     for op, ms in times.items():
         parts[part_of(scopes.get(op, ""), decode)] += ms
     top_ops = [{"op": op, "ms": round(ms, 2), "scope": scopes.get(op, "")[-120:]} for op, ms in times.most_common(top)]
-    print(json.dumps({"name": name, **header, "step_ms": round(wall_ms, 2), "busy_ms": round(sum(times.values()), 2),
-                      "parts_ms": {k: round(v, 2) for k, v in parts.most_common()}, "top_ops": top_ops}))
+    emit({"name": name, **header, "step_ms": round(wall_ms, 2), "busy_ms": round(sum(times.values()), 2),
+          "parts_ms": {k: round(v, 2) for k, v in parts.most_common()}, "top_ops": top_ops})
     width = max(map(len, parts))
     print(f"step {wall_ms:.1f} ms wall; ms per step summed over XLA's threads:", file=sys.stderr)
     for part, ms in parts.most_common():
@@ -184,7 +184,7 @@ def profile_decode(preset: str, batch: int, new_tokens: int, top: int) -> int:
         times = collections.Counter({op: ms for op, ms in op_times(trace_dir, new_tokens).items() if op in in_loop})
     wall = (np.median(walls[new_tokens]) - np.median(walls[1])) / (new_tokens - 1)
     report("profile_step", {"preset": preset, "decode_batch": batch, "new_tokens": new_tokens,
-                            "moe_dispatch": cfg.moe_dispatch(tokens=batch), "layers_unrolled": cfg.unroll_layers()},
+                            "moe_dispatch": impl.moe_dispatch(cfg, batch), "layers_unrolled": impl.unroll_layers(cfg)},
            wall * 1e3, times, scopes, top, decode=True)
     return 0
 
@@ -206,27 +206,14 @@ def op_times(trace_dir: str, steps: int) -> collections.Counter:
     return times
 
 
-def train_step(preset: str, batch: int, seq_len: int):
-    """`python -m train`'s jitted step for `preset` (MTP off, AdamW, the dispatch and
-    attention kernel `auto` picks, the state donated as train/loop.py does) on a random
-    batch x seq_len batch: (model, variables, state, step, batch). The state holds the
-    variables' parameters, so use `variables` before the first step."""
-    import dsjax
-    from train.config import build_config
-    from train.optim import make_optimizer
-    from train.steps import TrainState, make_train_step
-
-    run = build_config("pretrain", [f"model.preset={preset}", "model.num_nextn_predict_layers=0",
-                                    f"train.batch_size={batch}", f"train.seq_len={seq_len}"])
-    cfg, tcfg = run.model, run.train
-    model = dsjax.Transformer(cfg)
-    variables = dsjax.unbox(model.init(jax.random.key(0), jnp.zeros((1, seq_len), jnp.int32)))
-    tx, schedule = make_optimizer(tcfg, variables["params"])
-    state = TrainState.start(variables, tx)
-    step = jax.jit(make_train_step(model, tx, tcfg, schedule), donate_argnums=(0,))
-    tokens = np.random.default_rng(0).integers(2, cfg.vocab_size, (batch, seq_len + 1))
-    data = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32)}
-    return model, variables, state, step, data
+def mtp_off_step(preset: str, batch: int, seq_len: int):
+    """`python -m train`'s step for `preset` with MTP off (bench.common.train_step), fresh
+    variables and a random batch x seq_len batch: (TrainStep, variables, batch). Starting
+    the state from the variables hands their parameters to the donating step, so use
+    `variables` on their own before that."""
+    run = run_config(preset, batch, seq_len, "model.num_nextn_predict_layers=0")
+    train = train_step(run.model, run.train)
+    return train, train.init_variables(), random_batch(run.model.vocab_size, batch, seq_len)
 
 
 def main() -> int:
@@ -240,14 +227,14 @@ def main() -> int:
                    help="profile a step of greedy decoding at batch B instead of the training step")
     p.add_argument("--new-tokens", type=int, default=33, help="with --decode: tokens per profiled call")
     args = p.parse_args()
-    from train.allocator import keep_buffers
+    from dsjax.cpu.allocator import keep_buffers
 
     keep_buffers()  # as python -m train and vs_hf do: XLA's buffers stay mapped between steps
     if args.decode:
         return profile_decode(args.preset, args.decode, args.new_tokens, args.top)
 
-    model, _, state, step, batch = train_step(args.preset, args.batch, args.seq_len)
-    cfg = model.cfg
+    train, variables, batch = mtp_off_step(args.preset, args.batch, args.seq_len)
+    cfg, step, state = train.model.cfg, train.step, train.start(variables)
     scopes = op_scopes(step.lower(state, batch).compile().as_text())
     for _ in range(3):  # compile and warm up
         state, _ = step(state, batch)
@@ -264,8 +251,8 @@ def main() -> int:
                 jax.block_until_ready(state)
         times = op_times(trace_dir, args.steps)
     report("profile_step", {"preset": args.preset, "batch": args.batch, "seq_len": args.seq_len,
-                            "moe_dispatch": cfg.moe_dispatch(), "attn_kernel": cfg.attention_kernel(args.seq_len),
-                            "layers_unrolled": cfg.unroll_layers()}, wall * 1e3, times, scopes, args.top)
+                            "moe_dispatch": impl.moe_dispatch(cfg), "attn_kernel": impl.attention_kernel(cfg, args.seq_len),
+                            "layers_unrolled": impl.unroll_layers(cfg)}, wall * 1e3, times, scopes, args.top)
     return 0
 
 

@@ -1,8 +1,8 @@
 """A toy DeepSeek-R1 on a 2-core CPU, in one command: pretraining on generated arithmetic,
 cold-start SFT on a few hundred formatted examples, then GRPO with rule-based rewards.
 
-    python bench/r1.py                 # about 12 minutes on 2 cores; prints one JSON line
-    python bench/r1.py --control       # the same GRPO schedule with a random accuracy reward
+    python -m bench r1                 # about 12 minutes on 2 cores; prints one JSON line
+    python -m bench.r1 --control       # the same GRPO schedule with a random accuracy reward
 
 Each stage is `python -m train` with a run config from configs/ (r1_pretrain, r1_sft, r1),
 in its own workdir under --workdir, so a second invocation (e.g. --control) reuses the
@@ -19,10 +19,9 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import yaml
 
-import yaml  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The generated pretraining corpus: documents about training-split problems, mixing the
 # bare answer, the worked solution in plain text and the tagged solution after the prompt.

@@ -1,11 +1,11 @@
 """Per-device work and memory of the training step on 1 and on 8 devices, from XLA's own
 analysis of the compiled step (fake CPU devices: nothing runs, everything is compiled).
 
-    python bench/scale.py [--preset small] [--batch 16] [--seq-len 256] [--moe-impl ragged]
+    python -m bench.scale [--preset small] [--batch 16] [--seq-len 256] [--moe-impl ragged]
 
 For each layout (one device, fsdp=8, expert=8, fsdp=2+expert=4) it compiles
-`python -m train`'s step (MTP on as the preset says, AdamW, the bias update, the layer
-scan in every layout as meshes run it) and
+`python -m train`'s step (bench.common.train_step: MTP on as the preset says, AdamW, the
+bias update, the layer scan in every layout as meshes run it) and
 reports per device: FLOPs (`cost_analysis`), temp bytes (`memory_analysis`), the bytes
 its collectives produce (summed over the compiled HLO, ops inside loops counted per
 iteration where XLA knows the trip count, the expert exchange's rounds counted once),
@@ -15,26 +15,20 @@ JSON line with the targets checked, then a table.
 """
 
 import argparse
-import json
 import os
 import re
 import sys
 import time
 
+# Before JAX starts: 8 fake CPU devices (the layouts compile for them; nothing runs).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-import dsjax  # noqa: E402
+from bench.common import emit, run_config, train_step  # noqa: E402
 from sharding.mesh import MeshConfig, make_mesh  # noqa: E402
-from sharding.rules import activation_rules  # noqa: E402
-from train.config import build_config  # noqa: E402
-from train.optim import make_optimizer  # noqa: E402
-from train.steps import TrainState, make_train_step, state_shardings  # noqa: E402
 
 LAYOUTS = {"1 device": dict(fsdp=1), "fsdp=8": dict(fsdp=8), "expert=8": dict(fsdp=1, expert=8),
            "fsdp=2+expert=4": dict(fsdp=2, expert=4)}
@@ -105,24 +99,16 @@ def grouped_gemm_rows(jaxpr) -> list[int]:
 
 
 def analyse(cfg, sizes: dict, n_devices: int) -> dict:
+    """Compiles the train step of the run config `cfg` on the first `n_devices` devices
+    under the mesh `sizes` (MeshConfig fields) with the `fsdp` rules; XLA's figures."""
     mesh = make_mesh(MeshConfig(**sizes), devices=jax.devices()[:n_devices])
     tcfg = cfg.train
-    model = dsjax.Transformer(cfg.model)
-    boxed = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, tcfg.seq_len), jnp.int32))
-    tx, schedule = make_optimizer(tcfg, boxed["params"])
-    state_sh = state_shardings(boxed, tx, mesh, "fsdp")
-    batch_sh = NamedSharding(mesh, P(("data", "fsdp", "expert")))
-    variables = dsjax.unbox(boxed)
-    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), variables["params"],
-                       jax.eval_shape(tx.init, variables["params"]), variables["moe_bias"])
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, state_sh)
-    tokens = jax.ShapeDtypeStruct((tcfg.batch_size, tcfg.seq_len), jnp.int32, sharding=batch_sh)
+    train = train_step(cfg.model, tcfg, mesh, rules="fsdp")
+    tokens = jax.ShapeDtypeStruct((tcfg.batch_size, tcfg.seq_len), jnp.int32, sharding=train.batch_sharding)
     batch = {"inputs": tokens, "targets": tokens}
-    step = jax.jit(make_train_step(model, tx, tcfg, schedule, activation_rules("fsdp")),
-                   in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        traced = step.trace(state, batch)
+        traced = train.step.trace(train.abstract_state(), batch)
         compiled = traced.lower().compile()
     seconds = time.perf_counter() - t0
     cost = compiled.cost_analysis()
@@ -147,9 +133,8 @@ def main() -> int:
     args = p.parse_args()
     # The layer scan in every layout, as a mesh runs it: on one CPU device `layer_loop=auto`
     # unrolls the layers, a different program (16 GB of temp for `small`), not a baseline.
-    cfg = build_config("pretrain", [f"model.preset={args.preset}", f"model.moe_impl={args.moe_impl}",
-                                    "model.layer_loop=scan", f"train.batch_size={args.batch}",
-                                    f"train.seq_len={args.seq_len}"])
+    cfg = run_config(args.preset, args.batch, args.seq_len, f"model.moe_impl={args.moe_impl}",
+                     "model.layer_loop=scan")
     names = args.layouts.split(",")
     unknown = [n for n in names if n not in LAYOUTS]
     if unknown:
@@ -173,7 +158,7 @@ def main() -> int:
         line["targets_met"] = all(c["temp_vs_ideal"] <= 1.5 and c["gemm_rows_vs_mean"] <= 1.5
                                   for c in checks.values()) and not any(r["gathers_token_index"]
                                                                          for r in results.values())
-    print(json.dumps(line))
+    emit(line)
     print(f"{'layout':<18}{'GFLOPs':>10}{'temp MiB':>10}{'coll. MiB':>11}{'GEMM rows':>11}{'idx gather':>11}",
           file=sys.stderr)
     for name, r in results.items():

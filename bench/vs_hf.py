@@ -2,8 +2,8 @@
 on the same random DeepSeek-V3 checkpoint of each preset (`tiny`, `small`): training step,
 prefill and greedy decoding at batch 1 and 8.
 
-    python bench/vs_hf.py [--presets tiny,small] [--batch 8] [--seq 256] [--reps 5]
-    python bench/vs_hf.py --presets tiny --batch 2 --seq 32 --reps 2    # a smoke run
+    python -m bench vs_hf [-- --presets tiny,small --batch 8 --seq 256 --reps 5]
+    python -m bench.vs_hf --presets tiny --batch 2 --seq 32 --reps 2    # a smoke run
 
 The checkpoint: transformers builds a DeepseekV3ForCausalLM from `cfg.to_hf()` with random
 weights (normal(0, 2/sqrt(hidden_size)), norms normal(1, 0.1), router bias normal(0, 0.1):
@@ -13,12 +13,13 @@ has no MTP). Every timing alternates the two libraries, repetition by repetition
 warm-up (dsjax's compilation is reported apart); figures are medians.
 
 One JSON line per preset and measure, each with `dsjax_per_s`, `hf_per_s`, `speedup`
-(dsjax / transformers), `mfu`, the issue's targets and `target_met`:
+(dsjax / transformers), `mfu`, the targets (`targets`) and `target_met`:
 
   train       tokens/s of a step (forward, backward, AdamW with global-norm clipping):
-              dsjax runs `python -m train`'s step (train/steps.py, train/optim.py, jitted
-              with the state donated) with the MoE dispatch the trainer picks
-              (`moe_impl='auto'`); transformers runs a plain loop with torch.optim.AdamW.
+              dsjax runs `python -m train`'s step (bench.common.train_step: train/steps.py
+              and train/optim.py, jitted with the state donated) with the implementation
+              choices the trainer resolves for a CPU; transformers runs a plain loop with
+              torch.optim.AdamW.
               The first step's losses of both are reported (same weights, same batch).
   prefill     tokens/s of a forward pass over a batch of prompts, no gradient, no cache.
   decode_b1,  new tokens/s of greedy decoding (dsjax.generate with absorbed MLA, no
@@ -37,24 +38,24 @@ must read (see `decode_bytes`: the assumption is in each line).
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# PyTorch's OpenMP threads spin while they wait by default; on a CPU shared with other work
-# (or with XLA's own threads) that made transformers' steps 10-40x slower here. Passive
+# PyTorch's OpenMP threads spin while they wait by default, which stalls them on a CPU
+# shared with other work (or with XLA's own threads; docs/benchmarks.md). Passive
 # waiting, set before torch loads, is the fair setting for both; the line reports it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
+from bench.common import emit, interleaved, median, random_batch, run_config, train_step  # noqa: E402
+from dsjax import impl  # noqa: E402
 from dsjax.config import ModelConfig, load_model_config, param_counts  # noqa: E402
 
-# The issue's targets (issue 18): speedup over transformers, MFU of the small preset's
-# training step, and decode speed as a fraction of the bandwidth bound.
+# The targets: speedup over transformers, MFU of the small preset's training step, and
+# decode speed as a fraction of the bandwidth bound.
 TARGET_SPEEDUP = {("tiny", "train"): 1.5, ("small", "train"): 1.0, "prefill": 1.0, "decode": 1.5}
 TARGET_MFU = {("small", "train"): 0.5}
 TARGET_FRACTION_OF_BOUND = 0.6
@@ -153,17 +154,17 @@ def matmul_flops_per_s(n: int = 2048, reps: int = 5) -> dict:
     dot(a, b).block_until_ready()
     ta, tb = torch.randn(n, n), torch.randn(n, n)
     torch.matmul(ta, tb)
-    jt, tt = _interleaved(lambda: dot(a, b).block_until_ready(), lambda: torch.matmul(ta, tb), reps)
+    t = interleaved({"jax": lambda: dot(a, b), "torch": lambda: torch.matmul(ta, tb)}, reps)
     flops = 2 * n ** 3
-    return {"matmul_flops_per_s": flops / float(np.median(jt)), "torch_matmul_flops_per_s": flops / float(np.median(tt))}
+    return {"matmul_flops_per_s": flops / median(t["jax"]), "torch_matmul_flops_per_s": flops / median(t["torch"])}
 
 
 class CopyProbe:
     """Copy bandwidth of the machine: bytes/s moved (read + written) by a numpy copy of
     `nbytes`. The two arrays are made once, when the probe is (before `keep_buffers`, so
     on the pages numpy gets by default), and kept, so that the bandwidth can be measured
-    again beside each timed repetition of a measure: the machine is shared and its
-    bandwidth moves over minutes (11.6-31.5 GB/s on the machines here over two days)."""
+    again beside each timed repetition of a measure: on a shared machine it moves over
+    minutes."""
 
     def __init__(self, nbytes: int = 512 * 2 ** 20):
         self.nbytes = nbytes
@@ -205,49 +206,25 @@ def build_pair(preset: str, directory: str, seed: int = 0):
     return model, variables, hf.eval()
 
 
-def _interleaved(ours, theirs, reps: int) -> tuple[list, list]:
-    """Wall times of `ours()` and `theirs()` called in turn `reps` times (each call returns
-    only when its work is done), so load on the machine falls on both alike."""
-    times = ([], [])
-    for _ in range(reps):
-        for fn, out in zip((ours, theirs), times):
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-    return times
-
-
-def _median(xs) -> float:
-    return float(np.median(xs))
-
-
 def _rate(x: float) -> float:
     return round(x, 1)
 
 
 def bench_train(preset, model, variables, hf, batch, seq, reps, warmup, rng):
     import jax
-    import jax.numpy as jnp
     import torch
 
-    from train.config import build_config
-    from train.optim import make_optimizer
-    from train.steps import TrainState, make_train_step
-
     cfg = model.cfg
-    tcfg = build_config("pretrain", [f"model.preset={preset}", "model.num_nextn_predict_layers=0",
-                                     f"train.batch_size={batch}", f"train.seq_len={seq}"]).train
-    boxed = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, seq), jnp.int32))
-    tx, schedule = make_optimizer(tcfg, boxed["params"])
-    state = TrainState.start(variables, tx)
-    step = jax.jit(make_train_step(model, tx, tcfg, schedule), donate_argnums=(0,))
-    tokens = rng.integers(2, cfg.vocab_size, (batch, seq + 1))
-    jbatch = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32)}
+    tcfg = run_config(preset, batch, seq, "model.num_nextn_predict_layers=0").train
+    train = train_step(cfg, tcfg)
+    state = train.start(variables)
+    step = train.step
+    jbatch = random_batch(cfg.vocab_size, batch, seq, rng)
 
     hf.train()
     opt = torch.optim.AdamW(hf.parameters(), lr=tcfg.lr, betas=(tcfg.b1, tcfg.b2), eps=tcfg.eps,
                             weight_decay=tcfg.weight_decay)
-    inputs, targets = torch.from_numpy(tokens[:, :-1]).long(), torch.from_numpy(tokens[:, 1:]).long()
+    inputs, targets = (torch.from_numpy(np.array(jbatch[k])).long() for k in ("inputs", "targets"))
 
     def hf_step():
         logits = hf(input_ids=inputs, use_cache=False).logits
@@ -269,13 +246,14 @@ def bench_train(preset, model, variables, hf, batch, seq, reps, warmup, rng):
         state, _ = step(state, jbatch)
         jax.block_until_ready(state)
 
-    _interleaved(our_step, hf_step, warmup - 1)
-    ours, theirs = _interleaved(our_step, hf_step, reps)
+    interleaved({"dsjax": our_step, "hf": hf_step}, warmup - 1)
+    t = interleaved({"dsjax": our_step, "hf": hf_step}, reps)
+    ours, theirs = t["dsjax"], t["hf"]
     hf.eval()
     tokens_per_step = batch * seq
-    return {"measure": "train", "batch": batch, "seq": seq, "moe_dispatch": cfg.moe_dispatch(tokens=batch * seq),
-            "dsjax_per_s": tokens_per_step / _median(ours), "hf_per_s": tokens_per_step / _median(theirs),
-            "dsjax_step_s": round(_median(ours), 4), "hf_step_s": round(_median(theirs), 4),
+    return {"measure": "train", "batch": batch, "seq": seq, "moe_dispatch": impl.moe_dispatch(cfg, batch * seq),
+            "dsjax_per_s": tokens_per_step / median(ours), "hf_per_s": tokens_per_step / median(theirs),
+            "dsjax_step_s": round(median(ours), 4), "hf_step_s": round(median(theirs), 4),
             "dsjax_compile_s": round(compile_s, 2), "first_loss_dsjax": round(first_loss, 5),
             "first_loss_hf": round(hf_first_loss, 5), "reps": reps,
             "flops_per_token": train_flops_per_token(cfg, seq), "flops_formula": TRAIN_FLOPS}
@@ -300,11 +278,12 @@ def bench_prefill(model, variables, hf, batch, seq, reps, warmup, rng):
     compile_s = time.perf_counter() - start
     theirs_logits = hf_forward().numpy()
     our_forward = lambda: forward(variables, jt).block_until_ready()  # noqa: E731
-    _interleaved(our_forward, hf_forward, warmup - 1)
-    ours, theirs = _interleaved(our_forward, hf_forward, reps)
+    interleaved({"dsjax": our_forward, "hf": hf_forward}, warmup - 1)
+    t = interleaved({"dsjax": our_forward, "hf": hf_forward}, reps)
+    ours, theirs = t["dsjax"], t["hf"]
     n = batch * seq
-    return {"measure": "prefill", "batch": batch, "seq": seq, "moe_dispatch": cfg.moe_dispatch(tokens=batch * seq),
-            "dsjax_per_s": n / _median(ours), "hf_per_s": n / _median(theirs),
+    return {"measure": "prefill", "batch": batch, "seq": seq, "moe_dispatch": impl.moe_dispatch(cfg, batch * seq),
+            "dsjax_per_s": n / median(ours), "hf_per_s": n / median(theirs),
             "dsjax_compile_s": round(compile_s, 2), "reps": reps,
             "max_abs_logit_diff": float(np.abs(ours_logits - theirs_logits).max()),
             "flops_per_token": prefill_flops_per_token(cfg, seq), "flops_formula": PREFILL_FLOPS}
@@ -352,7 +331,7 @@ def bench_decode(model, variables, hf, batch, prompt_len, new_tokens, reps, prob
             times["hf", n].append(time.perf_counter() - start)
     copies += probe.measure(1)
     bandwidth = float(np.median(copies))
-    med = {k: _median(v) for k, v in times.items()}
+    med = {k: median(v) for k, v in times.items()}
     steps = batch * (new_tokens - 1)
     context = prompt_len + new_tokens / 2
     nbytes = decode_bytes(cfg, batch, context)
@@ -360,7 +339,7 @@ def bench_decode(model, variables, hf, batch, prompt_len, new_tokens, reps, prob
     ours_rate = steps / max(med["dsjax", new_tokens] - med["dsjax", 1], 1e-9)
     theirs_rate = steps / max(med["hf", new_tokens] - med["hf", 1], 1e-9)
     return {"measure": f"decode_b{batch}", "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "attn_impl": cfg.attn_impl, "moe_dispatch": cfg.moe_dispatch(tokens=batch),  # a step's
+            "attn_impl": cfg.attn_impl, "moe_dispatch": impl.moe_dispatch(cfg, batch),  # a step's
             "dsjax_per_s": ours_rate, "hf_per_s": theirs_rate,
             "dsjax_e2e_per_s": _rate(batch * new_tokens / med["dsjax", new_tokens]),
             "hf_e2e_per_s": _rate(batch * new_tokens / med["hf", new_tokens]),
@@ -403,12 +382,12 @@ def main():
 
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(threads)
-    from train.allocator import keep_buffers
+    from dsjax.cpu.allocator import keep_buffers
 
     # The copy probe's arrays first: with keep_buffers' heap settings numpy's 512 MB arrays
-    # come from the heap on small pages instead of mmap (transparent huge pages), and one
-    # machine copied them at 8 GB/s against 29 GB/s, which put batch-1 decoding at 1.5x its
-    # "bound". The probe keeps its arrays and times them again beside each decode repetition.
+    # would come from the heap on small pages instead of mmap (transparent huge pages) and
+    # copy several times slower, understating the bound (docs/benchmarks.md). The probe
+    # keeps its arrays and times them again beside each decode repetition.
     probe = CopyProbe()
     bandwidth = float(np.median(probe.measure(5)))
     # What `python -m train` sets for itself: XLA's buffers stay mapped between calls. It is
@@ -448,7 +427,7 @@ def main():
                        torch_matmul_flops_per_s=round(max(machine["torch_matmul_flops_per_s"],
                                                           after["torch_matmul_flops_per_s"])),
                        copy_bytes_per_s=out.get("copy_bytes_per_s", round(machine["copy_bytes_per_s"])))
-            print(json.dumps(out), flush=True)
+            emit(out)
 
 
 if __name__ == "__main__":

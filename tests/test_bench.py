@@ -1,7 +1,11 @@
-"""The benchmark runner (`python -m bench`) and bench/vs_hf.py's arithmetic; no benchmark runs
-at full size (one, moe_cpu's kernel comparison, on `tiny` at 64 tokens)."""
+"""The benchmark runner (`python -m bench`), the train step the benchmarks share
+(bench/common.py) and bench/vs_hf.py's arithmetic; no benchmark runs at full size (two
+run on `tiny`: attention_memory through the runner, moe_cpu's kernel comparison)."""
 
+import contextlib
 import glob
+import importlib
+import json
 import os
 import subprocess
 import sys
@@ -23,10 +27,65 @@ def test_list_names_every_benchmark_and_marks_slow_ones():
     listed = {line.split()[0]: line for line in out.stdout.splitlines()}
     files = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "bench", "*.py"))
              if not os.path.basename(p).startswith("_")}
-    assert set(listed) == files and "vs_hf" in files
-    for name in ("r1", "r1_full", "r1_distill", "fp8_quality", "fp8_ablation"):
+    assert set(listed) == files - runner.HELPERS and "vs_hf" in listed and "common" not in listed
+    for name in ("r1", "decode", "fp8_quality", "fp8_ablation"):
         assert " slow " in listed[name]
     assert " gpu " in listed["gpu_check"]
+
+
+def test_every_benchmark_and_recipe_imports_as_a_module():
+    """Each bench/NAME.py (and each examples/ recipe) imports from the repository root as
+    `bench.NAME`, with no sys.path set-up of its own: `python -m bench.NAME` resolves."""
+    for name in [*runner.discover(), *runner.HELPERS]:
+        importlib.import_module(f"bench.{name}")
+    for path in glob.glob(os.path.join(ROOT, "examples", "*.py")):
+        importlib.import_module(f"examples.{os.path.basename(path)[:-3]}")
+    for path in glob.glob(os.path.join(ROOT, "bench", "*.py")) + glob.glob(os.path.join(ROOT, "examples", "*.py")):
+        with open(path, encoding="utf-8") as f:
+            assert "sys.path" not in f.read(), path
+
+
+def test_runner_runs_a_benchmark_as_a_module_and_tabulates_it():
+    out = subprocess.run([sys.executable, "-m", "bench", "attention_memory", "--", "--preset", "tiny",
+                          "--seq-len", "64"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "python -m bench.attention_memory --preset tiny --seq-len 64" in out.stderr
+    (line,) = [json.loads(s) for s in out.stdout.splitlines() if s.startswith("{")]
+    assert line["name"] == "attention_memory" and line["seq_len"] == 64
+    assert line["dense_temp_mib"] > 0 and line["blockwise_temp_mib"] > 0
+    table = out.stdout.splitlines()[-1]
+    assert table.startswith("attention_memory") and " ok " in table and "seq_len=64" in table
+
+
+def test_bench_train_step_is_the_trainers_step_with_or_without_a_mesh():
+    """bench.common.train_step on one device and sharded over fsdp=2: the same first
+    loss, the same parameters after two steps, the step counter and the router bias
+    advanced (the trainer's step: AdamW and the aux-loss-free bias update)."""
+    import jax
+
+    from bench.common import random_batch, run_config, train_step
+    from sharding.mesh import MeshConfig, make_mesh
+
+    run = run_config("tiny", 4, 16, "model.num_nextn_predict_layers=0")
+    batch = random_batch(run.model.vocab_size, 4, 16, 0)
+    results = []
+    for mesh in (None, make_mesh(MeshConfig(fsdp=2), devices=jax.devices()[:2])):
+        train = train_step(run.model, run.train, mesh)
+        state = train.start(train.init_variables(0))
+        bias = np.asarray(jax.tree.leaves(state.moe_bias)[0])
+        data = batch if mesh is None else jax.device_put(batch, train.batch_sharding)
+        losses = []
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            for _ in range(2):
+                state, metrics = train.step(state, data)
+                losses.append(float(metrics["ce"]))
+        assert int(state.step) == 2 and not np.array_equal(np.asarray(jax.tree.leaves(state.moe_bias)[0]), bias)
+        results.append((losses, jax.tree.map(np.asarray, state.params)))
+    (loss_a, params_a), (loss_b, params_b) = results
+    np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)
+    assert loss_a[1] < loss_a[0]
+    for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
 def test_default_selection_leaves_out_slow_ones_and_names_win():
@@ -47,8 +106,8 @@ def test_parse_output_adds_names_and_keeps_other_lines():
             '{not json\n'
             '[1, 2]\n'
             '{"name": "own", "x": 1}\n\n')
-    records, other = runner.parse_output(text, "decode_cache")
-    assert records == [{"name": "decode_cache", "preset": "small",
+    records, other = runner.parse_output(text, "decode")
+    assert records == [{"name": "decode", "preset": "small",
                         "runs": [{"impl": "absorb", "context": 256, "decode_tokens_per_s": 23.8}]},
                        {"name": "own", "x": 1}]
     assert other == ["compiled 1 device in 3.1 s", "{not json", "[1, 2]"]
@@ -76,7 +135,7 @@ def test_table_rows_and_figures():
     assert "a=1  c=0.1235" in lines[5] and "nested" not in lines[5] and "long" not in lines[5]
     assert "skipped" in lines[6] and "needs a GPU" in lines[6]
     assert "failed" in lines[7] and "exit status 1" in lines[7]
-    decode = runner.key_figures({"name": "decode_cache", "runs": [
+    decode = runner.key_figures({"name": "decode", "runs": [
         {"impl": "naive", "context": 256, "decode_tokens_per_s": 15.4, "cache_bytes": 1},
         {"impl": "absorb", "context": 256, "decode_tokens_per_s": 23.8, "cache_bytes": 1}]})
     assert decode == [("naive@256", 15.4), ("absorb@256", 23.8)]
@@ -140,11 +199,11 @@ def test_moe_cpu_kernel_comparison_reports_both_sides():
     import jax.numpy as jnp
 
     from bench import moe_cpu
-    from dsjax import cpu_kernels
+    from dsjax.cpu import kernels
 
     cfg = load_model_config("tiny")
     out = moe_cpu.blocked_kernel(cfg, 64, 1)
-    if not cpu_kernels.applies(jnp.float32):
+    if not kernels.applies(jnp.float32):
         assert out == {}
         return
     assert out["rows"] % out["block"] == 0 and out["rows"] >= 64 * cfg.num_experts_per_tok

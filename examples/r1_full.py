@@ -2,8 +2,8 @@
 preference, then GRPO on a mixture of task prompts (rule-based rewards) and general
 prompts (the reward model, switched on part-way as R1 did).
 
-    python bench/r1.py            # first: the toy R1 (pretraining, SFT, reasoning GRPO)
-    python bench/r1_full.py       # then this: about 25 minutes; prints one JSON line
+    python -m bench r1            # first: the toy R1 (pretraining, SFT, reasoning GRPO)
+    python -m examples.r1_full    # then this: about 25 minutes; prints one JSON line
 
 The stated rule (`eval.rewards.integer_answer`): a response that thinks, then answers in
 digits and ends with the closing tag (`<think>...</think><answer>123</answer>`, nothing
@@ -31,13 +31,9 @@ import random
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+import yaml
 
-import yaml  # noqa: E402
-
-from r1 import held_out_accuracy, train  # noqa: E402
+from bench.r1 import ROOT, held_out_accuracy, train
 
 RULE = "integer_answer"
 TEMPLATES = ["Q: What is {a} plus {b}? A: ", "Q: Spell the number {a} in words. A: ",
@@ -155,7 +151,8 @@ def write_jsonl(path: str, rows) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", default="bench_r1", help="bench/r1.py's workdir; this run's go beside them")
+    p.add_argument("--workdir", default="bench_r1",
+                   help="the toy R1 run's directory (python -m bench.r1 --workdir); this run's go beside it")
     p.add_argument("--r1", default=None, help="the toy R1 workdir to start from (default: WORKDIR/grpo)")
     p.add_argument("--held-out", type=int, default=500, help="held-out addition problems")
     p.add_argument("--general-held-out", type=int, default=200, help="held-out general prompts")
@@ -167,7 +164,7 @@ def main() -> int:
     workdir = os.path.abspath(args.workdir)
     r1 = os.path.abspath(args.r1 or os.path.join(workdir, "grpo"))
     if not os.path.isdir(os.path.join(r1, "checkpoints")):
-        sys.exit(f"error: no toy R1 model in {r1}: run `python bench/r1.py --workdir {args.workdir}` first")
+        sys.exit(f"error: no toy R1 model in {r1}: run `python -m bench.r1 --workdir {args.workdir}` first")
     with open(os.path.join(ROOT, "configs", "r1_full.yaml")) as f:
         full_cfg = yaml.safe_load(f)
     g = full_cfg["grpo"]

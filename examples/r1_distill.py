@@ -3,7 +3,7 @@ rejection-sample the GRPO model on the training split, distill into a dense stud
 under a quarter of its parameters, and compare with the same student trained by SFT on
 the cold-start data alone.
 
-    python bench/r1_distill.py          # prints one JSON line
+    python -m examples.r1_distill       # prints one JSON line
 
 Stages (each `python -m train` in its own workdir under --workdir, reused when finished):
 the student (`tiny-dense`, 0.43M parameters against the teacher's 1.79M) is pretrained on
@@ -22,13 +22,9 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "bench"))
+import yaml
 
-import yaml  # noqa: E402
-
-from r1 import train  # noqa: E402
+from bench.r1 import ROOT, train
 
 STUDENT = "tiny-dense"
 
@@ -50,7 +46,7 @@ def score(workdir: str, task: str, difficulty: int, problems: int, samples: int,
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", default="bench_r1", help="the toy R1 run's directory (bench/r1.py --workdir)")
+    p.add_argument("--workdir", default="bench_r1", help="the toy R1 run's directory (python -m bench.r1 --workdir)")
     p.add_argument("--held-out", type=int, default=500, help="held-out problems")
     p.add_argument("--samples", type=int, default=8, help="samples per problem (pass@1 and maj@K)")
     args = p.parse_args()
@@ -58,11 +54,10 @@ def main() -> int:
     workdir = os.path.abspath(args.workdir)
     teacher = os.path.join(workdir, "grpo")
     if not os.path.exists(os.path.join(teacher, "metrics.jsonl")):
-        print("the toy R1 run is missing: running bench/r1.py first", file=sys.stderr)
-        done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "r1.py"), "--workdir", workdir],
-                              cwd=ROOT, stdout=sys.stderr)
+        print("the toy R1 run is missing: running python -m bench.r1 first", file=sys.stderr)
+        done = subprocess.run([sys.executable, "-m", "bench.r1", "--workdir", workdir], cwd=ROOT, stdout=sys.stderr)
         if done.returncode:
-            sys.exit(f"error: bench/r1.py failed with status {done.returncode}")
+            sys.exit(f"error: python -m bench.r1 failed with status {done.returncode}")
     with open(os.path.join(ROOT, "configs", "r1.yaml")) as f:
         grpo = yaml.safe_load(f)["grpo"]
     corpus = os.path.join(workdir, "data", "corpus.jsonl")
