@@ -1,7 +1,9 @@
 """Reasoning evaluation as DeepSeek-R1 reports it, and rejection sampling (R1 §2.3.3).
 
-`sample_problems` draws K completions per problem through `dsjax.generate` (in fixed-size
-batches, so generation compiles once) and scores each with the reward registry.
+`evaluate` scores greedy completions of held-out problems (accuracy, format rate, length:
+what a training run logs at each evaluation). `sample_problems` draws K completions per
+problem through `dsjax.generate` (in fixed-size batches, so generation compiles once) and
+scores each with the reward registry.
 `report` turns them into pass@1 (mean correctness over the K samples, R1's metric),
 pass@k with the unbiased estimator of Chen et al. (2021), maj@K (majority vote over the
 parsed answers, R1's cons@64), the format rate, lengths and tokens/s. `rejection_sample`
@@ -22,7 +24,7 @@ import jax
 import numpy as np
 
 from eval import rewards as rewards_lib
-from eval.sampling import complete, prompt_width
+from eval.completions import complete, prompt_width
 from eval.tasks import Problem
 
 
@@ -120,6 +122,39 @@ def sample_problems(model, variables, tokenizer, problems: Sequence[Problem], *,
         bar.close()
     seconds = time.time() - start
     return out, {"seconds": seconds, "generated_tokens": generated, "tokens_per_s": generated / max(seconds, 1e-9)}
+
+
+def evaluate(model, variables, tokenizer, problems: Sequence[Problem], *, max_new_tokens: int,
+             batch_size: int = 256, width: int | None = None, stop_token: int | None = None, mesh=None,
+             rules=None) -> dict[str, float]:
+    """Greedy accuracy, format rate and mean completion length over `problems`.
+
+    Args:
+      model / variables / tokenizer: as `eval.completions.complete`.
+      problems: problems with checkable answers (a task's split).
+      max_new_tokens: the most tokens a completion has.
+      batch_size: rows per generation call (the last batch padded with repeats, so one
+        compile).
+      width: the prompt width (default: the longest prompt, rounded up).
+      stop_token / mesh / rules: as `complete`.
+    Returns:
+      {'accuracy', 'format_rate', 'completion_len'}.
+    """
+    prompts = [p.prompt for p in problems]
+    width = width or prompt_width(tokenizer, prompts)
+    batch_size = min(batch_size, len(prompts))
+    acc, fmt, lens = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(problems[start:start + batch_size])
+        padded = chunk + [chunk[0]] * (batch_size - len(chunk))
+        comp = complete(model, variables, tokenizer, [p.prompt for p in padded], width,
+                        max_new_tokens=max_new_tokens, stop_token=stop_token, mesh=mesh, rules=rules)
+        texts = comp.texts[:len(chunk)]
+        acc += [rewards_lib.accuracy(p.prompt, t, **p.fields) for p, t in zip(chunk, texts)]
+        fmt += [rewards_lib.format_reward(p.prompt, t) for p, t in zip(chunk, texts)]
+        lens += list(comp.lengths[:len(chunk)])
+    return {"accuracy": float(np.mean(np.asarray(acc, np.float32))),
+            "format_rate": float(np.mean(np.asarray(fmt, np.float32))), "completion_len": float(np.mean(lens))}
 
 
 def report(groups: Sequence[Sequence[Sample]], timing: dict | None = None) -> dict[str, float]:

@@ -13,15 +13,16 @@ Accuracy is granted only to a well-formed completion, so a format bonus can neve
 a long wrong answer. Add a reward with `@rewards.register("name")`.
 
 Batch rewards score many completions in one call, `fn(prompts, completions, fields) ->
-[float]` (`@rewards.register_batch("name")`): a trained reward model
-(`rewards.register_reward_model("helpful", WORKDIR)`) scores them on the device, a batch
-at a time. `combine(spec)(...)` scores one completion; `combine(spec).batch(...)` many.
+[float]` (`@rewards.register_batch("name")`). A trained reward model is such a function
+too, but a run loads it for itself and passes it in rather than registering it:
+`combine(spec, batch_rewards={"helpful": fn})`. `combine(spec)(...)` scores one
+completion; `combine(spec).batch(...)` many.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from eval.tasks import evaluate_expression
 
@@ -81,48 +82,6 @@ def get_batch(name: str) -> BatchReward:
         return _BATCH[name]
     fn = get(name)
     return lambda prompts, completions, fields: [fn(p, c, **f) for p, c, f in zip(prompts, completions, fields)]
-
-
-def register_reward_model(name: str, workdir: str, batch_size: int = 64, width: int | None = None) -> None:
-    """Registers the reward model trained in `workdir` (`python -m train rm`) as the batch
-    reward `name`: prompt + completion + EOS rows of `width` tokens (default: the run's
-    train.seq_len; longer rows keep their end), scored on the device `batch_size` rows per
-    call (the last call padded, so one compile). Raises ValueError for a workdir that is
-    not a reward model's run."""
-    import jax
-    import numpy as np
-
-    from dsjax.checkpoint import load_trained
-    from dsjax.reward import encode_responses
-    from dsjax.tokenizer import load_tokenizer
-
-    try:
-        model, variables, run = load_trained(workdir)
-    except FileNotFoundError as e:
-        raise ValueError(str(e)) from None
-    if run.get("stage") != "rm":
-        raise ValueError(f"{workdir} holds a {run.get('stage')!r} run, not a reward model (python -m train rm)")
-    tokenizer = load_tokenizer(run["data"]["tokenizer"])
-    width = width or int(run["train"]["seq_len"])
-    apply = jax.jit(model.apply)
-    # Its variables live on one device: it runs there even inside a run's mesh context.
-    device = jax.tree.leaves(variables)[0].devices().pop()
-    alone = jax.sharding.Mesh(np.array([device]), ("rm",))
-
-    def score(prompts, completions, fields):
-        with jax.set_mesh(alone):
-            return _score(prompts, completions)
-
-    def _score(prompts, completions):
-        out = []
-        for start in range(0, len(prompts), batch_size):
-            p, c = list(prompts[start:start + batch_size]), list(completions[start:start + batch_size])
-            pad = batch_size - len(p)
-            tokens, last = encode_responses(tokenizer, p + p[:1] * pad, c + c[:1] * pad, width, keep_end=True)
-            out.extend(np.asarray(apply(variables, tokens, last))[:len(p), 0].tolist())
-        return out
-
-    _BATCH[name] = score
 
 
 def parse_tags(completion: str) -> tuple[str, str] | None:
@@ -302,25 +261,42 @@ def parse_spec(spec: str, known: tuple[str, ...] = ()) -> list[tuple[str, float]
     return out
 
 
-def combine(spec: str) -> Callable[..., tuple[float, dict[str, float]]]:
-    """A weighted sum of registered rewards: fn(prompt, completion, **fields) -> (total,
-    {name: unweighted value}); `fn.batch(prompts, completions, fields)` -> (totals [B],
-    {name: values [B]}) scores a batch, each batch reward in one call."""
+def combine(spec: str, batch_rewards: Mapping[str, BatchReward] | None = None
+            ) -> Callable[..., tuple[float, dict[str, float]]]:
+    """A weighted sum of rewards.
+
+    Args:
+      spec: weighted reward names, 'accuracy:1,format:0.1' (see `parse_spec`).
+      batch_rewards: {name: fn(prompts, completions, fields) -> [float]} passed in beside
+        the registered rewards (the reward models a run loaded); a name here wins.
+    Returns:
+      fn(prompt, completion, **fields) -> (total, {name: unweighted value}), with
+      `fn.batch(prompts, completions, fields)` -> (totals float32 [B], {name: values
+      float32 [B]}) scoring a batch, each batch reward in one call.
+    """
     import numpy as np
 
-    parts = parse_spec(spec)
+    given = dict(batch_rewards or {})
+    parts = parse_spec(spec, known=tuple(given))
+    batched = {name: given.get(name) or _BATCH[name] for name, _ in parts if name in given or name in _BATCH}
+    single = {name: _REWARDS[name] for name, _ in parts if name not in batched}
+
+    def one(name: str, prompt: str, completion: str, fields: dict) -> float:
+        if name in batched:
+            return float(batched[name]([prompt], [completion], [fields])[0])
+        return float(single[name](prompt, completion, **fields))
 
     def total(prompt: str, completion: str, **fields: Any) -> tuple[float, dict[str, float]]:
-        values = {name: float(get(name)(prompt, completion, **fields)) for name, _ in parts}
+        values = {name: one(name, prompt, completion, fields) for name, _ in parts}
         return sum(w * values[name] for name, w in parts), values
 
     def batch(prompts, completions, fields) -> tuple[Any, dict[str, Any]]:
         values = {}
         for name, _ in parts:
-            if name in _BATCH:
-                values[name] = np.asarray(_BATCH[name](list(prompts), list(completions), list(fields)), np.float32)
+            if name in batched:
+                values[name] = np.asarray(batched[name](list(prompts), list(completions), list(fields)), np.float32)
             else:
-                fn = _REWARDS[name]
+                fn = single[name]
                 values[name] = np.asarray([fn(p, c, **f) for p, c, f in zip(prompts, completions, fields)],
                                           np.float32)
         totals = sum(w * values[name] for name, w in parts)

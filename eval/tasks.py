@@ -62,6 +62,12 @@ class Problem:
     key: str
 
     @property
+    def checkable(self) -> bool:
+        """Whether a program can check an answer: the fields hold `answer`, or `numbers` and
+        `target` (every task problem; a general prompt only when its line gives them)."""
+        return "answer" in self.fields or ("numbers" in self.fields and "target" in self.fields)
+
+    @property
     def solution(self) -> str:
         """A well-formed, correct completion: `<think>work</think><answer>answer</answer>`."""
         return f"<think>{self.work}</think><answer>{self.answer}</answer>"

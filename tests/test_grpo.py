@@ -15,12 +15,18 @@ import pytest
 import dsjax
 from dsjax.tokenizer import ByteTokenizer
 from eval import tasks
-from eval.sampling import complete, encode_prompts, prompt_width
+from eval.completions import complete, encode_prompts, prompt_width
 from sharding.mesh import MeshConfig, make_mesh
 from sharding.rules import activation_rules
 from train.__main__ import main
 from train.config import build_config
-from train.grpo import Mixture, PromptSource, _source_metrics, make_grpo_step, make_score, rollout_batch
+from train.rl.config import PromptSource
+from train.rl.metrics import source_metrics
+from train.rl.rewards import Scores
+from train.rl.rollout import rollout_batch
+from train.rl.sources import Mixture
+from train.stages import all_stages
+from train.stages.grpo import make_grpo_step, make_score
 from train.optim import make_optimizer
 from train.steps import TrainState, state_shardings
 from tests.test_sharding import OVERRIDES
@@ -34,7 +40,7 @@ def grpo_setup():
     """A model, optimizer and state for the step tests (the router bias moving, as in
     pretraining), and its jitted scorer: (cfg, model, boxed, tx, schedule, state, score)."""
     cfg = build_config("grpo", OVERRIDES + ["grpo.beta=0.05", "grpo.epsilon_high=0.28", "train.lr=3e-3",
-                                            "train.warmup_steps=0", "grpo.moe_bias=update"])
+                                            "train.warmup_steps=0", "grpo.moe_bias=update"], all_stages())
     model = dsjax.Transformer(cfg.model)
     boxed = model.init(jax.random.key(1), jnp.zeros((1, T), jnp.int32))
     variables = dsjax.unbox(boxed)
@@ -114,7 +120,7 @@ def test_sharded_step_equals_one_device(grpo_setup, sizes, preset):
 
 
 def test_rollout_logprobs_match_the_trainer():
-    cfg = build_config("grpo", SMALL)
+    cfg = build_config("grpo", SMALL, all_stages())
     model = dsjax.Transformer(cfg.model)
     variables = dsjax.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
     problems = tasks.get("addition", 2).split("train", 6)
@@ -151,7 +157,7 @@ def _watch_generate(monkeypatch) -> list:
     """Wraps dsjax.generate where the run calls it (rollouts, evaluation, the end-of-run
     sample): its variables must be the run's device arrays on the mesh, and nothing may
     come to the host while it runs. Returns the calls' mesh and rules."""
-    import eval.sampling
+    import eval.completions
     import train.loop
     from dsjax import decoding
     from tests.test_generate_sharded import no_host_copies
@@ -165,7 +171,7 @@ def _watch_generate(monkeypatch) -> list:
         with no_host_copies():
             return decoding.generate(model, variables, *args, **kwargs)
 
-    monkeypatch.setattr(eval.sampling, "generate", watched)
+    monkeypatch.setattr(eval.completions, "generate", watched)
     monkeypatch.setattr(train.loop, "generate", watched)
     return calls
 
@@ -291,20 +297,21 @@ def test_mixture_sampler_honours_the_weights_and_resumes_from_its_carry():
 def test_sources_parse_from_yaml_lists():
     cfg = build_config("grpo", ["grpo.sources=[{task: addition, difficulty: 3, weight: 3}, "
                                 "{name: chat, prompts: p.jsonl, rewards: 'helpful:1,language:0.1'}]",
-                                "grpo.reward_models=helpful=some/dir", "grpo.rm_from_step=10"])
+                                "grpo.reward_models=helpful=some/dir", "grpo.rm_from_step=10"], all_stages())
     a, b = cfg.grpo.sources
     assert a == PromptSource(task="addition", difficulty=3, weight=3.0) and isinstance(a.weight, float)
     assert b.label == "chat" and b.prompts == "p.jsonl" and cfg.grpo.rm_from_step == 10
-    assert build_config("grpo", []).grpo.resolved_sources()[0].label == "addition"  # R1-Zero: one task source
+    assert build_config("grpo", [], all_stages()).grpo.resolved_sources()[0].label == "addition"  # R1-Zero: one task source
 
 
 def test_reward_hacking_guard_counts_rule_failures_the_reward_model_ranks_high():
     # Four completions: two pass the rule (mean RM score 1.0); of the two that fail, one
     # scores above that mean: a quarter of the completions.
-    s = {"reward": np.zeros(4), "format": np.ones(4), "accuracy": np.full(4, np.nan),
-         "rule": np.array([1.0, 1.0, 0.0, 0.0]), "parts": {}}
-    rm = np.array([2.0, 0.0, 3.0, -1.0])
-    out = _source_metrics("chat", s, np.ones(4, bool), np.array([5, 6, 7, 8]), rm)
+    every, none = np.ones(4, bool), np.zeros(4, bool)
+    s = Scores(reward=np.zeros(4), accuracy=np.zeros(4), checked=none, format=np.ones(4), parts={}, scored={},
+               rm=np.array([2.0, 0.0, 3.0, -1.0]), rm_scored=every, rule=np.array([1.0, 1.0, 0.0, 0.0]),
+               guarded=every, source=np.zeros(4, int))
+    out = source_metrics("chat", s, every, np.array([5, 6, 7, 8]))
     assert out["chat/rm_high_rule_fail"] == 0.25 and out["chat/hack_rule_rate"] == 0.5
     assert out["chat/rm_score"] == 1.0 and out["chat/completion_len"] == 6.5 and "chat/accuracy" not in out
 
@@ -348,3 +355,36 @@ def test_full_scenario_grpo_mixes_task_and_general_prompts_with_a_reward_model(t
     a, b = _records(full), _records(part)
     for key in ("loss", "reward_mean", "rm_score", "chat/share"):
         assert [r.get(key) for r in a] == [r.get(key) for r in b], key
+
+
+def test_reward_models_are_passed_in_and_scores_mask_what_a_source_lacks():
+    """A run's reward models reach its sources' rewards without entering the registry;
+    rows keep their source's rewards, and a reward a source lacks is masked, not NaN."""
+    from eval import rewards
+    from eval.completions import Completions
+    from train.rl.config import GRPOConfig
+    from train.rl.rewards import RewardSet
+
+    problem = tasks.get("addition", 2).split("train", 1)[0]
+    chat = tasks.Problem(prompt="Q: hi? A: ", question="hi", fields={}, work="", answer="", key="chat")
+    texts = [problem.solution, "no tags", "<think>x</think><answer>7</answer>", "words"]
+    comp = Completions(tokens=np.zeros((4, 8), np.int32), logprobs=np.zeros((4, 8), np.float32),
+                       lengths=np.array([5, 6, 7, 8], np.int32), texts=texts, truncated=np.zeros(4, bool))
+    sources = (PromptSource(task="addition"), PromptSource(name="chat", prompts="p.jsonl", rewards="helpful:1"))
+    g = GRPOConfig(sources=sources, reward_models="helpful=unused", hack_rule="integer_answer")
+    reward_set = RewardSet(g, sources, {"helpful": lambda p, c, f: [float(len(x)) for x in c]})
+    s = reward_set.score(np.array([0, 0, 1, 1]), [problem, problem, chat, chat], comp)
+    assert "helpful" not in rewards.names() and reward_set.rm_names == ["helpful"]
+    with pytest.raises(ValueError, match="unknown reward 'helpful'"):
+        rewards.combine("helpful:1")
+    np.testing.assert_allclose(s.reward, [1.1, 0.0, len(texts[2]), len(texts[3])], rtol=1e-6)
+    np.testing.assert_array_equal(s.checked, [True, True, False, False])
+    np.testing.assert_array_equal(s.scored["helpful"], [False, False, True, True])
+    np.testing.assert_array_equal(s.scored["accuracy"], [True, True, False, False])
+    np.testing.assert_array_equal(s.rm_scored, s.scored["helpful"])
+    np.testing.assert_array_equal(s.guarded, [False, False, True, True])
+    np.testing.assert_array_equal(s.rule, [0, 0, 1, 0])
+    # Rows of one source only: the other source's rewards are masked there.
+    both = Scores.concat([s.take(slice(0, 2)), s.take(slice(2, 4))])
+    np.testing.assert_array_equal(both.scored["helpful"], s.scored["helpful"])
+    np.testing.assert_array_equal(both.parts["helpful"], s.parts["helpful"])

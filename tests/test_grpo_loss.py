@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train.grpo_loss import group_advantages, policy_loss
+from train.rl.loss import group_advantages, policy_loss
 
 
 def ref_advantages(rewards, scale, eps=1e-4):

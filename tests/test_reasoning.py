@@ -18,9 +18,9 @@ from dsjax.tokenizer import ByteTokenizer
 from eval import reasoning as rs
 from eval import tasks
 from eval.__main__ import main as eval_main
-from eval.sampling import encode_prompts, prompt_width
+from eval.completions import encode_prompts, prompt_width
 from train.__main__ import main as train_main
-from train.sft import SFTConfig, pack, read_examples
+from train.stages.sft import SFTConfig, pack, read_examples
 from tests.test_train import SMALL
 
 
@@ -172,14 +172,17 @@ def test_distill_trains_a_dense_student_with_a_kl_to_the_teacher(tmp_path, capsy
 
 
 def distill_step_setup():
-    """A SMALL model's state, a fixed batch and the jitted train step with the distillation
-    KL (weight 1), the router bias moving and no warmup: (model, variables, state, batch,
-    step). One program for every test that uses it (the compilation cache loads it)."""
+    """A SMALL model's state, a fixed batch and the jitted distillation step (KL weight 1,
+    the teacher inside the step), the router bias moving and no warmup: (model, variables,
+    state, batch, step), step(state, teacher_variables, batch). One program for every test
+    that uses it (the compilation cache loads it)."""
     from train.config import build_config
     from train.optim import make_optimizer
-    from train.steps import TrainState, make_train_step
+    from train.stages import all_stages
+    from train.stages.distill import make_distill_step
+    from train.steps import TrainState
 
-    cfg = build_config(None, SMALL + ["train.bias_update_speed=0.01", "train.warmup_steps=0"])
+    cfg = build_config(None, SMALL + ["train.bias_update_speed=0.01", "train.warmup_steps=0"], all_stages())
     model = dsjax.Transformer(cfg.model)
     boxed = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     variables = dsjax.unbox(boxed)
@@ -188,15 +191,15 @@ def distill_step_setup():
                        variables["moe_bias"])
     tokens = np.random.default_rng(0).integers(2, 250, (2, 9)).astype(np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones((2, 8), bool)}
-    step = jax.jit(make_train_step(model, tx, cfg.train, schedule, kl_weight=1.0))
+    step = jax.jit(make_distill_step(model, model, tx, cfg.train, schedule, kl_weight=1.0))
     return model, variables, state, batch, step
 
 
 def test_distill_kl_is_zero_when_the_student_is_the_teacher():
     model, variables, state, batch, step = distill_step_setup()
-    logits = model.apply(variables, batch["inputs"]).logits
-    _, same = step(state, dict(batch, teacher_logprobs=jax.nn.log_softmax(logits)))
-    _, other = step(state, dict(batch, teacher_logprobs=jax.nn.log_softmax(logits * 2.0)))
+    other = dsjax.unbox(model.init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32)))
+    _, same = step(state, {"params": variables["params"], "moe_bias": variables["moe_bias"]}, batch)
+    _, other = step(state, {"params": other["params"], "moe_bias": other["moe_bias"]}, batch)
     assert abs(float(same["distill_kl"])) < 1e-5 and float(other["distill_kl"]) > 1e-3
     # Everything else in the loss is the same: it differs by exactly the KL.
     assert float(other["loss"]) - float(same["loss"]) == pytest.approx(float(other["distill_kl"]), rel=1e-4)
