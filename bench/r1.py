@@ -81,14 +81,14 @@ def held_out_accuracy(workdir: str, grpo_cfg: dict, n: int) -> dict:
 
     from dsjax.checkpoint import load_trained
     from dsjax.tokenizer import load_tokenizer
-    from eval import sampling, tasks
+    from eval import reasoning, tasks
 
     model, variables, run = load_trained(workdir)
     model = model.clone(cfg=dataclasses.replace(model.cfg, attn_impl="absorb"))
     task = tasks.get(grpo_cfg["task"], grpo_cfg["difficulty"], template=grpo_cfg.get("template", "short"))
     problems = task.split("test", n, seed=0)
-    return sampling.evaluate(model, variables, load_tokenizer(run["data"]["tokenizer"]), problems,
-                             max_new_tokens=grpo_cfg["max_new_tokens"], batch_size=250)
+    return reasoning.evaluate(model, variables, load_tokenizer(run["data"]["tokenizer"]), problems,
+                              max_new_tokens=grpo_cfg["max_new_tokens"], batch_size=250)
 
 
 def main() -> int:

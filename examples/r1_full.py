@@ -89,7 +89,7 @@ def sample(workdir: str, prompts: list[str], k: int, temperature: float, seed: i
 
     from dsjax.checkpoint import load_trained
     from dsjax.tokenizer import load_tokenizer
-    from eval.sampling import complete, prompt_width
+    from eval.completions import complete, prompt_width
 
     model, variables, run = load_trained(workdir)
     model = model.clone(cfg=dataclasses.replace(model.cfg, attn_impl="absorb"))
@@ -128,15 +128,14 @@ def preference_pairs(samples, seed: int, per_prompt: int = 3) -> list[dict]:
     return pairs
 
 
-def general_scores(workdir: str, prompts: list[str], rm: str, max_new_tokens: int) -> dict:
+def general_scores(workdir: str, prompts: list[str], rm, max_new_tokens: int) -> dict:
     """Greedy responses of the workdir's model to `prompts`: the reward model's mean score
-    and the rule's satisfaction rate."""
+    (`rm`: a batch reward, `train.rl.rewards.reward_model_scorer`) and the rule's
+    satisfaction rate."""
     import numpy as np
 
-    from eval import rewards
-
     got = sample(workdir, prompts, 1, 0.0, 0, max_new_tokens)
-    scores = np.asarray(rewards.get_batch(rm)([p for p, _, _ in got], [t for _, t, _ in got], [{}] * len(got)))
+    scores = np.asarray(rm([p for p, _, _ in got], [t for _, t, _ in got], [{}] * len(got)))
     return {"rm_score": float(scores.mean()), "rule_rate": float(np.mean([passes(t, tr) for _, t, tr in got])),
             "example": got[0][1]}
 
@@ -191,12 +190,11 @@ def main() -> int:
     # 2. The reward model.
     rm_dir = os.path.join(workdir, "rm")
     rm_wall = train("rm", "r1_rm", rm_dir, f"data.source={pairs_path}", init=r1)
-    from eval import rewards
+    from train.rl.rewards import reward_model_scorer
 
-    rewards.register_reward_model("helpful", rm_dir)
+    score = reward_model_scorer(rm_dir)
     test_pairs = [json.loads(line) for line in open(test_pairs_path)]
     prompts = [q["prompt"] for q in test_pairs]
-    score = rewards.get_batch("helpful")
     chosen = score(prompts, [q["chosen"] for q in test_pairs], [{}] * len(test_pairs))
     rejected = score(prompts, [q["rejected"] for q in test_pairs], [{}] * len(test_pairs))
     rm_accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(test_pairs)
@@ -205,7 +203,7 @@ def main() -> int:
 
     # 3. Full-scenario GRPO from the toy R1 model; 4. before and after.
     task_before = held_out_accuracy(r1, task_cfg, args.held_out)
-    general_before = general_scores(r1, test_prompts, "helpful", g["max_new_tokens"])
+    general_before = general_scores(r1, test_prompts, score, g["max_new_tokens"])
     print(f"before: task accuracy {task_before['accuracy']:.3f}; general prompts: rule rate "
           f"{general_before['rule_rate']:.3f}, reward-model score {general_before['rm_score']:.3f}", file=sys.stderr)
     grpo_dir = os.path.join(workdir, "grpo_full")
@@ -214,7 +212,7 @@ def main() -> int:
     grpo_wall = train("grpo", "r1_full", grpo_dir, sources, f"grpo.reward_models=helpful={rm_dir}",
                       *args.grpo_sets, init=r1)
     task_after = held_out_accuracy(grpo_dir, task_cfg, args.held_out)
-    general_after = general_scores(grpo_dir, test_prompts, "helpful", g["max_new_tokens"])
+    general_after = general_scores(grpo_dir, test_prompts, score, g["max_new_tokens"])
     records = [json.loads(line) for line in open(os.path.join(grpo_dir, "metrics.jsonl"))]
     guard = [r["general/rm_high_rule_fail"] for r in records if "general/rm_high_rule_fail" in r]
     print(f"after: task accuracy {task_after['accuracy']:.3f}; general prompts: rule rate "
