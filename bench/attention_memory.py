@@ -16,12 +16,11 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
-from bench.common import emit
+from bench.common import emit, interleaved
 from dsjax.config import load_model_config
 from dsjax.mla import MLA
 from dsjax.model import attention_mask, unbox
@@ -75,13 +74,8 @@ def layer_ms(cfg, batch: int, seq_len: int, kernels=("dense", "blockwise", "cpu"
         params = jax.tree.map(lambda s: jnp.full(s.shape, 0.02, s.dtype), shapes)
         xs = jax.random.normal(jax.random.key(1), x.shape, x.dtype)
         jax.block_until_ready(step(params, xs))
-        runs[kernel] = (step, params, xs, [])
-    for _ in range(reps):
-        for step, params, xs, times in runs.values():
-            t = time.perf_counter()
-            jax.block_until_ready(step(params, xs))
-            times.append(time.perf_counter() - t)
-    return {k: round(min(r[3]) * 1e3, 1) for k, r in runs.items()}
+        runs[kernel] = lambda step=step, params=params, xs=xs: step(params, xs)
+    return {k: round(min(t) * 1e3, 1) for k, t in interleaved(runs, reps).items()}
 
 
 def main() -> int:
