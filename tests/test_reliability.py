@@ -61,14 +61,18 @@ def test_checkpoint_from_8_devices_loads_on_1_and_2_with_the_same_logits(tmp_pat
 
 
 def test_a_non_finite_step_changes_nothing():
-    """A poisoned batch (NaN teacher log-probs under distillation's KL) is skipped: params,
-    optimizer state and router bias stay bit for bit; the metrics say so."""
-    from tests.test_reasoning import distill_step_setup
+    """A poisoned step (a NaN in the teacher's parameters under distillation's KL) is
+    skipped: params, optimizer state and router bias stay bit for bit; the metrics say so."""
+    from tests.test_distill import _setup
+    from train.stages.distill import make_distill_step
 
-    model, variables, state, batch, step = distill_step_setup()
-    logp = jax.nn.log_softmax(model.apply(variables, batch["inputs"]).logits)
-    good, m_good = step(state, dict(batch, teacher_logprobs=logp))
-    bad, m_bad = step(state, dict(batch, teacher_logprobs=logp.at[0, 3, 7].set(jnp.nan)))
+    cfg, model, variables, teacher, tvars, tx, schedule, state, batch = _setup()
+    step = jax.jit(make_distill_step(model, teacher, tx, cfg.train, schedule, kl_weight=1.0))
+    teacher_in = {"params": tvars["params"], "moe_bias": tvars["moe_bias"]}
+    poisoned = dict(teacher_in, params=dict(tvars["params"], head=jax.tree.map(
+        lambda x: x.at[(0,) * x.ndim].set(jnp.nan), tvars["params"]["head"])))
+    good, m_good = step(state, teacher_in, batch)
+    bad, m_bad = step(state, poisoned, batch)
     assert float(m_good["skipped"]) == 0.0 and float(m_bad["skipped"]) == 1.0
     assert not np.isfinite(float(m_bad["loss"]))
     same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), (bad.params, bad.opt_state, bad.moe_bias),
