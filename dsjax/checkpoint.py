@@ -1,8 +1,11 @@
-"""Checkpoints of training state with orbax: async saves, keep the last N, exact resume.
+"""Checkpoints of training state with orbax (async saves, keep the last N, exact resume),
+and the reading of a `python -m train` run directory.
 
 Each checkpoint holds the state pytree (params, optimizer state, `moe_bias`, step) and a
 small JSON item (the data iterator position and anything else a run needs to resume).
-Lives in dsjax so that train and eval both reach it.
+A run directory (`config.yaml` + `checkpoints/`) is a public format: `read_run_config`
+is the one reader of its config.yaml, and `load_trained` reads its parameters and router
+bias onto any device count or mesh, into whatever module the caller names.
 """
 
 from __future__ import annotations
