@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from dsjax import impl
 from dsjax.attention import causal_chunks
 from dsjax.model import Transformer
-from dsjax.moe import block_rows
+from dsjax.cpu.moe import block_rows
 from sharding.mesh import AXES
 from sharding.rules import per_device_bytes
 
