@@ -27,8 +27,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dsjax import cpu_kernels
-
 _NEG = -1e30
 
 
@@ -185,9 +183,8 @@ def blockwise_attention(q, k, v, mask, scale: float, block_q: int = 512, block_k
     and keys at the same positions, T == S; causal masks with or without segments). A call
     that fits one query block then runs as up to CAUSAL_CHUNKS chunks of queries, each
     against the keys up to its own end, and skips the masked upper triangle: 3/4 of the
-    scores at 2 chunks, 5/8 at 4. Chunks hold at least CAUSAL_CHUNK queries: one `small`
-    MLA layer on a CPU, 8 x 256 tokens, forward + backward, took 107 ms in one call, 93 ms
-    in 2 chunks of 128 and 102 ms in 4 of 64 (docs/benchmarks.md).
+    scores at 2 chunks, 5/8 at 4. Chunks hold at least CAUSAL_CHUNK queries, so that each
+    chunk's GEMMs stay large (docs/benchmarks.md).
     """
     if not heads_first:
         t = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
@@ -203,43 +200,6 @@ def blockwise_attention(q, k, v, mask, scale: float, block_q: int = 512, block_k
     qp, kp, vp = _pad(q, 2, bq), _pad(k, 2, bk), _pad(v, 2, bk)
     mp = _pad(_pad(mask, 1, bq), 2, bk)
     return _attention(qp, kp, vp, mp, float(scale), bq, bk)[:, :, :T]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def native_attention(q, k, v, mask, scale: float):
-    """`blockwise_attention`'s product through the native CPU kernel
-    (`cpu_kernels.attention_fwd` / `attention_bwd`: each batch row and head one work item,
-    its query chunks' scores in cache, keys past a chunk's last visible one skipped), with
-    its gradient. q [B, T, H, K], k [B, S, H, K], v [B, S, H, V] (a head per query head),
-    mask bool [B, T, S]; float32 [B, T, H, V]. Call only where `cpu_kernels.applies`."""
-    return cpu_kernels.attention_fwd(q, k, v, mask, scale)[0]
-
-
-def _native_fwd(q, k, v, mask, scale):
-    o, lse = cpu_kernels.attention_fwd(q, k, v, mask, scale)
-    return o, (q, k, v, mask, o, lse)
-
-
-def _native_bwd(scale, res, do):
-    q, k, v, mask, o, lse = res
-    dq, dk, dv = cpu_kernels.attention_bwd(q, k, v, mask, o, lse, do, scale)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-native_attention.defvjp(_native_fwd, _native_bwd)
-
-
-def native_or_blockwise(q, k, v, mask, scale: float, causal: bool = False) -> jnp.ndarray:
-    """`blockwise_attention` (arguments alike, [B, T, H, *] layout), run by the native CPU
-    kernel (`native_attention`) where it applies: a key and value head per query head, all
-    float32, a CPU backend, no multi-device mesh, the kernels built (`cpu_kernels.applies`;
-    `DSJAX_CPU_KERNELS=0` turns them off). One `tiny` MLA layer, 8 x 256 tokens, forward +
-    backward: see docs/benchmarks.md."""
-    if k.shape[2] == q.shape[2] and cpu_kernels.applies(q.dtype, k.dtype, v.dtype):
-        return jax.lax.platform_dependent(
-            q, k, v, mask, cpu=lambda q, k, v, m: native_attention(q, k, v, m, float(scale)),
-            default=lambda q, k, v, m: blockwise_attention(q, k, v, m, scale, causal=causal))
-    return blockwise_attention(q, k, v, mask, scale, causal=causal)
 
 
 def fused_attention(q, k, v, mask, scale: float, implementation: str | None = "cudnn") -> jnp.ndarray:

@@ -2,7 +2,9 @@
 
 `ModelConfig` mirrors the DeepSeek-V2/V3 `config.json` key for key, so a real config maps
 1:1 (`ModelConfig.from_hf(json.load(...))`). A few fields that are not in the HF schema
-choose implementations (`attn_impl`, `moe_impl`, `dtype`, ...); `to_hf()` leaves them out.
+choose implementations (`attn_impl`, `moe_impl`, `dtype`, ...; their values and 'auto'
+rules are in dsjax/impl.py); `to_hf()` leaves them out. The defaults are DeepSeek-V3's
+`config.json` (the 671B model), as Hugging Face configs default to their model's.
 Presets live in `configs/models/*.yaml` and load with `load_model_config(name)`.
 """
 
@@ -11,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import types
-import typing
 from typing import Any
 
 import yaml
+
+from dsjax import impl
 
 
 def _config_dir(package_dir: str) -> str:
@@ -27,16 +29,8 @@ def _config_dir(package_dir: str) -> str:
 
 _CONFIG_DIR = _config_dir(os.path.dirname(os.path.abspath(__file__)))
 
-ATTN_IMPLS = ("naive", "absorb")
-ATTN_KERNELS = ("auto", "dense", "blockwise", "cudnn")
-MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "gather")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-LAYER_LOOPS = ("auto", "scan", "unroll")
-DTYPES = ("float32", "bfloat16", "float16")
-PRECISIONS = ("default", "fp8")
-FP8_GEMMS = ("auto", "native", "emulated")
 
 # HF keys that carry no information for the model math; accepted and dropped by from_hf.
 _IGNORED_HF_KEYS = frozenset({
@@ -98,6 +92,9 @@ class RopeScaling:
 class ModelConfig:
     """DeepSeek-V2/V3 architecture. Field names are the HF `config.json` keys.
 
+    The defaults are DeepSeek-V3's (671B parameters): `ModelConfig()` is that model, and a
+    `config.json` leaves out only the keys whose value it shares with V3 (`from_hf`).
+
     Attributes:
       vocab_size: tokens in the vocabulary.
       hidden_size: model width D.
@@ -130,30 +127,30 @@ class ModelConfig:
       initializer_range: standard deviation of the normal initializer of the weights.
       model_type: 'deepseek_v3' or 'deepseek_v2' (the HF `model_type`, kept by `to_hf()`).
       attn_impl: 'naive' (expand K/V per head) or 'absorb' (attend in the latent space).
-      attn_kernel: how softmax(q k^T) v runs over a sequence (`attention_kernel`):
+      attn_kernel: how softmax(q k^T) v runs over a sequence (`dsjax.impl.attention_kernel`):
         'dense' (the float32 scores [B, H, T, S] materialized), 'blockwise' (online
         softmax over 512-token blocks with a recomputing backward pass,
         dsjax/attention.py: the scores are never all live; absorbed MLA attends to the
         shared latents the same way), 'cudnn' (jax.nn.dot_product_attention's cuDNN flash
-        attention for the naive form, V padded to the key width; GPUs, bf16/fp16), or
-        'auto' (default): dense for one-token decoding steps, cuDNN on a GPU where it
-        accepts the shapes, blockwise otherwise (also the faster one on a CPU). On a CPU in
-        float32, blockwise runs as a native kernel (`dsjax.attention.native_attention`;
-        `DSJAX_CPU_KERNELS=0` keeps the JAX form).
+        attention for the naive form, V padded to the key width, blockwise where cuDNN
+        refuses the shapes; GPUs, bf16/fp16), 'cpu' (the CPU wing: its native kernels in
+        float32, blockwise otherwise) or 'auto' (default; `dsjax.impl.resolve`). One-query
+        decoding steps run dense under every kernel.
       layer_loop: how the stacked layers run: 'scan' (one compiled layer, looped),
-        'unroll' (the same stacked weights, the loop unrolled at compile time) or 'auto'
-        (default, `unroll_layers`): unrolled on one CPU device, scanned on meshes of
-        several devices and on GPUs and TPUs.
-      moe_impl: 'dense' (every expert on every token, reference), 'ragged' (dropless
-        sort + grouped GEMM with jax.lax.ragged_dot), 'blocked' (dropless sort into
-        fixed-size row blocks, each one expert's, run as dense GEMMs by a scan), 'gather'
-        (a loop over the experts the token copies chose, each one's weights sliced once:
-        for a few tokens, as in decoding), or 'auto' (default, `moe_dispatch`): ragged
-        on GPUs and TPUs; on a CPU, whose XLA backend runs ragged_dot as a masked GEMM
-        over every expert, gather when the call's token copies are at most 2 per expert
-        (decoding up to 2E/k sequences), else blocked, and dense under the FP8 recipe
-        (blocked and gather have no FP8 form). Expert parallelism (experts split over a
-        mesh axis) always runs the grouped GEMMs.
+        'unroll' (the same stacked weights, the loop unrolled at compile time),
+        'unroll_single_device' (unrolled on one device, scanned under a mesh of several) or
+        'auto' (default: 'unroll_single_device' on a CPU, 'scan' on GPUs and TPUs).
+      moe_impl: how the routed experts run: 'dense' (every expert on every token,
+        reference), 'ragged' (dropless sort + grouped GEMM with jax.lax.ragged_dot), the
+        CPU wing's 'blocked' (dropless sort into fixed-size row blocks, each one expert's,
+        run as dense GEMMs), 'gather' (a loop over the experts the token copies chose: for
+        a few tokens, as in decoding) and 'cpu' (gather for at most two token copies per
+        expert, blocked otherwise), or 'auto' (default: ragged on GPUs and TPUs, 'cpu' on
+        a CPU, dense there under the FP8 recipe; blocked and gather have no FP8 form).
+        Expert parallelism (experts split over a mesh axis) always runs the grouped GEMMs.
+      matmul_impl: how the linear layers multiply: 'xla' (x @ w), 'cpu' (the CPU wing:
+        weight gradients as plain GEMMs, few-row decoding products through its native
+        kernel) or 'auto' (default: 'cpu' on a CPU, 'xla' elsewhere).
       dtype: activation/compute dtype; param_dtype: storage dtype of parameters.
       remat_policy: activation checkpointing of each decoder layer.
       precision: 'default', or 'fp8' for DeepSeek-V3's FP8 recipe in the linear layers of
@@ -161,8 +158,8 @@ class ModelConfig:
         head, router, norms and attention softmax keep their precision.
       fp8_gemm: how the FP8 GEMMs multiply: 'native' (E4M3 operands, float32 results,
         one GEMM per 128-wide contraction block), 'emulated' (exact float32 copies of the
-        E4M3 values in one GEMM: the same sums in another order) or 'auto' (native off the
-        CPU, emulated on it).
+        E4M3 values in one GEMM: the same sums in another order) or 'auto' (default:
+        native off the CPU, emulated on it).
       fp8_pow2_scales: round every FP8 scale up to a power of two (2^ceil(log2(amax / 448))),
         the exponent-only UE8M0 scales of DeepSeek's later recipes (DeepGEMM, V3.1);
         V3's recipe (the default, false) keeps amax / 448.
@@ -208,6 +205,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     layer_loop: str = "auto"
+    matmul_impl: str = "auto"
     precision: str = "default"
     fp8_gemm: str = "auto"
     fp8_pow2_scales: bool = False
@@ -234,18 +232,11 @@ class ModelConfig:
             raise ConfigError(f"q_lora_rank must be positive or null, got {self.q_lora_rank}")
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
-        choices = {"attn_impl": ATTN_IMPLS, "attn_kernel": ATTN_KERNELS, "moe_impl": MOE_IMPLS, "scoring_func": SCORING_FUNCS,
-                   "topk_method": TOPK_METHODS, "remat_policy": REMAT_POLICIES, "layer_loop": LAYER_LOOPS,
-                   "dtype": DTYPES, "param_dtype": DTYPES, "precision": PRECISIONS,
-                   "fp8_gemm": FP8_GEMMS}
-        for name, allowed in choices.items():
+        for name, allowed in (("scoring_func", SCORING_FUNCS), ("topk_method", TOPK_METHODS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {list(allowed)}")
-        if self.precision == "fp8" and self.moe_impl in ("blocked", "gather"):
-            raise ConfigError(f"moe_impl={self.moe_impl!r} has no FP8 form: use 'auto', 'dense' or 'ragged' "
-                              "with precision='fp8'")
-        if not isinstance(self.fp8_pow2_scales, bool):
-            raise ConfigError(f"fp8_pow2_scales={self.fp8_pow2_scales!r} must be true or false")
+        for _, message in impl.check(self):
+            raise ConfigError(message)
         if self.first_k_dense_replace > self.num_hidden_layers:
             raise ConfigError(f"first_k_dense_replace={self.first_k_dense_replace} exceeds "
                               f"num_hidden_layers={self.num_hidden_layers}")
@@ -286,60 +277,6 @@ class ModelConfig:
     @property
     def num_moe_layers(self) -> int:
         return self.num_hidden_layers - self.num_dense_layers
-
-    def moe_dispatch(self, backend: str | None = None, tokens: int | None = None) -> str:
-        """'dense', 'ragged', 'blocked' or 'gather': `moe_impl` with 'auto' resolved for
-        `backend` (default: the one JAX runs on) and a call on `tokens` tokens (None: a
-        training-sized call). GPUs and TPUs: ragged. A CPU: dense under the FP8 recipe;
-        with c = tokens * num_experts_per_tok token copies, gather when c <= 2 E
-        (`GATHER_COPIES_PER_EXPERT`; decoding: a step reads only the chosen experts, each
-        once, and runs only the routed copies, as matrix-vector products), else blocked.
-        Dense is never the faster one there: for `small` (E = 24, k = 4), decoding a
-        batch of 8 took 44 ms a step with gather, 52 with blocked and 68 with dense, and a
-        batch of 32 88 ms with blocked, 105 with gather and 126 with dense."""
-        if self.moe_impl != "auto":
-            return self.moe_impl
-        import jax
-
-        if (backend or jax.default_backend()) != "cpu":
-            return "ragged"
-        if self.precision == "fp8":
-            return "dense"
-        copies = None if tokens is None else tokens * self.num_experts_per_tok
-        if copies is not None and copies <= GATHER_COPIES_PER_EXPERT * self.n_routed_experts:
-            return "gather"
-        return "blocked"
-
-    def unroll_layers(self, backend: str | None = None) -> bool:
-        """Whether the stacked layers run unrolled: `layer_loop` with 'auto' resolved for
-        `backend` (default: the one JAX runs on) and the mesh active while tracing. On one
-        CPU device the loop is unrolled: a scan slices every layer's weights out of the
-        stack and writes its gradients and saved activations back each step (13% of the
-        `small` step, 16% of `tiny`'s). A mesh of several devices scans (unrolled, XLA
-        gathers every layer's sharded weights at once: 1.8x the temp memory of `small` on
-        fsdp=8), and so do GPUs and TPUs, which keeps the compile time of deep models flat."""
-        if self.layer_loop != "auto":
-            return self.layer_loop == "unroll"
-        import jax
-
-        return (backend or jax.default_backend()) == "cpu" and jax.sharding.get_abstract_mesh().size <= 1
-
-    def attention_kernel(self, queries: int, backend: str | None = None, absorbed: bool = False) -> str:
-        """'dense', 'blockwise' or 'cudnn': `attn_kernel` with 'auto' resolved for a call
-        with `queries` new tokens on `backend` (default: the one JAX runs on). One-token
-        decoding steps hold only [B, H, 1, S] scores: dense. A GPU in bfloat16/float16 gets
-        cuDNN for the naive form (MLA's callers fall back to blockwise when cuDNN refuses
-        the shapes); everything else, the absorbed form's 576-wide latent head included,
-        blockwise. 'cudnn' set by hand also leaves the absorbed form blockwise."""
-        kernel = self.attn_kernel
-        if kernel == "auto":
-            import jax
-
-            if queries == 1:
-                return "dense"
-            gpu = (backend or jax.default_backend()) == "gpu"
-            kernel = "cudnn" if gpu and self.dtype in ("bfloat16", "float16") else "blockwise"
-        return "blockwise" if kernel == "cudnn" and absorbed else kernel
 
     @property
     def experts_per_group(self) -> int:
@@ -405,7 +342,7 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The HF `config.json` dict (DeepSeek's own key names; transformers reads it)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in IMPL_FIELDS}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in impl.IMPL_FIELDS}
         out["rope_scaling"] = self.rope_scaling.to_hf() if self.rope_scaling else None
         arch = "DeepseekV2ForCausalLM" if self.model_type == "deepseek_v2" else "DeepseekV3ForCausalLM"
         out.update(architectures=[arch], num_key_value_heads=self.num_attention_heads,
@@ -415,98 +352,6 @@ class ModelConfig:
 
     def replace(self, **kw: Any) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
-
-
-def coerce(key: str, value: Any, hint: Any) -> Any:
-    """`value` (as YAML reads it) checked against a field's type hint, a type, a union
-    with None or `tuple[X, ...]` (a list): ints widen to floats, numbers become strings, a
-    mapping builds a dataclass (its fields checked the same way); a bool is never a number
-    nor a number a bool."""
-    if typing.get_origin(hint) is tuple:  # tuple[X, ...]: a YAML list of X (mappings for dataclasses)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} is not a list")
-        item = typing.get_args(hint)[0]
-        return tuple(coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
-    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    for kind in typing.get_args(hint) if union else (hint,):
-        if isinstance(value, bool) != (kind is bool):
-            continue
-        if isinstance(value, kind):
-            return value
-        if kind is float and isinstance(value, int) or kind is str and isinstance(value, (int, float)):
-            return kind(value)
-        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
-            unknown = sorted(set(value) - {f.name for f in dataclasses.fields(kind)})
-            if unknown:
-                raise ConfigError(f"{key}: unknown key {unknown[0]!r}; keys: "
-                                  f"{[f.name for f in dataclasses.fields(kind)]}")
-            hints = typing.get_type_hints(kind)
-            return kind(**{k: coerce(f"{key}.{k}", v, hints[k]) for k, v in value.items()})
-    raise ConfigError(f"{key}={value!r} is not a valid {hint if union else hint.__name__}")
-
-
-def apply_updates(section: str, base: Any, updates: dict[str, Any]) -> Any:
-    """`base` (a config dataclass) with `updates` applied, each value checked against the
-    field's type; unknown keys and bad values raise ConfigError naming `section.key`."""
-    cls = type(base)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {}
-    for k, v in updates.items():
-        if k not in fields:
-            raise ConfigError(f"unknown config key {section}.{k}")
-        kw[k] = coerce(f"{section}.{k}", v, hints[k])
-    try:
-        return dataclasses.replace(base, **kw)
-    except (TypeError, ValueError) as e:  # ConfigError included
-        raise ConfigError(f"{section}: {e}") from None
-
-
-def parse_value(text: str) -> Any:
-    """A --set value: numbers (1, 0.5, 1e-3), then YAML scalars (true, null), else a string."""
-    for number in (int, float):
-        try:
-            return number(text)
-        except ValueError:
-            pass
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def override_model(model: ModelConfig, overrides: list[str], allowed: tuple[str, ...] | None = None) -> ModelConfig:
-    """`model` with `model.key=value` overrides applied (--set syntax), each key checked
-    against `allowed` when given."""
-    updates: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"--set {item!r}: expected model.key=value")
-        key, text = item.split("=", 1)
-        section, field = key.split(".", 1)
-        value = parse_value(text)
-        if section != "model":
-            raise ConfigError(f"--set {item!r}: only model.key=value applies here")
-        if allowed is not None and field in {f.name for f in dataclasses.fields(ModelConfig)} and field not in allowed:
-            raise ConfigError(f"--set model.{field}: changes the trained model; here only "
-                              f"{', '.join('model.' + a for a in allowed)} can be set")
-        updates[field] = value
-    return apply_updates("model", model, updates)
-
-
-# Up to this many token copies per routed expert on average, a call's experts are a few
-# GEMM rows each: reading every expert's weights costs about what the rows cost, so the
-# dense dispatch runs one batched GEMM per weight instead of laying the experts side by side.
-DENSE_COPIES_PER_EXPERT = 16
-
-# Up to this many token copies per routed expert on average, `moe_impl='auto'` on a CPU
-# runs the gather dispatch (a loop over the chosen experts, matrix-vector products).
-GATHER_COPIES_PER_EXPERT = 2
-
-# The fields that choose how the model computes, not what it is: they leave the parameters'
-# shapes and meaning alone, so a trained checkpoint can be run under any of their values.
-IMPL_FIELDS = ("attn_impl", "attn_kernel", "moe_impl", "dtype", "param_dtype", "remat_policy", "layer_loop", "precision",
-               "fp8_gemm", "fp8_pow2_scales")
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dsjax.layers import rows_kernel_applies
-from dsjax.model import Transformer, decode_weights, init_cache, to_layout
+from dsjax import impl
+from dsjax.model import Transformer, init_cache, to_layout
 
 
 @flax.struct.dataclass
@@ -176,20 +176,20 @@ def _replicated(tree):
 
 
 def _in_place(model: Transformer, variables, rows: int = 1):
-    """`model` and `variables` in the weight layout that decoding reads in place: where
-    the layers run unrolled, 'layers' (`to_layout`: one copy of the layers' weights, made
-    before the decoding loop), so that a step does not copy each weight out of the stacks;
-    for absorbed MLA, the head-major copy of each wkv_b; and where a step's `rows` (batch x
-    tokens per step) run through the native few-row kernel, the transposed weights it reads
-    (`decode_weights`)."""
-    cfg = model.cfg
-    if model.layout == "stacked" and cfg.unroll_layers():
+    """`model` (its config resolved for the platform, `impl.resolved`) and `variables` in
+    the weight layout that decoding reads in place: where the layers run unrolled,
+    'layers' (`to_layout`: one copy of the layers' weights, made before the decoding
+    loop), so that a step does not copy each weight out of the stacks; and the weight
+    copies the platform's 'decode_copies' hook makes for steps of `rows` rows (batch x
+    tokens per step), in the `impl.DECODE_COPIES` collection."""
+    cfg = impl.resolved(model.cfg)
+    model = model.clone(cfg=cfg)
+    if model.layout == "stacked" and impl.unroll_layers(cfg):
         model, variables = model.clone(layout="layers"), to_layout(variables, "layers")
-    absorbed = cfg.attn_impl == "absorb"
-    transposed = cfg.precision != "fp8" and rows_kernel_applies(rows, cfg.dtype)
-    if absorbed or transposed:
-        extra = decode_weights(variables["params"], absorbed=absorbed, transposed=transposed)
-        variables = {**variables, "decode_weights": extra}
+    prepare = impl.lookup("decode_copies", cfg.matmul_impl)
+    copies = prepare(cfg, variables["params"], rows) if prepare is not None else None
+    if copies:
+        variables = {**variables, impl.DECODE_COPIES: copies}
     return model, variables
 
 

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dsjax.config import FP8_GEMMS
+from dsjax import impl
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -45,10 +45,11 @@ class Recipe(NamedTuple):
 
 def native_gemm(gemm: str) -> bool:
     """Whether `gemm` ('auto', 'native' or 'emulated') multiplies FP8 operands; 'auto' does
-    off the CPU."""
-    if gemm not in FP8_GEMMS:
-        raise ValueError(f"fp8 gemm={gemm!r} is not one of {list(FP8_GEMMS)}")
-    return gemm == "native" or (gemm == "auto" and jax.default_backend() != "cpu")
+    off the CPU (the platform of the mesh set with `jax.set_mesh`, else of the default
+    device; a model passes its resolved `fp8_gemm`)."""
+    if gemm not in impl.FP8_GEMMS:
+        raise ValueError(f"fp8 gemm={gemm!r} is not one of {list(impl.FP8_GEMMS)}")
+    return gemm == "native" or (gemm == "auto" and impl.platform_of() != "cpu")
 
 
 def _over_blocks(n: int, body, acc):

@@ -9,6 +9,11 @@ Two implementations share the weights and check each other:
 - `naive` expands c_kv into per-head keys and values (the training path);
 - `absorb` folds W_UK into the query and W_UV into the output, so attention runs on the
   latent c_kv and k_pe directly (§2.1.2, the inference path caching C + R values/token).
+
+Platform hooks (`dsjax.impl`): the naive form's attention kernel ('attention'), a decode
+step's absorbed attention ('latent_attention', under `attn_kernel`) and the query
+projection with W_UK folded in ('folded_query', under `matmul_impl`); each falls back to
+the reference form here.
 """
 
 from __future__ import annotations
@@ -17,16 +22,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dsjax import cpu_kernels
-from dsjax.attention import blockwise_attention, cudnn_or_blockwise, native_or_blockwise
+from dsjax import impl
+from dsjax.attention import blockwise_attention, cudnn_or_blockwise
 from dsjax.config import ModelConfig
-from dsjax.layers import RMSNorm, decode_transposed, dtype_of, linear, matmul, param, rows_kernel_applies
+from dsjax.layers import RMSNorm, dtype_of, linear, matmul, param, weight_copy
 from dsjax.rope import apply_rope
 
 _NEG_INF = -1e30
-# Most new tokens a row for which a decode step's absorbed attention runs the CPU kernel
-# (`cpu_kernels.latent_attention`); a longer call (a prompt's prefill) runs XLA's GEMMs.
-LATENT_KERNEL_QUERIES = 16
 
 
 def masked_softmax(scores: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
@@ -82,21 +84,12 @@ class MLA(nn.Module):
             self.cache_k, self.cache_v = CacheSlot(heads), CacheSlot(heads)
 
     def folded(self, rows: int) -> jnp.ndarray | None:
-        """Decoding's copy of the query projection with W_UK folded in
-        (`dsjax.model.decode_weights`), transposed for the few-row kernel: [H * (C + R),
-        q_lora or D], where it exists and a product of `rows` rows runs through that kernel
-        (`layers.rows_kernel_applies`); else None.
-
-        The absorbed attention's per-head product q_nope W_UK is a batched dot of H tiny
-        matrices, which XLA:CPU ran at about 1 GB/s of weights in a batch-8 step; folded, it
-        is one product with the projection next to it. (W_UV is not folded into the
-        output projection: that reads H x C x D weights where W_UV and W_O hold H x V x
-        (C + D), 1.6x on `small` and 3.7x on DeepSeek-V3; the decode kernel
-        `cpu_kernels.latent_attention` applies W_UV itself.)"""
-        if not (self.has_variable("decode_weights", "wq_folded_t")
-                and rows_kernel_applies(rows, dtype_of(self.cfg.dtype))):
-            return None
-        return nn.unbox(self.get_variable("decode_weights", "wq_folded_t")).astype(dtype_of(self.cfg.dtype))
+        """The query projection with W_UK folded in, transposed, [H * (C + R), q_lora or D],
+        where the platform's 'folded_query' hook gives one for a product of `rows` rows
+        (a decode step's copy); else None."""
+        fold = impl.lookup("folded_query", impl.resolved(self.cfg).matmul_impl)
+        wq = None if fold is None else fold(self, rows)
+        return None if wq is None else wq.astype(dtype_of(self.cfg.dtype))
 
     def queries(self, x: jnp.ndarray, cos, sin, folded=None) -> tuple[jnp.ndarray, jnp.ndarray]:
         """x: [B, T, D] -> (q_nope [B, T, H, K], q_pe [B, T, H, R] roped). With `folded`
@@ -105,15 +98,15 @@ class MLA(nn.Module):
         wq = folded
         if cfg.q_lora_rank is None:
             if wq is None:
-                q = linear(cfg, x, self.wq, wt=decode_transposed(self, "wq"))  # [B, T, H, K + R]
+                q = linear(cfg, x, self.wq, copy=weight_copy(self, "wq_t"))  # [B, T, H, K + R]
             else:
-                q = matmul(x, wq.T, wq)
+                q = matmul(cfg, x, wq.T, wq)
         else:
-            c_q = self.q_norm(linear(cfg, x, self.wq_a, wt=decode_transposed(self, "wq_a")))
+            c_q = self.q_norm(linear(cfg, x, self.wq_a, copy=weight_copy(self, "wq_a_t")))
             if wq is None:
-                q = linear(cfg, c_q, self.wq_b, wt=decode_transposed(self, "wq_b"))
+                q = linear(cfg, c_q, self.wq_b, copy=weight_copy(self, "wq_b_t"))
             else:
-                q = matmul(c_q, wq.T, wq)
+                q = matmul(cfg, c_q, wq.T, wq)
         if wq is not None:  # [B, T, H * (C + R)]
             q = q.reshape(q.shape[:-1] + (cfg.num_attention_heads, -1))
         R = cfg.qk_rope_head_dim
@@ -124,7 +117,7 @@ class MLA(nn.Module):
     def latents(self, x: jnp.ndarray, cos, sin) -> tuple[jnp.ndarray, jnp.ndarray]:
         """x: [B, S, D] -> (c_kv [B, S, C] normalized, k_pe [B, S, R] roped): what MLA caches."""
         cfg = self.cfg
-        kv = linear(cfg, x, self.wkv_a, wt=decode_transposed(self, "wkv_a"))
+        kv = linear(cfg, x, self.wkv_a, copy=weight_copy(self, "wkv_a_t"))
         c_kv = self.kv_norm(kv[..., :cfg.kv_lora_rank])
         k_pe = apply_rope(kv[..., cfg.kv_lora_rank:], cos, sin, cfg.rope_interleave)
         return c_kv, k_pe
@@ -143,21 +136,25 @@ class MLA(nn.Module):
         """Naive attention. q: [B, T, H, K + R]; k: [B, S, H, K + R]; v: [B, S, H, V] -> [B, T, D].
         `causal`: `mask` is causal over the same positions (see `blockwise_attention`)."""
         dt = dtype_of(self.cfg.dtype)
-        kernel = self.cfg.attention_kernel(q.shape[1])
-        if kernel == "cudnn":
-            with jax.named_scope("cudnn_attention"):
-                o = cudnn_or_blockwise(q, k, v, mask, self.cfg.softmax_scale,
-                                       fallback=self.cfg.attn_kernel == "auto", causal=causal).astype(dt)
-        elif kernel == "blockwise":
-            with jax.named_scope("blockwise_attention"):
-                o = native_or_blockwise(q, k, v, mask, self.cfg.softmax_scale, causal=causal).astype(dt)
-        else:
+        scale = self.cfg.softmax_scale
+        kernel = impl.attention_kernel(self.cfg, q.shape[1])
+        if kernel == "dense":
             with jax.named_scope("naive_attention"):
                 scores = jnp.einsum("bthk,bshk->bhts", q, k)
-                probs = masked_softmax(scores * self.cfg.softmax_scale, mask).astype(dt)
+                probs = masked_softmax(scores * scale, mask).astype(dt)
                 o = jnp.einsum("bhts,bshv->bthv", probs, v)
+        elif kernel == "cudnn":
+            with jax.named_scope("cudnn_attention"):
+                o = cudnn_or_blockwise(q, k, v, mask, scale, fallback=True, causal=causal).astype(dt)
+        else:
+            hook = impl.lookup("attention", kernel)
+            with jax.named_scope("blockwise_attention"):
+                if hook is None:
+                    o = blockwise_attention(q, k, v, mask, scale, causal=causal).astype(dt)
+                else:
+                    o = hook(q, k, v, mask, scale, causal).astype(dt)
         o = nn.with_logical_constraint(o, ("batch", "seq", "heads", "head_dim"))
-        return linear(self.cfg, o, self.wo, contract=2, wt=decode_transposed(self, "wo"))
+        return linear(self.cfg, o, self.wo, contract=2, copy=weight_copy(self, "wo_t"))
 
     def attend_latent(self, q_nope, q_pe, c_kv, k_pe, mask, causal: bool = False, folded=None,
                       positions=None) -> jnp.ndarray:
@@ -172,13 +169,11 @@ class MLA(nn.Module):
         # W_UK = wkv_b[..., :K] and W_UV = wkv_b[..., K:] are used in place, not sliced out
         # (a copy of wkv_b per call): the query is zero-padded over the V columns, and the
         # output's first K columns are dropped. Both products are per head, so they read
-        # wkv_b head-major, [H, C, K + V]: decoding passes that copy in the `decode_weights`
-        # collection (`dsjax.model.decode_weights`, made once per `generate` call), as
-        # otherwise every step would transpose wkv_b twice.
-        if self.has_variable("decode_weights", "wkv_b_heads"):
-            w_heads = nn.unbox(self.get_variable("decode_weights", "wkv_b_heads")).astype(dt)
-        else:
-            w_heads = self.wkv_b.astype(dt).transpose(1, 0, 2)
+        # wkv_b head-major, [H, C, K + V]: a decode hook may hand in that copy
+        # (`wkv_b_heads`, made once per `generate` call), else it is transposed here.
+        w_heads = weight_copy(self, "wkv_b_heads")
+        w_heads = self.wkv_b.transpose(1, 0, 2) if w_heads is None else w_heads
+        w_heads = w_heads.astype(dt)
         with jax.named_scope("absorbed_attention"):
             if folded is None:
                 q_pad = jnp.pad(q_nope, ((0, 0),) * 3 + ((0, w_heads.shape[-1] - K),))
@@ -187,39 +182,32 @@ class MLA(nn.Module):
                 q_lat = q_nope
             o = self._latent_attention(q_lat, q_pe, c_kv, k_pe, mask, causal, w_heads, positions)
         o = nn.with_logical_constraint(o, ("batch", "seq", "heads", "head_dim"))
-        return linear(self.cfg, o, self.wo, contract=2, wt=decode_transposed(self, "wo"))
+        return linear(self.cfg, o, self.wo, contract=2, copy=weight_copy(self, "wo_t"))
 
     def _latent_attention(self, q_lat, q_pe, c_kv, k_pe, mask, causal: bool, w_heads,
                           positions=None) -> jnp.ndarray:
         """q_lat [B, T, H, C], q_pe [B, T, H, R] against the latents c_kv [B, S, C] and k_pe
         [B, S, R], one shared key head [c_kv, k_pe] and value head c_kv for every query head,
-        then W_UV (w_heads [H, C, K + V], its last V columns) -> [B, T, H, V]. A decode step
-        (`positions` given, at most LATENT_KERNEL_QUERIES new tokens a row, `attn_kernel`
-        auto) on a CPU in float32 runs the native kernel (`cpu_kernels.latent_attention`:
-        one call where XLA ran a dozen small ops, two of them batched dots at a few
-        GFLOP/s, and W_UV's per-head products at about 1 GB/s)."""
-        dt = dtype_of(self.cfg.dtype)
-        scale = self.cfg.softmax_scale
+        then W_UV (w_heads [H, C, K + V], its last V columns) -> [B, T, H, V]. A decode
+        step (`positions` [B, T] given) runs the platform's 'latent_attention' hook for
+        `attn_kernel` where one is registered, which may fall back to this reference."""
         K = self.cfg.qk_nope_head_dim
 
-        def xla(q_lat, q_pe, c_kv, k_pe, mask, w_heads):
+        def reference(q_lat, q_pe, c_kv, k_pe, mask, w_heads):
             o_lat = self._latent_mix(q_lat, q_pe, c_kv, k_pe, mask, causal)
             return jnp.einsum("bthc,hcv->bthv", o_lat, w_heads)[..., K:]
 
-        if (positions is not None and q_lat.shape[1] <= LATENT_KERNEL_QUERIES and self.cfg.attn_kernel == "auto"
-                and cpu_kernels.applies(q_lat.dtype, q_pe.dtype, c_kv.dtype, k_pe.dtype, w_heads.dtype)):
-            return jax.lax.platform_dependent(
-                q_lat, q_pe, c_kv, k_pe, mask, w_heads,
-                cpu=lambda q, r, c, k, _, w: cpu_kernels.latent_attention(q, r, c, k, positions, w, K,
-                                                                          scale).astype(dt),
-                default=xla)
-        return xla(q_lat, q_pe, c_kv, k_pe, mask, w_heads)
+        hook = None if positions is None else impl.lookup("latent_attention", impl.resolved(self.cfg).attn_kernel)
+        if hook is not None:
+            return hook(q_lat, q_pe, c_kv, k_pe, mask, w_heads, positions, K, self.cfg.softmax_scale,
+                        reference).astype(dtype_of(self.cfg.dtype))
+        return reference(q_lat, q_pe, c_kv, k_pe, mask, w_heads)
 
     def _latent_mix(self, q_lat, q_pe, c_kv, k_pe, mask, causal: bool) -> jnp.ndarray:
         """The attention of `_latent_attention` before W_UV: o_lat [B, T, H, C]."""
         dt = dtype_of(self.cfg.dtype)
         scale = self.cfg.softmax_scale
-        if self.cfg.attention_kernel(q_lat.shape[1], absorbed=True) == "blockwise":
+        if impl.attention_kernel(self.cfg, q_lat.shape[1], absorbed=True) == "blockwise":
             keys = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], -1)[:, :, None]
             q_all = jnp.concatenate([q_lat, q_pe.astype(q_lat.dtype)], -1)
             return blockwise_attention(q_all, keys, c_kv[:, :, None], mask, scale, causal=causal).astype(dt)

@@ -9,8 +9,6 @@ sequence-wise balance-loss term per MoE layer, so training needs no mutable coll
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -18,9 +16,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dsjax.config import ModelConfig
+from dsjax import impl
 from dsjax.block import Block
-from dsjax.layers import RMSNorm, decode_transposed, dtype_of, matmul, param
+from dsjax.config import ModelConfig
+from dsjax.layers import RMSNorm, dtype_of, matmul, param, weight_copy
 from dsjax.mtp import MTP
 from dsjax.rope import rope_tables
 
@@ -57,13 +56,13 @@ class ModelOutput:
 
 def scanned_blocks(cfg: ModelConfig, moe: bool, length: int, name: str, decode: bool = False) -> nn.Module:
     """`length` Blocks stacked on a leading `layers` axis, run with nn.scan (+ remat),
-    unrolled where `cfg.unroll_layers()` says so."""
+    unrolled where `impl.unroll_layers(cfg)` says so."""
     block = Block
     if cfg.remat_policy != "none" and not decode:
         block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-    scanned = nn.scan(block, variable_axes={"params": 0, "moe_bias": 0, "cache": 0, "decode_weights": 0},
+    scanned = nn.scan(block, variable_axes={"params": 0, "moe_bias": 0, "cache": 0, impl.DECODE_COPIES: 0},
                       split_rngs={"params": True},
-                      in_axes=(nn.broadcast,) * 4, length=length, unroll=length if cfg.unroll_layers() else 1,
+                      in_axes=(nn.broadcast,) * 4, length=length, unroll=length if impl.unroll_layers(cfg) else 1,
                       metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(cfg, moe=moe, decode=decode, name=name)
 
@@ -123,86 +122,6 @@ def to_layout(variables: dict, layout: str) -> dict:
     return {name: split(tree) for name, tree in variables.items()}
 
 
-# Weights of the few-row products a decode step runs through `layers.matmul`'s kernel:
-# {name: dimensions contracted}, in an attention block ('attn'), a dense MLP (an 'ffn'
-# without a router), an MTP module, and the output head.
-_TRANSPOSED_ATTN = {"wq": 1, "wq_a": 1, "wq_b": 1, "wkv_a": 1, "wo": 2}
-_TRANSPOSED_MLP = {"w1": 1, "w3": 1, "w2": 1}
-_FOLDED = ("wq", "wq_b")  # absorbed MLA decodes with these folded (`wq_folded_t`)
-_BASE_NDIM = {"wq": 3, "wq_a": 2, "wq_b": 3, "wkv_a": 2, "wo": 3, "w1": 2, "w3": 2, "w2": 2, "eh_proj": 2, "head": 2}
-
-
-def decode_weights(params, absorbed: bool = True, transposed: bool = False) -> dict:
-    """The `decode_weights` collection for `params` (any layout; stacked layers keep their
-    leading axis). `dsjax.generate` makes it once per call, outside its decoding loop,
-    since XLA does not hoist the transposes out of the loop itself.
-
-    `absorbed`: each MLA block's wkv_b [C, H, K + V] copied head-major as `wkv_b_heads`
-    [H, C, K + V], the layout the absorbed attention's per-head products read without a
-    copy. `transposed`: each projection, dense MLP matrix, MTP input projection and the
-    output head as `<name>_t` [N, K] (the weight [K..., N...] flattened and transposed;
-    the tied embedding is the head's as it is), which `layers.matmul` hands to the native
-    few-row kernel (`layers.rows_kernel_applies`). The transposed copies take as much
-    memory again as those weights, for the call.
-    """
-
-    def flat_t(x, name, contract):
-        value = x.value if _boxed(x) else x
-        lead = value.shape[:value.ndim - _BASE_NDIM[name]]
-        dims = value.shape[len(lead):]
-        k = math.prod(dims[:contract])
-        t = jnp.swapaxes(value.reshape(lead + (k, math.prod(dims[contract:]))), -1, -2)
-        if _boxed(x):
-            return x.replace(value=t, names=tuple(x.names[:len(lead)]) + (None, None))
-        return t
-
-    def heads_major(x):
-        n = (x.value if _boxed(x) else x).ndim
-        perm = tuple(range(n - 3)) + (n - 2, n - 3, n - 1)
-        if _boxed(x):
-            return x.replace(value=jnp.transpose(x.value, perm), names=tuple(x.names[i] for i in perm))
-        return jnp.transpose(x, perm)
-
-    def walk(tree, parent=None):
-        out = {}
-        mlp = parent == "ffn" and "gate" not in tree  # a dense layer's MLP, not a MoE layer's
-        for key, sub in tree.items():
-            if key == "wkv_b" and absorbed:
-                out["wkv_b_heads"] = heads_major(sub)
-            elif isinstance(sub, Mapping):
-                found = walk(sub, key)
-                if transposed and absorbed and key == "attn" and "wkv_b" in sub:
-                    found.update(folds(sub))
-                if found:
-                    out[key] = found
-            elif transposed and parent == "attn" and key in _TRANSPOSED_ATTN and not (absorbed and key in _FOLDED):
-                out[key + "_t"] = flat_t(sub, key, _TRANSPOSED_ATTN[key])
-            elif transposed and mlp and key in _TRANSPOSED_MLP:
-                out[key + "_t"] = flat_t(sub, key, 1)
-            elif transposed and key == "eh_proj":
-                out[key + "_t"] = flat_t(sub, key, 1)
-        return out
-
-    def folds(attn):
-        """W_UK folded into the query projection, transposed: wq_folded_t [H * (C + R),
-        q_lora or D]. (W_UV stays out of the output projection, `MLA.folded` says why.)"""
-        val = lambda x: (x.value if _boxed(x) else x).astype(jnp.float32)  # noqa: E731 (the kernel's dtype)
-        wkv_b, wo = val(attn["wkv_b"]), val(attn["wo"])
-        wq = val(attn["wq_b"] if "wq_b" in attn else attn["wq"])
-        V = wo.shape[-2]
-        K = wkv_b.shape[-1] - V
-        q_lat = jnp.einsum("...lhk,...chk->...lhc", wq[..., :K], wkv_b[..., :K])
-        wq_f = jnp.concatenate([q_lat, wq[..., K:]], -1)  # [..., L, H, C + R]
-        return {"wq_folded_t": jnp.swapaxes(wq_f.reshape(wq_f.shape[:-2] + (-1,)), -1, -2)}
-
-    out = walk(params)
-    if transposed and "head" in params:
-        out["head_t"] = flat_t(params["head"], "head", 1)
-    elif transposed and "embed" in params:
-        out["head_t"] = params["embed"]
-    return out
-
-
 def attention_mask(batch: int, length: int, segment_ids=None) -> jnp.ndarray:
     """Causal mask, restricted to equal segments when given. Returns bool [B, T, T]."""
     B, T = batch, length
@@ -228,9 +147,13 @@ class Transformer(nn.Module):
     of checkpoints and training, [L, ...] arrays run by `nn.scan`) or 'layers' (each
     layer's apart, `LayerList`; convert stacked variables with `to_layout`).
     `dsjax.generate` decodes in 'layers' where the layers run unrolled
-    (`ModelConfig.unroll_layers`): XLA copies a layer's weights out of the stacks wherever
-    they are used and does not hoist the copies out of the decoding loop, so each step
-    would copy every weight it reads.
+    (`impl.unroll_layers`): XLA copies a layer's weights out of the stacks wherever they
+    are used and does not hoist the copies out of the decoding loop, so each step would
+    copy every weight it reads.
+
+    Implementation fields left 'auto' in `cfg` are resolved while tracing
+    (`dsjax.impl.resolved`: the platform of the mesh set with `jax.set_mesh`, else of the
+    default device); a config resolved beforehand (`dsjax.impl.resolve`) is used as is.
     """
 
     cfg: ModelConfig
@@ -238,7 +161,7 @@ class Transformer(nn.Module):
     layout: str = "stacked"
 
     def setup(self):
-        cfg = self.cfg
+        cfg = self.resolved_cfg = impl.resolved(self.cfg)
         self.embed = param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
@@ -261,10 +184,11 @@ class Transformer(nn.Module):
 
     def logits_from_hidden(self, h: jnp.ndarray) -> jnp.ndarray:
         """Normalized hidden [B, T, D] -> float32 logits [B, T, vocab] (shared by MTP)."""
-        dt = dtype_of(self.cfg.dtype)
-        w = self.embed.T if self.cfg.tie_word_embeddings else self.head
-        wt = decode_transposed(self, "head")  # decoding's [vocab, D] copy (the embedding when tied)
-        logits = matmul(h.astype(dt), w.astype(dt), None if wt is None else wt.astype(dt))
+        cfg = self.resolved_cfg
+        dt = dtype_of(cfg.dtype)
+        w = self.embed.T if cfg.tie_word_embeddings else self.head
+        copy = weight_copy(self, "head_t")  # a decode hook's [vocab, D] copy (the embedding when tied)
+        logits = matmul(cfg, h.astype(dt), w.astype(dt), None if copy is None else copy.astype(dt))
         return nn.with_logical_constraint(logits, ("batch", "seq", "vocab")).astype(jnp.float32)
 
     def trunk(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None,

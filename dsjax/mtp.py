@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from dsjax.block import Block
 from dsjax.config import ModelConfig
-from dsjax.layers import RMSNorm, decode_transposed, dtype_of, linear, param
+from dsjax.layers import RMSNorm, dtype_of, linear, param, weight_copy
 
 
 class MTP(nn.Module):
@@ -37,6 +37,6 @@ class MTP(nn.Module):
         e = RMSNorm(cfg, cfg.rms_norm_eps, name="enorm")(emb.astype(dt))
         h = RMSNorm(cfg, cfg.rms_norm_eps, name="hnorm")(h_prev.astype(dt))
         w = param(self, "eh_proj", (2 * cfg.hidden_size, cfg.hidden_size), ("mtp_concat", "embed"))
-        x = linear(cfg, jnp.concatenate([e, h], axis=-1), w, wt=decode_transposed(self, "eh_proj"))
+        x = linear(cfg, jnp.concatenate([e, h], axis=-1), w, copy=weight_copy(self, "eh_proj_t"))
         x, aux = Block(cfg, moe=self.moe, decode=self.decode, name="block")(x, cos, sin, mask, positions)
         return x, RMSNorm(cfg, cfg.rms_norm_eps, name="norm")(x), aux

@@ -116,17 +116,23 @@ def test_fused_call_equals_dense_with_the_value_head_padded():
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
 
 
-def test_auto_kernel_per_backend_and_call():
+def test_auto_kernel_per_platform_and_call():
+    from dsjax import impl
+
     cfg = dsjax.load_model_config("tiny")
     assert cfg.attn_kernel == "auto"
-    assert cfg.attention_kernel(1, "gpu") == "dense"  # a decoding step: [B, H, 1, S] scores
-    assert cfg.attention_kernel(256, "cpu") == "blockwise"
-    assert cfg.attention_kernel(256, "tpu") == "blockwise"
-    assert cfg.attention_kernel(256, "gpu") == "blockwise"  # float32: cuDNN takes bf16/fp16
+    at = lambda c, platform, queries, absorbed=False: impl.attention_kernel(  # noqa: E731
+        impl.resolve(c, platform), queries, absorbed)
+    assert at(cfg, "gpu", 1) == at(cfg, "cpu", 1) == "dense"  # a decoding step: [B, H, 1, S] scores
+    assert at(cfg, "cpu", 256) == "cpu"  # the CPU wing's native kernel where it applies
+    assert at(cfg, "cpu", 256, absorbed=True) == "blockwise"
+    assert at(cfg, "tpu", 256) == "blockwise"
+    assert at(cfg, "gpu", 256) == "blockwise"  # float32: cuDNN takes bf16/fp16
     bf16 = cfg.replace(dtype="bfloat16")
-    assert bf16.attention_kernel(256, "gpu") == "cudnn"
-    assert bf16.attention_kernel(256, "gpu", absorbed=True) == "blockwise"  # 576-wide latent head
-    assert cfg.replace(attn_kernel="dense").attention_kernel(256, "gpu") == "dense"
+    assert at(bf16, "gpu", 256) == "cudnn"
+    assert at(bf16, "gpu", 256, absorbed=True) == "blockwise"  # 576-wide latent head
+    assert at(cfg.replace(attn_kernel="dense"), "gpu", 256) == "dense"
+    assert at(cfg.replace(attn_kernel="blockwise"), "cpu", 256) == "blockwise"  # set by hand: kept
     with pytest.raises(ValueError, match="attn_kernel"):
         cfg.replace(attn_kernel="flash")
 
@@ -175,10 +181,9 @@ def test_blockwise_attention_never_holds_the_scores():
     assert dense > 2 * scores and block < scores and dense / block > 6, (dense, block)
 
 
-def test_auto_falls_back_to_blockwise_where_cudnn_refuses(monkeypatch):
-    """'auto' resolved to cuDNN on a machine without it (this CPU) runs blockwise and gives
-    the dense output; 'cudnn' asked for by name raises instead."""
-    from dsjax.config import ModelConfig
+def test_cudnn_falls_back_to_blockwise_where_cudnn_refuses():
+    """'cudnn' (what 'auto' resolves to on a GPU in bfloat16/float16) on a machine without
+    cuDNN (this CPU) runs blockwise and gives the dense output."""
     from dsjax.mla import MLA
     from dsjax.rope import rope_tables
 
@@ -189,11 +194,5 @@ def test_auto_falls_back_to_blockwise_where_cudnn_refuses(monkeypatch):
     cos, sin = rope_tables(cfg, jnp.broadcast_to(jnp.arange(T), (B, T)))
     params = MLA(cfg).init(jax.random.key(0), x, cos, sin, mask)
     dense = MLA(cfg.replace(attn_kernel="dense")).apply(params, x, cos, sin, mask)
-    resolve = ModelConfig.attention_kernel
-    monkeypatch.setattr(ModelConfig, "attention_kernel",
-                        lambda self, q, backend=None, absorbed=False: "cudnn" if q > 1 else resolve(self, q, backend,
-                                                                                                  absorbed))
-    out = MLA(cfg).apply(params, x, cos, sin, mask)
+    out = MLA(cfg.replace(attn_kernel="cudnn")).apply(params, x, cos, sin, mask)
     np.testing.assert_allclose(np.asarray(out), np.asarray(dense), atol=1e-5)
-    with pytest.raises((NotImplementedError, RuntimeError, ValueError)):
-        MLA(cfg.replace(attn_kernel="cudnn")).apply(params, x, cos, sin, mask)

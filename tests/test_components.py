@@ -11,7 +11,8 @@ from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf_v2
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
 
 import dsjax
-from dsjax.layers import RMSNorm, matmul
+from dsjax.cpu.linear import matmul
+from dsjax.layers import RMSNorm
 from dsjax.mla import MLA
 from dsjax.losses import cross_entropy, mtp_cross_entropy
 from dsjax.model import attention_mask, init_cache
@@ -150,8 +151,8 @@ def test_fast_and_dense_moe_agree_in_value_and_gradient(impl):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_matmul_gradient_equals_the_plain_product_and_runs_as_a_plain_gemm_on_cpu(dtype):
-    """layers.matmul (every linear layer and the output head) gives x @ w's value and both
-    gradients, and on a CPU its weight gradient compiles to no dot that contracts the left
+    """The CPU wing's matmul (every linear layer and the output head under
+    matmul_impl='cpu') gives x @ w's value and both gradients, and its weight gradient compiles to no dot that contracts the left
     operand's leading dimension (the form XLA:CPU hands to Eigen at half the GEMM rate)."""
     dt = jnp.dtype(dtype)
     x = jax.random.normal(jax.random.key(0), (2, 24, 16)).astype(dt)
@@ -177,12 +178,12 @@ def test_matmul_gradient_equals_the_plain_product_and_runs_as_a_plain_gemm_on_cp
 
 def test_model_weight_gradients_reach_matmul(monkeypatch):
     """The model's linear layers (MLA, MLPs, shared experts, MTP) and its output head go
-    through layers.matmul: the compiled gradient of a whole model holds no Eigen-routed
-    weight-gradient dot but the router's float32 product (left as autodiff writes it)."""
+    through the registered 'matmul' implementation (on a CPU, the wing's): the compiled
+    gradient of a whole model holds no Eigen-routed weight-gradient dot but the router's
+    float32 product (left as autodiff writes it)."""
     import re
 
-    import dsjax.layers as layers_lib
-    import dsjax.model as model_lib
+    from dsjax import impl
 
     cfg = _moe_cfg(moe_impl="blocked")
     tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, cfg.vocab_size)
@@ -195,16 +196,15 @@ def test_model_weight_gradients_reach_matmul(monkeypatch):
                 for line in hlo.splitlines() if "lhs_contracting_dims={0}" in line}
 
     assert eigen_scopes() == {"gate"}
-    for module in (layers_lib, model_lib):
-        monkeypatch.setattr(module, "matmul", lambda x, w, wt=None: jnp.matmul(x, w))
+    monkeypatch.setitem(impl._TABLE, ("matmul", "cpu"), lambda x, w, copy=None: jnp.matmul(x, w))
     assert eigen_scopes() > {"gate"}
 
 
 def test_blocked_experts_weight_gradients_run_as_plain_gemms_on_cpu(monkeypatch):
-    """The blocked dispatch's per-block weight gradients use layers.transposed too: its
+    """The blocked dispatch's per-block weight gradients use the wing's `transposed` too: its
     compiled gradient has no dot contracting a left operand's leading dimension (three,
     one per weight, with a plain transpose)."""
-    from dsjax import moe
+    from dsjax.cpu import moe
 
     N, k, E, D, F = 64, 2, 4, 16, 8
     keys = jax.random.split(jax.random.key(0), 5)

@@ -57,7 +57,7 @@ def test_transformers_rope_parameters_form():
     (dict(num_experts_per_tok=5, topk_group=2), r"num_experts_per_tok=5 exceeds the 4 experts"),
     (dict(first_k_dense_replace=7), r"first_k_dense_replace=7 exceeds num_hidden_layers=4"),
     (dict(qk_rope_head_dim=7), r"qk_rope_head_dim must be even"),
-    (dict(moe_impl="sparse"), r"moe_impl='sparse' is not one of \['auto', 'dense', 'ragged', 'blocked', 'gather'\]"),
+    (dict(moe_impl="sparse"), r"moe_impl='sparse' is not one of \['auto', 'dense', 'ragged', 'blocked', 'gather', 'cpu'\]"),
     (dict(moe_impl="blocked", precision="fp8"), r"moe_impl='blocked' has no FP8 form"),
     (dict(hidden_size=0), r"hidden_size must be positive"),
 ])

@@ -1,9 +1,11 @@
-"""dsjax/cpu_kernels.py: the native gather-dispatch kernel builds, is what the gather
-dispatch runs in float32 on a CPU, agrees with XLA's loop, rejects a bad expert index, and
-steps aside (with one warning) where it cannot build. The gather dispatch's values and
-gradients against the dense one, over several routings, are in test_moe_dispatch.py."""
+"""The CPU wing's native kernels (dsjax/cpu/kernels.py): they build, are what the wing's
+implementations run in float32 on a CPU, agree with the JAX forms they replace, reject
+bad inputs, and step aside (with one warning) where they cannot build. The wing's MoE
+dispatches against the dense one, over several routings, are in test_moe_dispatch.py.
+Tests that need the kernels skip where no C++ compiler exists."""
 
 import os
+import shutil
 import tempfile
 import warnings
 
@@ -12,7 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsjax import cpu_kernels, moe
+from dsjax.cpu import kernels as cpu_kernels
+from dsjax.cpu import moe
+from dsjax.moe.dispatch import swiglu
+
+needs_kernels = pytest.mark.skipif(shutil.which(os.environ.get("CXX") or "c++") is None,
+                                   reason="no C++ compiler: the CPU wing's native kernels cannot build here")
 
 E, D, F = 6, 40, 24  # D and F not multiples of a vector's 8 floats
 
@@ -41,6 +48,7 @@ def fresh_state():
     cpu_kernels._state.update(saved)
 
 
+@needs_kernels
 def test_the_kernel_builds_here_and_is_reused(tmp_path):
     # The CI machine has a C++ compiler: the kernel must build there, not fall back quietly.
     assert cpu_kernels.available(), cpu_kernels._state.get("error")
@@ -63,23 +71,25 @@ def test_the_cache_falls_back_to_the_temp_directory_when_home_cannot_hold_it(tmp
 
 
 @pytest.mark.parametrize("n, k", [(1, 4), (5, 2), (8, 3)])
+@needs_kernels
 def test_gather_dispatch_runs_the_kernel_and_matches_the_xla_loop(n, k):
     args = _inputs(n, k, seed=n)
     assert _runs_kernel(moe.experts_gather, *args)
     assert not _runs_kernel(moe._loop_experts, *args)
     y = jax.jit(moe.experts_gather)(*args)
     loop = jax.jit(moe._loop_experts)(*args)
-    batched = jax.jit(moe._gathered_swiglu)(*args)
+    batched = jax.jit(moe._per_copy)(*args)
     np.testing.assert_allclose(y, loop, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(y, batched, rtol=1e-5, atol=1e-5)
     # Gradients come from the batched gather's VJP, kernel or not.
     loss = lambda f: lambda x, weights, w1: (f(x, weights, args[2], w1, *args[4:]) ** 2).sum()
     grads = jax.jit(jax.grad(loss(moe.experts_gather), (0, 1, 2)))(args[0], args[1], args[3])
-    ref = jax.jit(jax.grad(loss(moe._gathered_swiglu), (0, 1, 2)))(args[0], args[1], args[3])
+    ref = jax.jit(jax.grad(loss(moe._per_copy), (0, 1, 2)))(args[0], args[1], args[3])
     for g, r in zip(grads, ref):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernels
 def test_kernel_is_only_for_float32_without_a_multi_device_mesh(monkeypatch):
     args = _inputs(4, 2)
     bf16 = [a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a for a in args]
@@ -92,6 +102,7 @@ def test_kernel_is_only_for_float32_without_a_multi_device_mesh(monkeypatch):
     assert not _runs_kernel(moe.experts_gather, *args)
 
 
+@needs_kernels
 def test_kernel_rejects_an_expert_index_out_of_range():
     x, weights, indices, w1, w3, w2 = _inputs(3, 2)
     assert cpu_kernels.available()
@@ -109,7 +120,7 @@ def test_without_a_compiler_the_dispatch_warns_once_and_keeps_xla(tmp_path, monk
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once: no second warning
         assert not _runs_kernel(moe.experts_gather, *args)
-    np.testing.assert_allclose(jax.jit(moe.experts_gather)(*args), jax.jit(moe._gathered_swiglu)(*args),
+    np.testing.assert_allclose(jax.jit(moe.experts_gather)(*args), jax.jit(moe._per_copy)(*args),
                                rtol=1e-5, atol=1e-5)
     assert list(tmp_path.iterdir()) == []
 
@@ -128,12 +139,13 @@ def _shared(seed: int = 7, hidden: int = 16):
 
 
 @pytest.mark.parametrize("n, k", [(1, 4), (6, 2)])
+@needs_kernels
 def test_shared_experts_run_in_the_kernel_with_their_gradients(n, k):
     x, weights, indices, w1, w3, w2 = _inputs(n, k, seed=n)
     s1, s3, s2 = _shared()
 
     def ref(x, weights, w1, s1, s3, s2):
-        return moe._gathered_swiglu(x, weights, indices, w1, w3, w2) + moe._swiglu(x, s1, s3, s2)
+        return moe._per_copy(x, weights, indices, w1, w3, w2) + swiglu(x, s1, s3, s2)
 
     def fused(x, weights, w1, s1, s3, s2):
         return moe.experts_gather(x, weights, indices, w1, w3, w2, shared=(s1, s3, s2))
@@ -148,15 +160,18 @@ def test_shared_experts_run_in_the_kernel_with_their_gradients(n, k):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
+@needs_kernels
 def test_a_decoding_moe_layer_runs_its_shared_experts_in_the_kernel(monkeypatch):
     # A few tokens pick the gather dispatch; the layer then hands its shared-experts MLP to
     # the kernel (no separate shared-expert products), and its output and gradients equal
     # the unfused layer's (the kernel switched off).
+    from dsjax import impl
     from dsjax.config import load_model_config
+    from dsjax.moe import MoE
 
-    cfg = load_model_config("tiny")
-    assert cfg.n_shared_experts and cfg.moe_dispatch(tokens=2) == "gather"
-    layer = moe.MoE(cfg)
+    cfg = impl.resolve(load_model_config("tiny"), "cpu")
+    assert cfg.n_shared_experts and impl.moe_dispatch(cfg, tokens=2) == "gather"
+    layer = MoE(cfg)
     x = jax.random.normal(jax.random.key(1), (2, 1, cfg.hidden_size))
     variables = layer.init(jax.random.key(0), x)
 
@@ -188,7 +203,7 @@ def test_shared_experts_are_refused_where_the_kernel_does_not_run(monkeypatch):
         moe.experts_gather(*_inputs(2, 2), shared=_shared())
 
 
-# ---- the few-row product kernel (cpu_kernels.rows_dot, layers.matmul's `wt`) ----
+# ---- the few-row product kernel (cpu_kernels.rows_dot, dsjax.cpu.linear.matmul's `copy`) ----
 
 
 def _runs_rows_kernel(fn, *args) -> bool:
@@ -196,6 +211,7 @@ def _runs_rows_kernel(fn, *args) -> bool:
 
 
 @pytest.mark.parametrize("m, k, n", [(2, 40, 13), (3, 16, 9), (8, 37, 20), (32, 64, 5), (5, 7, 4)])
+@needs_kernels
 def test_rows_dot_matches_numpy(m, k, n):
     # K not a multiple of the 8-float vector, N not of the 4-row tile, odd M: every tail.
     assert cpu_kernels.available()
@@ -205,12 +221,14 @@ def test_rows_dot_matches_numpy(m, k, n):
     np.testing.assert_allclose(y, x.astype(np.float64) @ wt.T.astype(np.float64), rtol=1e-5, atol=1e-5)
 
 
+@needs_kernels
 def test_rows_dot_rejects_operands_that_disagree():
     assert cpu_kernels.available()
     with pytest.raises(Exception, match="disagree on K"):
         jax.block_until_ready(jax.jit(cpu_kernels.rows_dot)(jnp.ones((2, 8)), jnp.ones((3, 9))))
 
 
+@needs_kernels
 def test_blocked_kernel_rejects_a_layout_outside_its_blocks():
     assert cpu_kernels.available()
     xs, w = jnp.ones((4, 8, 16)), jnp.ones((3, 16, 32))
@@ -223,8 +241,9 @@ def test_blocked_kernel_rejects_a_layout_outside_its_blocks():
                                                                       w.transpose(0, 2, 1)))
 
 
+@needs_kernels
 def test_matmul_runs_few_rows_through_the_kernel_with_gradients():
-    from dsjax import layers
+    from dsjax.cpu import linear as layers
 
     keys = jax.random.split(jax.random.key(3), 2)
     x = jax.random.normal(keys[0], (2, 3, 24))  # 6 rows
@@ -255,14 +274,14 @@ def _tiny_decoding(**overrides):
     return model, variables
 
 
-def test_decode_weights_fold_the_absorbed_products_and_transpose_the_rest():
+def test_decode_copies_fold_the_absorbed_products_and_transpose_the_rest():
     from flax.core import meta
 
-    from dsjax.model import decode_weights
+    from dsjax.cpu.decode import copies
 
     model, variables = _tiny_decoding()
     params = meta.unbox(variables["params"])
-    out = meta.unbox(decode_weights(variables["params"], absorbed=True, transposed=True))
+    out = meta.unbox(copies(variables["params"], absorbed=True, transposed=True))
     attn, dw = params["moe_layers"]["attn"], out["moe_layers"]["attn"]
     np.testing.assert_array_equal(dw["wq_a_t"], np.swapaxes(attn["wq_a"], -1, -2))
     mlp, mlp_t = params["dense_layers"]["ffn"], out["dense_layers"]["ffn"]
@@ -302,8 +321,9 @@ def _kernel_calls_and_generate(model, variables, prompts, lengths, target, specu
     (False, {}, 4), (True, {}, 4),
     # no query compression: wq (folded) instead of wq_a and wq_b; the head is the embedding
     (False, {"q_lora_rank": None, "tie_word_embeddings": True}, 3)])
+@needs_kernels
 def test_generate_with_the_row_kernel_matches_xla(monkeypatch, speculative, overrides, calls_per_layer):
-    from dsjax import layers
+    from dsjax.cpu import linear as layers
 
     model, variables = _tiny_decoding(**overrides)
     prompts = np.random.default_rng(0).integers(2, model.cfg.vocab_size, (3, 16))  # prefill: 48 rows, XLA
@@ -326,6 +346,7 @@ def _latent_inputs(B=3, T=2, H=4, C=37, R=8, S=20, W=19):
             jax.random.normal(keys[4], (H, C, W)))
 
 
+@needs_kernels
 def test_latent_attention_matches_the_masked_softmax():
     from dsjax.mla import masked_softmax
 
@@ -344,6 +365,7 @@ def test_latent_attention_matches_the_masked_softmax():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernels
 def test_latent_attention_rejects_shapes_that_disagree():
     assert cpu_kernels.available()
     q_lat, q_pe, c_kv, k_pe, w = _latent_inputs()
@@ -355,8 +377,9 @@ def test_latent_attention_rejects_shapes_that_disagree():
 
 
 @pytest.mark.parametrize("speculative", [False, True])
+@needs_kernels
 def test_generate_with_the_latent_attention_kernel_matches_xla(monkeypatch, speculative):
-    from dsjax import mla
+    from dsjax.cpu import attention as mla
 
     model, variables = _tiny_decoding()
     prompts = np.random.default_rng(1).integers(2, model.cfg.vocab_size, (3, 20))  # prefill: 20 > 16 queries, XLA
@@ -385,8 +408,10 @@ def _packed_causal_mask(B, T, split):
     return jnp.broadcast_to(mask, (B, T, T))
 
 
+@needs_kernels
 def test_native_attention_matches_blockwise_values_and_gradients():
-    from dsjax.attention import blockwise_attention, native_attention
+    from dsjax.attention import blockwise_attention
+    from dsjax.cpu.attention import native_attention
 
     assert cpu_kernels.available()
     q, k, v = _attention_inputs()
@@ -402,8 +427,9 @@ def test_native_attention_matches_blockwise_values_and_gradients():
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
+@needs_kernels
 def test_native_attention_weighs_every_key_alike_for_a_row_that_sees_none():
-    from dsjax.attention import native_attention
+    from dsjax.cpu.attention import native_attention
     from dsjax.mla import masked_softmax
 
     assert cpu_kernels.available()
@@ -415,6 +441,7 @@ def test_native_attention_weighs_every_key_alike_for_a_row_that_sees_none():
                                atol=1e-5)
 
 
+@needs_kernels
 def test_native_attention_rejects_shapes_that_disagree():
     assert cpu_kernels.available()
     q, k, v = _attention_inputs()
@@ -423,8 +450,9 @@ def test_native_attention_rejects_shapes_that_disagree():
             q, k[:, :, :, :-1], v, _packed_causal_mask(3, 150, 90)))
 
 
+@needs_kernels
 def test_training_attention_runs_the_native_kernel_in_float32_only():
-    from dsjax.attention import native_or_blockwise
+    from dsjax.cpu.attention import native_or_blockwise
 
     q, k, v = _attention_inputs()
     mask = _packed_causal_mask(3, 150, 90)

@@ -110,10 +110,13 @@ def test_decoding_holds_the_layers_apart_where_they_run_unrolled(random_model):
         to_layout(variables, "experts")
 
 
-def test_decode_weights_hold_wkv_b_head_major_and_absorbed_attention_reads_them(random_model):
-    """`generate` passes each MLA block's wkv_b head-major ([H, C, K+V], `decode_weights`)
-    so that a decoding step does not transpose it; any layout, boxed or not."""
-    from dsjax.model import decode_weights, to_layout
+def test_decode_copies_hold_wkv_b_head_major_and_absorbed_attention_reads_them(random_model):
+    """On a CPU `generate` passes each MLA block's wkv_b head-major ([H, C, K+V], the CPU
+    wing's weight copies in `impl.DECODE_COPIES`) so that a decoding step does not
+    transpose it; any layout, boxed or not."""
+    from dsjax import impl
+    from dsjax.cpu.decode import copies as decode_weights
+    from dsjax.model import to_layout
 
     cfg, variables = random_model
     mtp, stacks = cfg.num_nextn_predict_layers, (cfg.num_dense_layers > 0) + (cfg.num_moe_layers > 0)
@@ -132,11 +135,14 @@ def test_decode_weights_hold_wkv_b_head_major_and_absorbed_attention_reads_them(
     # generate's decoder gets the copy (absorbed MLA only), and the absorbed attention reads
     # it: the same logits with it, others with it zeroed
     model = dsjax.Transformer(cfg.replace(attn_impl="absorb"))
-    assert "decode_weights" in gen_lib._decoder(model, variables)[1]
+    assert impl.DECODE_COPIES in gen_lib._decoder(model, variables)[1]
     naive = gen_lib._decoder(dsjax.Transformer(cfg.replace(attn_impl="naive")), variables)[1]
-    assert not [path for path, _ in jax.tree_util.tree_flatten_with_path(naive.get("decode_weights", {}))[0]
+    assert not [path for path, _ in jax.tree_util.tree_flatten_with_path(naive.get(impl.DECODE_COPIES, {}))[0]
                 if path[-1].key == "wkv_b_heads"]
-    logits = lambda dw: model.apply({**variables, "decode_weights": dw}, PROMPTS).logits  # noqa: E731
+    # off the CPU wing (matmul_impl='xla', as resolved for a GPU or TPU): no copies
+    assert impl.DECODE_COPIES not in gen_lib._decoder(dsjax.Transformer(cfg.replace(attn_impl="absorb",
+                                                                                    matmul_impl="xla")), variables)[1]
+    logits = lambda dw: model.apply({**variables, impl.DECODE_COPIES: dw}, PROMPTS).logits  # noqa: E731
     ref = model.apply(variables, PROMPTS).logits
     np.testing.assert_allclose(logits(decode_weights(variables["params"])), ref, atol=1e-5)
     assert not np.allclose(logits(jax.tree.map(jnp.zeros_like, decode_weights(variables["params"]))), ref, atol=1e-2)

@@ -98,7 +98,7 @@ def test_fsdp_sharded_generation_equals_one_device(setup):
 
 def test_expert_parallel_generation_equals_one_device(setup, monkeypatch):
     import sharding
-    from dsjax import moe
+    from dsjax.moe import layer as moe
 
     model, boxed, variables, prompts, lengths, ref = setup
     prompt_lengths = lengths

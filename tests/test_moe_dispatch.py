@@ -1,6 +1,6 @@
-"""The routed experts' dispatch: the CPU's blocked and gather forms equal the dense
-reference (values and gradients) under any routing, and `moe_impl='auto'` picks per
-backend and call size. Under a mesh each device routes its own tokens, and expert
+"""The routed experts' dispatch: the CPU wing's blocked and gather forms equal the dense
+reference (values and gradients) under any routing, and `moe_impl='auto'` resolves per
+platform and, on a CPU, picks per call size. Under a mesh each device routes its own tokens, and expert
 parallelism moves each token copy only to its expert's device, in rounds when routing is
 skewed (dropless). Values and gradients equal the one-device dispatch."""
 
@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dsjax import moe
+from dsjax import impl, moe
+from dsjax.cpu import moe as cpu_moe
+from dsjax.moe import expert_parallel
 from sharding.mesh import MeshConfig, make_mesh
 
 N, D, F, E, K = 64, 16, 8, 8, 2
@@ -75,12 +77,12 @@ def test_rounds_follow_the_pair_capacity():
     # devices 0 and 1), each source sends 8 copies to each of them: ceil(8 / 3) = 3 rounds.
     x, weights, indices, w1, w3, w2 = _inputs(skew=True)
     mesh = make_mesh(MeshConfig(fsdp=1, expert=8))
-    ex = moe._Exchange("expert", None, 8, int(moe.EP_CAPACITY * 16 / 8), None, False)
+    ex = expert_parallel._Exchange("expert", None, 8, int(expert_parallel.EP_CAPACITY * 16 / 8), None, False)
     assert ex.pair == 3
 
     def count(indices):
-        S, _ = moe._plan(ex, jnp.sort(indices.reshape(-1)), E // 8)
-        return moe._rounds(ex, S, lambda done, n: n + 1, jnp.int32(0))[None]
+        S, _ = expert_parallel._plan(ex, jnp.sort(indices.reshape(-1)), E // 8)
+        return expert_parallel._rounds(ex, S, lambda done, n: n + 1, jnp.int32(0))[None]
 
     with jax.set_mesh(mesh):
         rounds = jax.jit(jax.shard_map(count, in_specs=P("expert"), out_specs=P("expert")))(
@@ -102,7 +104,7 @@ def test_ragged_exchange_lowers_to_ragged_all_to_all():
     assert gathers and all(line.endswith("-> tensor<8x8xi32>") for line in gathers)  # only the ep x ep sizes
 
 
-@pytest.mark.parametrize("dispatch", [moe.experts_ragged, moe.experts_blocked], ids=["ragged", "blocked"])
+@pytest.mark.parametrize("dispatch", [moe.experts_ragged, cpu_moe.experts_blocked], ids=["ragged", "blocked"])
 def test_data_parallel_dispatch_sorts_local_copies(dispatch):
     # Under fsdp=8 each device sorts its own 16 copies, not the global 128.
     x, weights, indices, w1, w3, w2 = _inputs(skew=False)
@@ -134,8 +136,8 @@ def test_cpu_dispatch_equals_dense(impl, routing, n, k, block):
     indices = _routing(routing, n, k, keys[2])
     w1, w3 = (0.3 * jax.random.normal(key, (E, D, F)) for key in keys[3:5])
     w2 = 0.3 * jax.random.normal(keys[5], (E, F, D))
-    dispatch = moe.experts_gather if impl == "gather" else (
-        lambda *a: moe.experts_blocked(*a, block=block))
+    dispatch = cpu_moe.experts_gather if impl == "gather" else (
+        lambda *a: cpu_moe.experts_blocked(*a, block=block))
     (ref_loss, ref_y), ref_grads = jax.jit(_loss(moe.experts_dense))(x, weights, w1, w3, w2, indices)
     (loss, y), grads = jax.jit(_loss(dispatch))(x, weights, w1, w3, w2, indices)
     np.testing.assert_allclose(y, ref_y, atol=1e-5, rtol=1e-5)
@@ -151,8 +153,8 @@ def test_blocked_kernel_equals_xla_blocks(monkeypatch, d, f, block):
     # with AVX2): panels of two vectors and of one, single columns, row tiles of 12 or 6,
     # 2 and 1, a contraction longer than one 256 chunk (d = 300), and experts with no
     # token (routing over experts 0-2 only).
-    if not moe.cpu_kernels.applies(jnp.float32):
-        pytest.skip("the native CPU kernels did not build here")
+    if not cpu_moe.kernels.applies(jnp.float32):
+        pytest.skip(reason="the CPU wing's native kernels did not build here (no C++ compiler?)")
     n, k = 45, 2
     keys = jax.random.split(jax.random.key(d + f), 6)
     x = jax.random.normal(keys[0], (n, d))
@@ -161,11 +163,11 @@ def test_blocked_kernel_equals_xla_blocks(monkeypatch, d, f, block):
     scale = 2.4 / d ** 0.5  # 0.3 at d = 64: hidden units of about the same size at every d
     w1, w3 = (scale * jax.random.normal(key, (E, d, f)) for key in keys[3:5])
     w2 = 0.3 * jax.random.normal(keys[5], (E, f, d))
-    dispatch = lambda *a: moe.experts_blocked(*a, block=block)  # noqa: E731
+    dispatch = lambda *a: cpu_moe.experts_blocked(*a, block=block)  # noqa: E731
     hlo = jax.jit(_loss(dispatch)).lower(x, weights, w1, w3, w2, indices).as_text()
     assert "dsjax_blocked_swiglu_fwd" in hlo and "dsjax_blocked_swiglu_bwd" in hlo
     (loss, y), grads = jax.jit(_loss(dispatch))(x, weights, w1, w3, w2, indices)
-    monkeypatch.setattr(moe, "blocked_kernel_applies", lambda *a: False)
+    monkeypatch.setattr(cpu_moe, "blocked_kernel_applies", lambda *a: False)
     assert "dsjax_blocked" not in jax.jit(_loss(dispatch)).lower(x, weights, w1, w3, w2, indices).as_text()
     (ref_loss, ref_y), ref_grads = jax.jit(_loss(dispatch))(x, weights, w1, w3, w2, indices)
     np.testing.assert_allclose(y, ref_y, atol=1e-5, rtol=1e-5)
@@ -179,7 +181,7 @@ def test_block_layout_gives_each_block_one_expert():
     # ceil((16 + 8 * 3) / 4) = 10 the static bound allows.
     flat = jnp.asarray([0] * 5 + [2] * 9 + [4] * 2, jnp.int32)
     indices = flat[jax.random.permutation(jax.random.key(0), flat.size)].reshape(8, 2)
-    row, copy, first, count = moe._block_layout(indices, E, 4)
+    row, copy, first, count = cpu_moe._block_layout(indices, E, 4)
     assert copy.shape == (40,) and first.shape == count.shape == (E,)
     assert count.tolist() == [2, 0, 3, 0, 1, 0, 0, 0]
     assert first.tolist() == [0, 2, 2, 5, 5, 6, 6, 6]
@@ -193,26 +195,28 @@ def test_block_layout_gives_each_block_one_expert():
 
 
 def test_block_rows_keep_padding_below_the_copies():
-    assert moe.block_rows(8192, 24) == 128  # small's 8 x 256 training step, k = 4
-    assert moe.block_rows(32, 24) == 8  # decoding 8 sequences
-    assert moe.block_rows(2048, 256) == 8
-    assert moe.block_rows(2048, 24) == 64  # 512 tokens per device
-    assert moe.block_rows(10**6, 256) == 128
+    assert cpu_moe.block_rows(8192, 24) == 128  # small's 8 x 256 training step, k = 4
+    assert cpu_moe.block_rows(32, 24) == 8  # decoding 8 sequences
+    assert cpu_moe.block_rows(2048, 256) == 8
+    assert cpu_moe.block_rows(2048, 24) == 64  # 512 tokens per device
+    assert cpu_moe.block_rows(10**6, 256) == 128
 
 
-def test_auto_dispatch_per_backend_and_call_size():
+def test_auto_dispatch_per_platform_and_call_size():
     import dsjax
 
     cfg = dsjax.load_model_config("small")  # 24 experts, 4 per token
-    assert cfg.moe_dispatch("gpu") == cfg.moe_dispatch("tpu") == cfg.moe_dispatch("gpu", tokens=1) == "ragged"
-    assert cfg.moe_dispatch("cpu") == cfg.moe_dispatch("cpu", tokens=2048) == "blocked"
-    assert cfg.moe_dispatch("cpu", tokens=1) == cfg.moe_dispatch("cpu", tokens=12) == "gather"  # <= 2 per expert
-    assert cfg.moe_dispatch("cpu", tokens=13) == cfg.moe_dispatch("cpu", tokens=96) == "blocked"
-    assert cfg.replace(precision="fp8").moe_dispatch("cpu", tokens=1) == "dense"  # no FP8 form
-    assert cfg.replace(precision="fp8").moe_dispatch("gpu") == "ragged"
-    for impl in ("dense", "ragged", "blocked", "gather"):
-        assert cfg.replace(moe_impl=impl).moe_dispatch("cpu", tokens=1) == impl
-        assert cfg.replace(moe_impl=impl).moe_dispatch("gpu") == impl
+    gpu, tpu, cpu = (impl.resolve(cfg, p) for p in ("gpu", "tpu", "cpu"))
+    assert gpu.moe_impl == tpu.moe_impl == "ragged" and impl.moe_dispatch(gpu, tokens=1) == "ragged"
+    assert cpu.moe_impl == "cpu"
+    assert impl.moe_dispatch(cpu) == impl.moe_dispatch(cpu, tokens=2048) == "blocked"
+    assert impl.moe_dispatch(cpu, tokens=1) == impl.moe_dispatch(cpu, tokens=12) == "gather"  # <= 2 per expert
+    assert impl.moe_dispatch(cpu, tokens=13) == impl.moe_dispatch(cpu, tokens=96) == "blocked"
+    assert impl.resolve(cfg.replace(precision="fp8"), "cpu").moe_impl == "dense"  # no FP8 form
+    assert impl.resolve(cfg.replace(precision="fp8"), "gpu").moe_impl == "ragged"
+    for name in ("dense", "ragged", "blocked", "gather"):
+        for platform in ("cpu", "gpu"):
+            assert impl.moe_dispatch(impl.resolve(cfg.replace(moe_impl=name), platform), tokens=1) == name
 
 
 @pytest.mark.parametrize("tokens, expected", [(1, "gather"), (8, "gather"), (9, "blocked")])
@@ -227,8 +231,9 @@ def test_moe_layer_runs_the_auto_dispatch_for_its_call(monkeypatch, tokens, expe
     x = jax.random.normal(jax.random.key(0), (1, tokens, D))
     variables = MoE(cfg).init(jax.random.key(1), x)
     ran = []
-    for name, fn in list(moe.DISPATCH.items()):
-        monkeypatch.setitem(moe.DISPATCH, name, lambda *a, name=name, fn=fn: ran.append(name) or fn(*a))
+    for kind, name in [("moe", "dense"), ("moe", "blocked"), ("moe", "gather"), ("moe_shared", "gather")]:
+        fn = impl.lookup(kind, name)
+        monkeypatch.setitem(impl._TABLE, (kind, name), lambda *a, name=name, fn=fn: ran.append(name) or fn(*a))
     y, _, _ = MoE(cfg).apply(variables, x)
     y_ref, _, _ = MoE(cfg.replace(moe_impl="dense")).apply(variables, x)
     assert ran == [expected, "dense"]

@@ -59,12 +59,12 @@ def test_every_config_yaml_is_package_data():
 
 
 def test_the_kernel_source_is_package_data():
-    # dsjax/cpu_kernels.py compiles dsjax/csrc/*.cc where it runs: an install must carry it.
-    from dsjax import cpu_kernels
+    # dsjax/cpu/kernels.py compiles dsjax/cpu/csrc/*.cc where it runs: an install must carry it.
+    from dsjax.cpu import kernels
 
-    data = _setuptools()["tool"]["setuptools"]["package-data"]["dsjax"]
-    rel = os.path.relpath(cpu_kernels.SOURCE, os.path.join(ROOT, "dsjax"))
-    assert os.path.isfile(cpu_kernels.SOURCE)
+    data = _setuptools()["tool"]["setuptools"]["package-data"]["dsjax.cpu"]
+    rel = os.path.relpath(kernels.SOURCE, os.path.join(ROOT, "dsjax", "cpu"))
+    assert os.path.isfile(kernels.SOURCE)
     assert any(fnmatch.fnmatch(rel, p) for p in data)
 
 

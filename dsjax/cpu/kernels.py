@@ -1,41 +1,30 @@
 """Native CPU kernels, built on first use and called from jitted code as XLA FFI custom calls.
 
-Five kernels (dsjax/csrc/cpu_kernels.cc), all float32: three for decoding, and for
-training and prefill the routed experts and the attention:
+Seven entry points (dsjax/cpu/csrc/cpu_kernels.cc), all float32: for decoding, the
+routed experts, few-row products and absorbed attention; for training and prefill, the
+routed experts and the attention:
 
-- `gather_swiglu`: the gather dispatch's routed experts (`moe.experts_gather`), and the
-  layer's shared experts with them. XLA:CPU copies a dynamically indexed expert's weights
-  into a new buffer before each product and runs the few-row products below the memory
-  bandwidth; the kernel reads each chosen expert in place, once a step. In one process on
-  `small`'s expert shapes (7 MoE layers, E=24, D=512, F=256), the routed experts of a
-  decode step took 2.1 ms against XLA's 3.1 ms at batch 1 and 8.0 ms against 16.9 ms at
-  batch 8 (21 and 26 GB/s of chosen-expert weights).
-- `rows_dot`: x [M, K] @ wt [N, K]^T for up to 32 rows (`layers.matmul` with a
-  transposed copy of the weight, `dsjax.model.decode_weights`): the projections, dense
-  MLPs and output head of a decode step, as dot products of contiguous rows. On `small`'s
-  shapes with cold weights, 8 rows: the output head [512, 16384] 2.4 against XLA's 6.1
-  ms, [1536, 512] 0.29 against 0.70 ms; one row of the head 0.97 against 1.13 ms.
+- `gather_swiglu`: the gather dispatch's routed experts (`dsjax.cpu.moe.experts_gather`),
+  and the layer's shared experts with them. XLA:CPU copies a dynamically indexed
+  expert's weights into a new buffer before each product and runs the few-row products
+  below the memory bandwidth; the kernel reads each chosen expert in place, once a step.
+- `rows_dot`: x [M, K] @ wt [N, K]^T for up to 32 rows (`dsjax.cpu.linear.matmul` with
+  a transposed copy of the weight, `dsjax.cpu.decode.weight_copies`): the projections,
+  dense MLPs and output head of a decode step, as dot products of contiguous rows.
 - `latent_attention`: absorbed MLA's attention over the cached latents in a decode step
-  (`MLA._latent_attention`, up to 16 new tokens a row), one call for what XLA ran as about
-  a dozen small ops per layer, two of them batched dots of [H, C] x [C, S] at a few
-  GFLOP/s. On `small` at batch 8 the attention of a step went from 5.6 to 3.6-4.3 ms and
-  the step from 25.6 to 21.2-22.6 ms; at batch 1 the step from 9.5 to 8.7 ms.
+  (up to 16 new tokens a row), W_UV included: one call for what XLA runs as about a dozen
+  small ops per layer.
 - `blocked_swiglu_fwd` / `blocked_swiglu_bwd`: the blocked dispatch's experts
-  (`moe.experts_blocked`), forward and backward, each expert's rows one work item through
-  a packed, register-tiled GEMM whose tile follows the vector width of the build (AVX-512:
-  12 rows x 32 columns; AVX2 and SSE: 6 x 16 or 6 x 8). XLA:CPU runs the per-block
-  products as a loop of small dots; on `small`'s training shapes (24 experts, D=512,
-  F=256, about 75 blocks of 128 rows) the kernel's forward took 41-47 ms against XLA's
-  70-73 ms on an AVX-512 machine (168-194 against 109-114 GFLOP/s, before packing), and
-  62-65 against 78 ms on an AVX2 one (112-117 against 93 GFLOP/s; backward 109-115
-  against XLA's 76 GFLOP/s forward + backward), in one process.
+  (`dsjax.cpu.moe.experts_blocked`), forward and backward, each expert's rows one work
+  item through a packed, register-tiled GEMM whose tile follows the vector width of the
+  build (AVX-512: 12 rows x 32 columns; AVX2 and SSE: 6 x 16 or 6 x 8), where XLA:CPU
+  runs the per-block products as a loop of small dots.
 - `attention_fwd` / `attention_bwd`: softmax attention with a key and value head per
-  query head (`dsjax.attention.native_attention`, MLA's naive form under
-  `attn_kernel=blockwise`): each batch row and head one work item, its queries in chunks
-  of 64 whose scores stay in cache, the products through the same packed GEMM, keys past
-  a chunk's last visible one skipped. XLA ran the blockwise form's per-block products at
-  20-35 GFLOP/s; on an AVX2 machine, 8 x 256 causal, the kernel runs `tiny`'s heads at 42
-  / 54 and `small`'s at 72 / 84 GFLOP/s (forward / backward).
+  query head (`dsjax.cpu.attention.native_attention`, MLA's naive form): each batch row
+  and head one work item, its queries in chunks of 64 whose scores stay in cache, the
+  products through the same packed GEMM, keys past a chunk's last visible one skipped.
+
+Figures for each are in docs/benchmarks.md.
 
 The source is compiled once per machine with the C++ compiler (`$CXX`, else `c++`) against
 JAX's FFI headers (`jax.ffi.include_dir()`), `-O3 -march=native`, into
@@ -168,9 +157,12 @@ def available() -> bool:
 
 
 def applies(*dtypes) -> bool:
-    """The kernels run for operands of `dtypes` here: all float32, a CPU backend, no
-    multi-device mesh (at trace time), and the kernels built (`available()`)."""
-    if any(jnp.dtype(d) != jnp.float32 for d in dtypes) or jax.default_backend() != "cpu":
+    """The kernels run for operands of `dtypes` in a program traced now: all float32, no
+    multi-device mesh, and the kernels built (`available()`). Callers reach here only
+    from the CPU wing's implementations, which a config resolved for a CPU selects, and
+    place each custom call under `jax.lax.platform_dependent`, so a program lowered for
+    another platform never holds one."""
+    if any(jnp.dtype(d) != jnp.float32 for d in dtypes):
         return False
     mesh = jax.sharding.get_abstract_mesh()
     return (mesh.empty or mesh.size == 1) and available()
@@ -192,15 +184,15 @@ def gather_swiglu(x, weights, indices, w1, w3, w2, shared=None):
 
 def rows_dot(x, wt):
     """x [M, K] @ wt [N, K]^T -> [M, N] float32, on a CPU: the few-row product of a decode
-    step with its weight given transposed (`dsjax.model.decode_weights`). Call only where
-    `available()`; no gradient of its own (`dsjax.layers.matmul` gives one)."""
+    step with its weight given transposed (`dsjax.cpu.decode.weight_copies`). Call only where
+    `available()`; no gradient of its own (`dsjax.cpu.linear.matmul` gives one)."""
     x, wt = jnp.asarray(x, jnp.float32), jnp.asarray(wt, jnp.float32)
     out = jax.ShapeDtypeStruct((x.shape[0], wt.shape[0]), jnp.float32)
     return jax.ffi.ffi_call(ROWS_TARGET, out, vmap_method="sequential")(x, wt)
 
 
 def blocked_swiglu_fwd(xs, first, count, w1, w3, w2):
-    """The blocked dispatch's experts (`moe.experts_blocked`) forward, float32, on a CPU:
+    """The blocked dispatch's experts (`dsjax.cpu.moe.experts_blocked`) forward, float32, on a CPU:
     xs [nb, b, D] rows sorted by expert, expert e holding blocks first[e] .. first[e] +
     count[e] - 1 (int32 [E]), w1 and w3 [E, D, F], w2 [E, F, D]. Returns (ys [nb, b, D],
     a1 = xs W1, a3 = xs W3 [nb, b, F]); rows of blocks no expert holds are zero. Call
@@ -242,7 +234,7 @@ def attention_fwd(q, k, v, mask, scale: float):
     """Softmax attention with a key and value head per query head, float32, on a CPU:
     q [B, T, H, K], k [B, S, H, K], v [B, S, H, V], mask bool [B, T, S] (True attends) ->
     (o [B, T, H, V], lse [B, H, T]); masked scores are -1e30 as in the dense softmax. Call
-    only where `available()`; `attention_bwd` is its backward (`dsjax.attention.
+    only where `available()`; `attention_bwd` is its backward (`dsjax.cpu.attention.
     native_attention` pairs them)."""
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     B, T, H, _ = q.shape
