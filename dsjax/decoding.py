@@ -380,6 +380,7 @@ def generate(model: Transformer, variables, prompts, prompt_lengths, max_new_tok
     else:
         padded, lengths = _put(padded, NamedSharding(mesh, rows)), _put(lengths, NamedSharding(mesh, rows))
         variables, rng = _on_mesh(variables, mesh), _on_mesh(rng, mesh)
+    model = model.clone(cfg=impl.resolve(cfg, impl.platform_of(mesh)))  # the platform of the devices it runs on
     fn = _generate_speculative if speculative else _generate_plain
     with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
         return fn(model, variables, padded, lengths, rng, jnp.float32(max(temperature, 1e-6)),
@@ -428,6 +429,7 @@ def generate_stream(model: Transformer, variables, prompt, max_new_tokens: int =
         raise ValueError("sampling (temperature > 0) needs an explicit rng key")
     variables = {k: v for k, v in variables.items() if k != "cache"}
     mesh, rules, _ = _placement(mesh, rules, 1)
+    model = model.clone(cfg=impl.resolve(cfg, impl.platform_of(mesh)))
     if mesh is not None:
         variables = _on_mesh(variables, mesh)
     P = prompt.shape[1]
