@@ -1,7 +1,11 @@
-"""Building blocks shared by MLA, MoE and the decoder: RMSNorm, SwiGLU MLP, parameters.
+"""Building blocks shared by MLA, MoE and the decoder: RMSNorm, SwiGLU MLP, parameters,
+and the linear layer every projection goes through.
 
 Every parameter is created with logical axis names (`nn.with_logical_partitioning`), so
-`sharding/rules.py` can place it without knowing the model.
+`sharding/rules.py` can place it without knowing the model. Every product with a weight
+runs through `matmul`, the implementation `matmul_impl` names in `dsjax.impl` (x @ w
+where none is registered), which may read a weight copy decoding made
+(`weight_copy`).
 """
 
 from __future__ import annotations
