@@ -152,7 +152,9 @@ def profile_decode(preset: str, batch: int, new_tokens: int, top: int) -> int:
     import dsjax
     from dsjax.decoding import _generate_plain
 
-    cfg = dsjax.load_model_config(preset).replace(num_nextn_predict_layers=0, attn_impl="absorb")
+    # Resolved for this device as `generate` resolves it, so the HLO lowered below is its call's.
+    cfg = impl.resolve(dsjax.load_model_config(preset).replace(num_nextn_predict_layers=0, attn_impl="absorb"),
+                       impl.platform_of())
     model = dsjax.Transformer(cfg)
     variables = dsjax.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
     prompts = np.random.default_rng(0).integers(2, cfg.vocab_size, (batch, 32))
