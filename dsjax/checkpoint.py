@@ -99,11 +99,15 @@ def read_run_config(workdir: str) -> dict:
     return run
 
 
-def run_model_config(workdir: str):
-    """The ModelConfig of a `python -m train` run directory (its config.yaml's model section)."""
+def run_model_config(workdir: str, run: dict | None = None):
+    """The ModelConfig of a `python -m train` run directory (its config.yaml's model section,
+    or `run`'s when the caller has read it), with the platform choices back on 'auto'
+    (`dsjax.impl.unresolved`): they are made again for the devices that read it."""
     from dsjax.config import config_from_dict
+    from dsjax.impl import unresolved
 
-    return config_from_dict(read_run_config(workdir).get("model") or {})
+    run = read_run_config(workdir) if run is None else run
+    return unresolved(config_from_dict(run.get("model") or {}))
 
 
 def load_trained(workdir: str, step: int | None = None, shardings: Any = None, module: type | None = None):
@@ -127,11 +131,10 @@ def load_trained(workdir: str, step: int | None = None, shardings: Any = None, m
 
         model, variables, run = dsjax.load_trained("workdir")
     """
-    from dsjax.config import config_from_dict
     from dsjax.model import Transformer, unbox
 
     run = read_run_config(workdir)
-    model = (module or Transformer)(config_from_dict(run["model"]))
+    model = (module or Transformer)(run_model_config(workdir, run))
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir} has no checkpoints/")

@@ -118,6 +118,14 @@ def resolve(cfg: "ModelConfig", platform: str) -> "ModelConfig":
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
+def unresolved(cfg: "ModelConfig") -> "ModelConfig":
+    """`cfg` with every field that takes 'auto' set back to 'auto': a run directory records
+    the choices made for the devices that trained it, and a program for other devices (a
+    checkpoint read on another platform, a run started from another run) makes its own."""
+    changes = {name: "auto" for name, allowed in CHOICES.items() if "auto" in allowed and getattr(cfg, name) != "auto"}
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def resolved(cfg: "ModelConfig") -> "ModelConfig":
     """`resolve(cfg, platform_of())`, for a program traced now: the platform of the mesh set
     with `jax.set_mesh` where it is known, else of the default device. A program compiled

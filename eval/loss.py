@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from dsjax import data as data_lib
 from dsjax.checkpoint import load_trained
 from dsjax.config import ConfigError, ModelConfig
-from dsjax.impl import CHOICES, IMPL_FIELDS
+from dsjax.impl import IMPL_FIELDS, unresolved
 from dsjax.losses import make_eval_step
 from dsjax.model import Transformer
 from dsjax.tokenizer import load_tokenizer
@@ -30,7 +30,8 @@ def with_implementation(cfg: ModelConfig, overrides: list[str]) -> ModelConfig:
     takes 'auto') back to 'auto', so it is made again for this program's devices and the
     new combination (a run's config.yaml holds the choices made for its own devices).
     Values read as YAML scalars; ConfigError (a ValueError) naming the key otherwise."""
-    updates = {name: "auto" for name, allowed in CHOICES.items() if "auto" in allowed}
+    cfg = unresolved(cfg)
+    updates = {}
     for item in overrides:
         key, eq, text = item.partition("=")
         section, dot, field = key.partition(".")

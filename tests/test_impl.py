@@ -80,6 +80,20 @@ def test_resolve_leaves_no_auto_and_round_trips_through_yaml(preset):
         impl.resolve(cfg, "metal")
 
 
+def test_a_run_directory_is_read_with_its_platform_choices_made_again(tmp_path):
+    """A run's config.yaml holds the choices made for the devices that trained it; a reader
+    on other devices gets them back on 'auto' (dsjax.impl.unresolved), the rest kept."""
+    from dsjax.checkpoint import run_model_config
+
+    trained = impl.resolve(dsjax.load_model_config("tiny").replace(attn_impl="absorb", remat_policy="full"), "cpu")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"stage": "pretrain", "model": dataclasses.asdict(trained)}))
+    read = run_model_config(str(tmp_path))
+    assert {getattr(read, name) for name in AUTO_FIELDS} == {"auto"}
+    assert (read.attn_impl, read.remat_policy) == ("absorb", "full")
+    tpu = impl.resolve(read, "tpu")
+    assert (tpu.attn_kernel, tpu.moe_impl, tpu.matmul_impl) == ("blockwise", "ragged", "xla")
+
+
 def test_older_value_names_still_load():
     cfg = dsjax.load_model_config("tiny")
     for field, values in (("attn_kernel", ("auto", "dense", "blockwise", "cudnn")),

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from dsjax.checkpoint import read_run_config
+from dsjax.checkpoint import read_run_config, run_model_config
 from dsjax.config import ConfigError, ModelConfig, config_from_dict
 from dsjax.impl import IMPL_FIELDS
 
@@ -54,7 +54,7 @@ def init_source(workdir: str, hf: str, names: tuple[str, str] = ("init.workdir",
     if workdir:
         try:
             run = read_run_config(workdir)
-            model = config_from_dict(run["model"])
+            model = run_model_config(workdir, run)
         except FileNotFoundError:
             raise ConfigError(f"{names[0]}: {workdir} is not a training workdir (no config.yaml)") from None
         except (KeyError, TypeError, ValueError) as e:
