@@ -236,6 +236,12 @@ def abstract_variables(model: Transformer) -> dict:
     return unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))
 
 
+def _mtp_layer_names(names, num_hidden_layers: int) -> set[str]:
+    """The checkpoint's MTP tensors: those of `model.layers.{i}` for i >= num_hidden_layers."""
+    layer = re.compile(r"model\.layers\.(\d+)\.")
+    return {n for n in names if (m := layer.match(n)) and int(m.group(1)) >= num_hidden_layers}
+
+
 def from_pretrained(path: str, dtype=jnp.float32, *, mtp: str = "auto", shardings: Any = None,
                     rng: jax.Array | None = None, **overrides: Any) -> tuple[Transformer, dict]:
     """Loads a Hugging Face DeepSeek-V2/V3 directory.
@@ -310,7 +316,9 @@ def from_pretrained(path: str, dtype=jnp.float32, *, mtp: str = "auto", sharding
         if dup in reader:
             used.add(dup)
     used.update(n[: -len("weight")] + "weight_scale_inv" for n in list(used) if n.endswith("weight"))
-    extra = sorted(n for n in reader.names() if n not in used and not n.endswith("rotary_emb.inv_freq")
+    skipped = _mtp_layer_names(reader.names(), cfg.num_hidden_layers) if mtp == "off" else set()
+    extra = sorted(n for n in reader.names() if n not in used and n not in skipped
+                   and not n.endswith("rotary_emb.inv_freq")
                    and 0 not in reader.shape(n))  # transformers writes empty shared experts for n=0
     if extra:
         raise ValueError(f"checkpoint has {len(extra)} unexpected tensor(s) for this config, e.g. {extra[0]}")
