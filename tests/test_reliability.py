@@ -104,14 +104,14 @@ def test_a_run_that_keeps_diverging_stops_with_finite_checkpoints(tmp_path, caps
 
 def test_no_code_runs_untrusted_data():
     """No eval/exec/pickle/unsafe YAML on model output, datasets or checkpoints: the library,
-    the entry points and the benchmarks read data with json, safetensors, orbax and
+    the entry points, the benchmarks and the recipes read data with json, safetensors, orbax and
     yaml.safe_load only (a scan of the source; `.eval()` on a torch module is a method)."""
     import re
 
     pattern = re.compile(r"(?<![.\w])(eval|exec)\(|(?<!def )(?<![.\w])compile\(|pickle|literal_eval|marshal\.|yaml\.load\(|yaml\.unsafe_load"
                          r"|torch\.load|allow_pickle\s*=\s*True|__import__\(")
     hits = []
-    for package in ("dsjax", "train", "eval", "sharding", "bench"):
+    for package in ("dsjax", "train", "eval", "sharding", "bench", "examples"):
         for dirpath, _, files in os.walk(os.path.join(ROOT, package)):
             for name in files:
                 if name.endswith(".py"):
