@@ -76,18 +76,33 @@ print(kept is not None, jax.config.values["jax_cpu_enable_async_dispatch"], faul
     assert out.stdout.split() == ["False", "True", "True"], out.stderr[-2000:]
 
 
-def test_the_platform_is_decided_before_jax_starts(monkeypatch):
+def test_the_platform_is_decided_before_jax_starts(monkeypatch, tmp_path):
     """JAX_PLATFORMS (its first entry) when set; else the CPU unless an accelerator
-    plugin is installed."""
+    plugin is installed, or libtpu is installed and a TPU device node is present."""
     assert allocator.runs_on_cpu({"JAX_PLATFORMS": "cpu"})
     assert not allocator.runs_on_cpu({"JAX_PLATFORMS": "tpu,cpu"})
     assert not allocator.runs_on_cpu({"JAX_PLATFORMS": "cuda"})
+    import importlib.metadata
     import importlib.util
 
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: ())
+    # Device nodes as a TPU VM has them, in a directory of our own: /dev/accel0 (v4, v5e,
+    # v6e) or /dev/vfio/0 (v5p); /dev/vfio/vfio alone is VFIO's control node, no TPU.
+    (tmp_path / "vfio").mkdir()
+    (tmp_path / "vfio" / "vfio").touch()
+    nodes = (str(tmp_path / "accel*"), str(tmp_path / "vfio" / "[0-9]*"))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    assert allocator.runs_on_cpu({})
+    assert allocator.runs_on_cpu({}, nodes)
+    (tmp_path / "accel0").touch()
+    assert allocator.runs_on_cpu({}, nodes)  # a TPU node but no libtpu: JAX runs on the CPU
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "libtpu" else None)
-    assert not allocator.runs_on_cpu({})
+    assert not allocator.runs_on_cpu({}, nodes)  # libtpu and a TPU
+    (tmp_path / "accel0").unlink()
+    assert allocator.runs_on_cpu({}, nodes)  # libtpu alone (the tpu extra on a CPU machine)
+    (tmp_path / "vfio" / "0").touch()
+    assert not allocator.runs_on_cpu({}, nodes)  # libtpu and a v5p's VFIO node
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "jax_plugins" else None)
+    assert not allocator.runs_on_cpu({}, ())  # another accelerator plugin
 
 
 @pytest.mark.skipif(not SUPPORTED, reason="needs Linux with glibc 2.35+")

@@ -26,9 +26,12 @@ is read when the CPU backend starts), in a notebook too; `python -m train` and
 `bench/vs_hf.py` call it. DSJAX_KEEP_BUFFERS=0 turns it off.
 
 Both apply to programs that run on a CPU only. `runs_on_cpu` decides that before JAX
-starts, from what is installed and asked for: JAX_PLATFORMS (its first entry) when set,
-else the CPU when no accelerator plugin is installed (no `jax_plugins` entry point or
-module, no libtpu). `python -m train` calls `reexec` and `keep_buffers` only then.
+starts, from what is installed, asked for and attached: JAX_PLATFORMS (its first entry)
+when set, else the CPU unless an accelerator plugin is installed (a `jax_plugins` entry
+point or module) or libtpu is installed on a machine with a TPU attached (a device node
+/dev/accel* or /dev/vfio/<number>): libtpu alone (the `tpu` extra, which compiles for TPU
+slices from any host) leaves a CPU machine a CPU machine. `python -m train` calls `reexec`
+and `keep_buffers` only then.
 
 The module imports JAX only inside `keep_buffers`.
 """
@@ -91,10 +94,23 @@ def reexec() -> None:
         return
 
 
-def runs_on_cpu(environ: dict | None = None) -> bool:
+# Device nodes of an attached TPU: /dev/accel0... (v2-v4, v5e, v6e), /dev/vfio/0... (v5p
+# and later, through VFIO; /dev/vfio/vfio itself is VFIO's control node on any machine).
+TPU_DEVICE_NODES = ("/dev/accel*", "/dev/vfio/[0-9]*")
+
+
+def tpu_attached(dev_globs: tuple[str, ...] = TPU_DEVICE_NODES) -> bool:
+    """Whether a TPU device node is present (any path matching `dev_globs`)."""
+    import glob
+
+    return any(glob.glob(pattern) for pattern in dev_globs)
+
+
+def runs_on_cpu(environ: dict | None = None, dev_globs: tuple[str, ...] = TPU_DEVICE_NODES) -> bool:
     """Whether this program's JAX will run on a CPU, decided without starting JAX: the
-    first entry of JAX_PLATFORMS when it is set, else whether no accelerator plugin is
-    installed (no `jax_plugins` entry point or module, no libtpu)."""
+    first entry of JAX_PLATFORMS when it is set; else not when an accelerator plugin is
+    installed (a `jax_plugins` entry point or module), nor when libtpu is installed and a
+    TPU is attached (`tpu_attached(dev_globs)`); else the CPU."""
     import importlib.metadata
     import importlib.util
 
@@ -102,9 +118,9 @@ def runs_on_cpu(environ: dict | None = None) -> bool:
     asked = environ.get("JAX_PLATFORMS", "").strip()
     if asked:
         return asked.split(",")[0].strip().lower() == "cpu"
-    if importlib.metadata.entry_points(group="jax_plugins"):
+    if importlib.metadata.entry_points(group="jax_plugins") or importlib.util.find_spec("jax_plugins") is not None:
         return False
-    return all(importlib.util.find_spec(name) is None for name in ("jax_plugins", "libtpu"))
+    return importlib.util.find_spec("libtpu") is None or not tpu_attached(dev_globs)
 
 
 def keep_buffers() -> str | None:
