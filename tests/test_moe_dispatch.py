@@ -104,6 +104,25 @@ def test_ragged_exchange_lowers_to_ragged_all_to_all():
     assert gathers and all(line.endswith("-> tensor<8x8xi32>") for line in gathers)  # only the ep x ep sizes
 
 
+@pytest.mark.parametrize("platform", ["tpu", "gpu", "cpu"])
+def test_exchange_follows_the_platform_compiled_for(platform):
+    # No `ragged` given: the exchange is chosen for the devices of the mesh the program is
+    # traced for, not this host's backend. An abstract mesh of TPU (or GPU) devices, as a
+    # TPU topology lowered from this CPU host gives, gets ragged_all_to_all; CPU devices
+    # get fixed-slot all_to_all.
+    x, weights, indices, w1, w3, w2 = _inputs(skew=False)
+    device = jax.sharding.AbstractDevice(device_kind={"tpu": "TPU v5p", "gpu": "NVIDIA H100", "cpu": "cpu"}[platform],
+                                         num_cores=None, platform={"gpu": "cuda"}.get(platform, platform))
+    mesh = jax.sharding.AbstractMesh((8,), ("expert",), abstract_device=device)
+    ep = lambda *a: moe.experts_expert_parallel(*a, "expert", ("expert",), None)
+    abstract = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, weights, w1, w3, w2, indices)]
+    with jax.sharding.use_abstract_mesh(mesh):
+        assert expert_parallel.compiled_for() == platform
+        text = str(jax.jit(_loss(ep)).trace(*abstract).jaxpr)
+    assert ("ragged_all_to_all" in text) == (platform != "cpu")
+    assert ("all_to_all" in text.replace("ragged_all_to_all", "")) == (platform == "cpu")
+
+
 @pytest.mark.parametrize("dispatch", [moe.experts_ragged, cpu_moe.experts_blocked], ids=["ragged", "blocked"])
 def test_data_parallel_dispatch_sorts_local_copies(dispatch):
     # Under fsdp=8 each device sorts its own 16 copies, not the global 128.

@@ -186,7 +186,8 @@ def experts_expert_parallel(x, weights, indices, w1, w3, w2, expert_axis: str, t
     per device pair are exchanged first (an all-gather of ep x ep integers), then the
     rows move in rounds of at most EP_CAPACITY times the mean per pair
     (`jax.lax.ragged_all_to_all` on GPUs and TPUs, `all_to_all` of fixed slots on a CPU,
-    which has no ragged collective; `ragged` overrides), the experts run their grouped
+    which has no ragged collective: the platform the program is compiled for,
+    `compiled_for`; `ragged` overrides), the experts run their grouped
     GEMMs, and the outputs travel back the same way. When the tokens are replicated over
     `expert_axis`, each device computes its experts' share of every token and a psum adds
     them. The expert hidden axis may be split over `tensor_axis` (partial sums are added
@@ -199,7 +200,7 @@ def experts_expert_parallel(x, weights, indices, w1, w3, w2, expert_axis: str, t
     tokens_split = expert_axis in token_axes
     row = P(token_axes if token_axes else None, None)
     w_in, w_out = P(expert_axis, None, tensor_axis), P(expert_axis, tensor_axis, None)
-    ragged = impl.platform_of() != "cpu" if ragged is None else ragged
+    ragged = compiled_for() != "cpu" if ragged is None else ragged
 
     def local(x, weights, indices, w1, w3, w2):
         if not tokens_split:
@@ -219,6 +220,18 @@ def experts_expert_parallel(x, weights, indices, w1, w3, w2, expert_axis: str, t
 
     return jax.shard_map(local, in_specs=(row, row, row, w_in, w_in, w_out), out_specs=row,
                          check_vma=False)(x, weights, indices, w1, w3, w2)
+
+def compiled_for() -> str:
+    """'cpu', 'gpu' or 'tpu': the platform of the devices the traced program is compiled
+    for. Under jit the active abstract mesh carries its devices' platform
+    (`AbstractMesh.abstract_device`), also for an abstract TPU topology lowered from a CPU
+    host; without one, `impl.platform_of()` (the concrete mesh, else the default device)."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    if device is None:
+        return impl.platform_of()
+    platform = str(device.platform).lower()
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
 
 def _mesh_axes():
     """(experts, batch, expert hidden) mesh axes of size > 1 under the active mesh and
