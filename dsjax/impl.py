@@ -13,8 +13,10 @@ still depends on the call (a one-query decode step, the tokens a MoE call holds,
 mesh a layer stack runs under) is decided inside the resolved value's implementation.
 
 Resolved values, per field:
-- attn_kernel: 'cudnn' on a GPU in bfloat16/float16, 'cpu' on a CPU (the CPU wing's
-  native attention where it applies, blockwise otherwise), 'blockwise' elsewhere.
+- attn_kernel: 'splash' on a TPU (Pallas's splash kernel for the naive form's causal
+  calls, `dsjax/splash_attention.py`), 'cudnn' on a GPU in bfloat16/float16, 'cpu' on a
+  CPU (the CPU wing's native attention where it applies, blockwise otherwise),
+  'blockwise' elsewhere.
 - moe_impl: 'ragged' on GPUs and TPUs; on a CPU 'cpu' (the CPU wing's choice per call:
   the gather dispatch for at most two token copies per expert, blocked otherwise), or
   'dense' under the FP8 recipe.
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 ATTN_IMPLS = ("naive", "absorb")
-ATTN_KERNELS = ("auto", "dense", "blockwise", "cudnn", "cpu")
+ATTN_KERNELS = ("auto", "dense", "blockwise", "cudnn", "splash", "cpu")
 MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "gather", "cpu")
 LAYER_LOOPS = ("auto", "scan", "unroll", "unroll_single_device")
 MATMUL_IMPLS = ("auto", "xla", "cpu")
@@ -108,7 +110,7 @@ def resolve(cfg: "ModelConfig", platform: str) -> "ModelConfig":
         raise ValueError(f"platform={platform!r} is not one of {list(PLATFORMS)}")
     cpu, half = platform == "cpu", cfg.dtype in ("bfloat16", "float16")
     auto = {
-        "attn_kernel": "cpu" if cpu else "cudnn" if platform == "gpu" and half else "blockwise",
+        "attn_kernel": "cpu" if cpu else "splash" if platform == "tpu" else "cudnn" if half else "blockwise",
         "moe_impl": ("dense" if cfg.precision == "fp8" else "cpu") if cpu else "ragged",
         "layer_loop": "unroll_single_device" if cpu else "scan",
         "matmul_impl": "cpu" if cpu else "xla",
@@ -152,7 +154,9 @@ def attention_kernel(cfg: "ModelConfig", queries: int, absorbed: bool = False) -
     """The kernel of one attention call with `queries` new tokens: 'dense' for one-query
     decode steps (their scores are [B, H, 1, S]) and under 'dense'; the absorbed form's
     one shared latent head runs 'blockwise' under every other kernel; otherwise
-    `cfg.attn_kernel` resolved ('blockwise', 'cudnn', or a registered 'attention' name)."""
+    `cfg.attn_kernel` resolved ('blockwise', 'cudnn', 'splash', or a registered
+    'attention' name). 'cudnn' and 'splash' fall back to 'blockwise' per call where
+    their kernel refuses the shapes (`dsjax.splash_attention.unsupported`)."""
     kernel = resolved(cfg).attn_kernel
     if queries == 1 or kernel == "dense":
         return "dense"

@@ -10,10 +10,12 @@ Two implementations share the weights and check each other:
 - `absorb` folds W_UK into the query and W_UV into the output, so attention runs on the
   latent c_kv and k_pe directly (§2.1.2, the inference path caching C + R values/token).
 
-Platform hooks (`dsjax.impl`): the naive form's attention kernel ('attention'), a decode
-step's absorbed attention ('latent_attention', under `attn_kernel`) and the query
-projection with W_UK folded in ('folded_query', under `matmul_impl`); each falls back to
-the reference form here.
+The naive form's attention runs the kernel `impl.attention_kernel` names: the dense
+scores, `blockwise` (dsjax/attention.py), `cudnn`, `splash` (dsjax/splash_attention.py,
+TPUs) or a platform wing's. Platform hooks (`dsjax.impl`): the naive form's attention
+kernel ('attention'), a decode step's absorbed attention ('latent_attention', under
+`attn_kernel`) and the query projection with W_UK folded in ('folded_query', under
+`matmul_impl`); each falls back to the reference form here.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dsjax.attention import blockwise_attention, cudnn_or_blockwise
 from dsjax.config import ModelConfig
 from dsjax.layers import RMSNorm, dtype_of, linear, matmul, param, weight_copy
 from dsjax.rope import apply_rope
+from dsjax.splash_attention import splash_or_blockwise
 
 _NEG_INF = -1e30
 
@@ -146,6 +149,9 @@ class MLA(nn.Module):
         elif kernel == "cudnn":
             with jax.named_scope("cudnn_attention"):
                 o = cudnn_or_blockwise(q, k, v, mask, scale, fallback=True, causal=causal).astype(dt)
+        elif kernel == "splash":
+            with jax.named_scope("splash_attention"):
+                o = splash_or_blockwise(q, k, v, mask, scale, causal=causal).astype(dt)
         else:
             hook = impl.lookup("attention", kernel)
             with jax.named_scope("blockwise_attention"):

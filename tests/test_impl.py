@@ -75,7 +75,7 @@ def test_resolve_leaves_no_auto_and_round_trips_through_yaml(preset):
     cpu, tpu = impl.resolve(cfg, "cpu"), impl.resolve(cfg, "tpu")
     assert (cpu.attn_kernel, cpu.moe_impl, cpu.matmul_impl, cpu.fp8_gemm) == ("cpu", "cpu", "cpu", "emulated")
     assert (tpu.attn_kernel, tpu.moe_impl, tpu.matmul_impl, tpu.layer_loop, tpu.fp8_gemm) == (
-        "blockwise", "ragged", "xla", "scan", "native")
+        "splash", "ragged", "xla", "scan", "native")
     with pytest.raises(ValueError, match="platform"):
         impl.resolve(cfg, "metal")
 
@@ -91,12 +91,12 @@ def test_a_run_directory_is_read_with_its_platform_choices_made_again(tmp_path):
     assert {getattr(read, name) for name in AUTO_FIELDS} == {"auto"}
     assert (read.attn_impl, read.remat_policy) == ("absorb", "full")
     tpu = impl.resolve(read, "tpu")
-    assert (tpu.attn_kernel, tpu.moe_impl, tpu.matmul_impl) == ("blockwise", "ragged", "xla")
+    assert (tpu.attn_kernel, tpu.moe_impl, tpu.matmul_impl) == ("splash", "ragged", "xla")
 
 
 def test_older_value_names_still_load():
     cfg = dsjax.load_model_config("tiny")
-    for field, values in (("attn_kernel", ("auto", "dense", "blockwise", "cudnn")),
+    for field, values in (("attn_kernel", ("auto", "dense", "blockwise", "cudnn", "splash")),
                           ("moe_impl", ("auto", "dense", "ragged", "blocked", "gather")),
                           ("layer_loop", ("auto", "scan", "unroll")), ("attn_impl", ("naive", "absorb"))):
         for value in values:
