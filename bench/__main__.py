@@ -35,6 +35,7 @@ SLOW = {
     "fp8_quality": "nine 800-step training runs",
     "r1": "about 12 minutes",
     "scale": "compiles the small step in 4 layouts, about 3 minutes",
+    "tpu_compile": "compiles 4 layouts with libtpu, V3 671B on a v5p:8x8x8 included, 15 minutes or more",
 }
 GPU_ONLY = {"gpu_check"}
 # Modules of bench/ that are not benchmarks.
@@ -46,6 +47,7 @@ KEY_FIGURES = {
     "attention_memory": ("preset", "seq_len", "dense_temp_mib", "blockwise_temp_mib", "reduction"),
     "gpu_check": ("device_kind", "fp8_speedup", "losses_finite", "fp8_lowered_to_f8_dots"),
     "scale": ("preset", "batch", "seq_len", "moe_impl", "targets_met"),
+    "tpu_compile": ("preset", "topology", "plan_gib", "compiled_gib", "hbm_gib", "fits", "compile_s"),
     "allocator": ("preset", "kept_train_ms", "hugepages_train_ms", "plain_train_ms", "kept_train_speedup",
                   "kept_forward_speedup"),
 }
@@ -71,6 +73,11 @@ def skip_reason(name: str, extra: list[str]) -> str | None:
 
         if jax.default_backend() not in ("gpu", "cuda", "rocm"):
             return f"needs a GPU (JAX backend here: {jax.default_backend()})"
+    if name == "tpu_compile":
+        import importlib.util
+
+        if importlib.util.find_spec("libtpu") is None:
+            return 'needs libtpu (pip install "dsjax[tpu]")'
     if name == "fp8_ablation" and not extra:
         return "needs a VARIANT: python -m bench fp8_ablation -- forward_only"
     return None

@@ -128,15 +128,18 @@ def _dry_run(*args):
 
 
 def test_dry_run_memory_plan():
-    ok = _dry_run("--devices", "256", "--backend", "gpu", "--set", "model.preset=deepseek-v3-671b", "--set", "mesh.fsdp=32",
-                  "--set", "mesh.expert=8", "--set", "model.remat_policy=full", "--set", "train.batch_size=256",
+    ok = _dry_run("--devices", "512", "--backend", "gpu", "--set", "model.preset=deepseek-v3-671b", "--set", "mesh.fsdp=64",
+                  "--set", "mesh.expert=8", "--set", "model.remat_policy=full", "--set", "train.batch_size=512",
                   "--set", "train.seq_len=4096")
     assert ok.returncode == 0, ok.stderr
-    for row in ("parameters (fp32)", "gradients (fp32)", "AdamW moments (fp32)", "activations (full)", "fits",
-                "MoE dispatch 'expert-parallel'"):
+    for row in ("parameters (fp32)", "gradients (fp32)", "AdamW moments (fp32)", "activations (full)",
+                "gathered layers (2, fsdp)", "fits", "MoE dispatch 'expert-parallel'"):
         assert row in ok.stdout
     params = float(ok.stdout.split("parameters (fp32)")[1].split()[0])
-    assert 10.0 < params < 13.0  # 682.6B fp32 parameters over 256 devices, attention repeated 8x
+    assert 5.0 < params < 6.5  # 682.6B fp32 parameters over 512 devices, attention repeated 8x
+    # One MoE layer gathered over fsdp (its 32 local experts whole): 2 x (bf16 weights + fp32 gradient).
+    gathered = float(ok.stdout.split("gathered layers (2, fsdp)")[1].split()[0])
+    assert 17.0 < gathered < 19.5
     too_big = _dry_run("--devices", "256", "--set", "model.preset=deepseek-v3-671b", "--set", "mesh.fsdp=256",
                        "--set", "train.batch_size=256", "--set", "train.seq_len=4096")
     assert too_big.returncode == 2

@@ -10,9 +10,13 @@ the loss on responses), `grpo` (rollouts + rule-based rewards on a generated tas
 reward model on preference-pair JSONL, Bradley-Terry). Each reads its own run config,
 `configs/<stage>.yaml`, unless `--config` names another.
 
+`--dry-run` prints the per-device memory plan (train/plan.py); with `--topology NAME` it
+compiles the run's programs for that TPU slice with libtpu (train/aot.py), from any host.
+
 On a CPU (dsjax.cpu.allocator.runs_on_cpu: JAX_PLATFORMS, else no accelerator plugin
-installed) the process starts again once with huge pages for XLA's buffers and keeps
-those buffers mapped between steps; on a GPU or TPU it touches no allocator setting.
+installed nor a TPU attached) the process starts again once with huge pages for XLA's
+buffers and keeps those buffers mapped between steps; on a GPU or TPU it touches no
+allocator setting.
 """
 
 from __future__ import annotations
@@ -48,24 +52,33 @@ def _parser(stages: dict, config: str | None = None) -> argparse.ArgumentParser:
                         "workdir's config.yaml will hold it) and exit")
     p.add_argument("--dry-run", action="store_true",
                    help="print the per-device memory plan of the layout and exit (allocates nothing)")
+    p.add_argument("--topology", default=None, metavar="NAME",
+                   help="with --dry-run: compile the run's programs for this TPU slice with libtpu (no TPU "
+                        "needed; NAME as libtpu spells it: v5p:8x8x8, v5e:4x4, v6e:2x2, v4:2x2x1, ...) and print "
+                        "the plan beside XLA's per-chip figures, ending with one JSON line")
     p.add_argument("--devices", type=int, default=None, help="devices for --dry-run (default: those present)")
-    p.add_argument("--device-memory-gib", type=float, default=80.0, help="memory per device for --dry-run")
+    p.add_argument("--device-memory-gib", type=float, default=None,
+                   help="memory per device for --dry-run (default: 80; with --topology, the chip's HBM)")
     p.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default=None,
                    help="platform --dry-run plans for, which picks model.moe_impl=auto's dispatch "
                         "(default: the one present)")
     return p
 
 
-def dry_run(cfg, args) -> int:
-    """Prints the memory plan; status 2 when the layout does not fit."""
+def dry_run(cfg, args, stage) -> int:
+    """Prints the memory plan (with --topology: beside the compiled programs' figures);
+    status 2 when the layout does not fit."""
+    if args.topology:
+        return topology_dry_run(cfg, args, stage)
     import jax
 
     from dsjax.config import param_counts
     from train.plan import memory_plan
 
     devices = args.devices or jax.device_count()
+    memory = 80.0 if args.device_memory_gib is None else args.device_memory_gib
     try:
-        plan = memory_plan(cfg, devices, args.device_memory_gib, args.backend)
+        plan = memory_plan(cfg, devices, memory, args.backend)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -76,10 +89,59 @@ def dry_run(cfg, args) -> int:
     print(plan.table())
     if not plan.fits:
         print(f"error: the layout needs {plan.total / 2**30:.1f} GiB per device but a device has "
-              f"{args.device_memory_gib:g} GiB; try more fsdp/expert sharding, model.remat_policy=full "
+              f"{memory:g} GiB; try more fsdp/expert sharding, model.remat_policy=full "
               f"or a smaller train.batch_size", file=sys.stderr)
         return 2
     print("fits")
+    return 0
+
+
+def topology_dry_run(cfg, args, stage) -> int:
+    """--dry-run --topology NAME: the run's programs compiled for a TPU slice
+    (train/aot.py); prints the plan, each program's per-chip figures, and one JSON line.
+    Status 2 without libtpu, for a topology or layout that cannot be, or when the
+    compiled programs do not fit a chip."""
+    import json
+
+    from dsjax.config import ConfigError
+    from sharding.topology import TopologyUnavailable, have_libtpu
+
+    if not have_libtpu():
+        print('error: --topology compiles with libtpu, which is not installed: pip install "dsjax[tpu]"',
+              file=sys.stderr)
+        return 2
+    from train.aot import compile_for_topology
+
+    try:
+        result = compile_for_topology(cfg, stage, args.topology, args.device_memory_gib)
+    except (TopologyUnavailable, ValueError, ConfigError) as e:
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    GiB = 2**30
+    print(f"{args.topology}: {result.chips} chips of {result.device_kind!r}, {result.hbm_gib:g} GiB HBM each; "
+          f"stage {result.stage}; model resolved for 'tpu': attn_kernel={result.cfg.model.attn_kernel!r}, "
+          f"moe_impl={result.cfg.model.moe_impl!r}, layer_loop={result.cfg.model.layer_loop!r}")
+    print("plan (train/plan.py):")
+    print(result.plan.table())
+    print("compiled by XLA:TPU, per chip (GiB):")
+    for p in result.programs:
+        if p.refused:
+            print(f"  {p.name}: refused by XLA:TPU: {p.refused}")
+            continue
+        print(f"  {p.name}: argument {p.argument / GiB:.2f}, output {p.output / GiB:.2f}, temp {p.temp / GiB:.2f}, "
+              f"alias {p.alias / GiB:.2f}" + (f", resident state {p.resident / GiB:.2f}" if p.resident else "")
+              + f", generated code {p.generated_code / 2**20:.1f} MiB -> peak {p.peak / GiB:.2f}; "
+              f"compiled in {p.seconds:.1f} s")
+        print(f"    collectives: {', '.join(f'{k} {v}' for k, v in p.collectives.items()) or 'none'}")
+        print(f"    custom calls: {', '.join(f'{k} {v}' for k, v in p.custom_calls.items()) or 'none'}")
+    line = result.summary()
+    print(json.dumps(line))
+    if not result.fits:
+        print(f"error: the run's programs need {line['compiled_gib']:.1f} GiB per chip (arguments + temporaries"
+              f"{', as XLA:TPU refused it' if any(p.refused for p in result.programs) else ''}) but a chip has "
+              f"{result.hbm_gib:g} GiB; try more fsdp/expert sharding, model.remat_policy=full or a smaller "
+              f"train.batch_size", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -114,8 +176,11 @@ def main(argv: list[str] | None = None, keep_buffers: bool = False) -> int:
 
         print(config_yaml(cfg, args.stage), end="")
         return 0
+    if args.topology and not args.dry_run:
+        print("error: --topology goes with --dry-run", file=sys.stderr)
+        return 2
     if args.dry_run:
-        return dry_run(cfg, args)
+        return dry_run(cfg, args, spec)
     from sharding.mesh import initialize_distributed
     from train.loop import RunStopped, run_stage
 

@@ -9,7 +9,13 @@ the rules say. Activations are an estimate, per device, of what the backward pas
   k routed copies and the shared experts);
 - `dots` / `dots_no_batch`: the matmul outputs among those (scores included);
 - `full`: each layer's input, plus one layer's intermediates while it is recomputed;
-plus the float32 logits of the main head and the MTP heads.
+plus the float32 logits of the main head and the MTP heads; and, under fsdp, two scanned
+layers' weights gathered in the compute dtype with their whole float32 gradients (the
+layer running and the one XLA's collective pipelining gathers or reduces beside it).
+
+`python -m train --dry-run --topology NAME` compiles the same step for a TPU slice
+(train/aot.py) and prints this plan beside XLA:TPU's memory analysis; docs/scaling.md
+gives the two side by side for small, V2-Lite and V3.
 """
 
 from __future__ import annotations
@@ -88,12 +94,38 @@ def _layer_activation_values(cfg, seq_len: int, moe: bool, tensor: int, dispatch
     return dots + 6 * D, dots
 
 
-def memory_plan(run_cfg, num_devices: int, device_memory_gib: float, backend: str | None = None) -> MemoryPlan:
+def gathered_layer_bytes(boxed_params, sizes: dict[str, int], preset: str) -> int:
+    """float32 bytes of the largest scanned layer's weights on one device once gathered over
+    the `fsdp` axis (experts and tensor splits kept): what a layer of the scan all-gathers
+    before it runs, and the size of its weight gradient before the reduce-scatter."""
+    import flax.linen as nn
+
+    whole = {**sizes, "fsdp": 1}
+    best = 0
+    for name in ("dense_layers", "moe_layers"):
+        stack = boxed_params.get(name)
+        if not stack:
+            continue
+        first = jax.tree.leaves(stack, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+        layers = (first.value if isinstance(first, nn.LogicallyPartitioned) else first).shape[0]
+        best = max(best, per_device_bytes(stack, whole, preset) // layers)
+    return best
+
+
+def memory_plan(run_cfg, num_devices: int, device_memory_gib: float, backend: str | None = None, *,
+                batch_size: int | None = None, seq_len: int | None = None, reference: bool = False,
+                mtp: bool = True) -> MemoryPlan:
     """Per-device memory of training `run_cfg` on `num_devices` devices of `backend`
     ('cpu', 'gpu' or 'tpu'; default: that of JAX's devices; the model's implementation
-    choices are resolved for it), allocating nothing."""
+    choices are resolved for it), allocating nothing.
+
+    `batch_size` / `seq_len` replace train.batch_size / train.seq_len (GRPO's update
+    step trains on its rollout's rows); `reference` adds a frozen float32 copy of the
+    parameters (GRPO with beta > 0); `mtp=False` leaves out the MTP heads' activations and
+    logits (a step that does not call them: GRPO)."""
     cfg = impl.resolve(run_cfg.model.replace(param_dtype="float32"), backend or impl.platform_of(jax.devices()))
-    tcfg = run_cfg.train
+    tcfg = dataclasses.replace(run_cfg.train, batch_size=batch_size or run_cfg.train.batch_size,
+                               seq_len=seq_len or run_cfg.train.seq_len)
     sizes = run_cfg.mesh.sizes(num_devices)
     boxed = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 1), jnp.int32))
     preset = run_cfg.mesh.rules
@@ -110,7 +142,8 @@ def memory_plan(run_cfg, num_devices: int, device_memory_gib: float, backend: st
     dense_all, dense_dots = _layer_activation_values(cfg, tcfg.seq_len, False, sizes["tensor"], dispatch, False)
     moe_all, moe_dots = _layer_activation_values(cfg, tcfg.seq_len, True, sizes["tensor"], dispatch,
                                                  expert_parallel, tokens)
-    L_dense, L_moe = cfg.num_dense_layers, cfg.num_moe_layers + cfg.num_nextn_predict_layers
+    heads = cfg.num_nextn_predict_layers if mtp else 0  # MTP modules the step calls
+    L_dense, L_moe = cfg.num_dense_layers, cfg.num_moe_layers + heads
     if cfg.remat_policy == "none":
         per_token = L_dense * dense_all + L_moe * moe_all
     elif cfg.remat_policy == "full":
@@ -119,13 +152,21 @@ def memory_plan(run_cfg, num_devices: int, device_memory_gib: float, backend: st
         per_token = L_dense * dense_dots + L_moe * moe_dots
     vocab_split = sizes["tensor"] if preset == "fsdp_tp" else 1
     # Per head, float32: the logits, their exponentials and their gradient.
-    logits = 3 * tokens * cfg.vocab_size / vocab_split * 4 * (1 + cfg.num_nextn_predict_layers)
+    logits = 3 * tokens * cfg.vocab_size / vocab_split * 4 * (1 + heads)
     rows = {
         "parameters (fp32)": params,
         "gradients (fp32)": params,
         "AdamW moments (fp32)": 2 * params,
+        **({"reference parameters (fp32)": params} if reference else {}),
         "router bias": bias,
         f"activations ({cfg.remat_policy})": int(tokens * per_token * act_bytes + logits),
     }
+    if sizes["fsdp"] > 1:
+        # A scanned layer runs on its weights gathered over fsdp (in the compute dtype) and
+        # makes its weight gradient whole (float32) before reducing it over fsdp; two layers
+        # of both are live at once: XLA's collective pipelining gathers the next layer and
+        # reduces the last one's gradient while a layer computes.
+        layer = gathered_layer_bytes(boxed["params"], sizes, preset)
+        rows["gathered layers (2, fsdp)"] = int(2 * layer * (act_bytes / 4 + 1))
     return MemoryPlan({a: sizes[a] for a in AXES}, rows, int(device_memory_gib * GiB),
                       "expert-parallel" if expert_parallel else dispatch)
