@@ -133,9 +133,11 @@ class ModelConfig:
         dsjax/attention.py: the scores are never all live; absorbed MLA attends to the
         shared latents the same way), 'cudnn' (jax.nn.dot_product_attention's cuDNN flash
         attention for the naive form, V padded to the key width, blockwise where cuDNN
-        refuses the shapes; GPUs, bf16/fp16), 'cpu' (the CPU wing: its native kernels in
-        float32, blockwise otherwise) or 'auto' (default; `dsjax.impl.resolve`). One-query
-        decoding steps run dense under every kernel.
+        refuses the shapes; GPUs, bf16/fp16), 'splash' (Pallas's splash attention for the
+        naive form's causal calls, dsjax/splash_attention.py: TPUs, interpreted elsewhere,
+        blockwise where it cannot take the call), 'cpu' (the CPU wing: its native kernels
+        in float32, blockwise otherwise) or 'auto' (default; `dsjax.impl.resolve`: 'splash'
+        on a TPU). One-query decoding steps run dense under every kernel.
       layer_loop: how the stacked layers run: 'scan' (one compiled layer, looped),
         'unroll' (the same stacked weights, the loop unrolled at compile time),
         'unroll_single_device' (unrolled on one device, scanned under a mesh of several) or
