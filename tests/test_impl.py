@@ -160,19 +160,14 @@ def _logits_and_tokens(cfg, tokens, variables):
     return np.asarray(model.apply(variables, tokens).logits), np.asarray(gen.tokens), np.asarray(gen.logprobs)
 
 
-def test_without_the_kernels_the_model_gives_the_wing_logits(no_compiler):
-    cfg, tokens, variables = _tiny()
-    assert not kernels.available()
-    logits, gen, logprobs = _logits_and_tokens(cfg, tokens, variables)
-    reference = cfg.replace(attn_kernel="dense", moe_impl="dense", matmul_impl="xla", layer_loop="scan")
-    ref_logits, ref_gen, ref_logprobs = _logits_and_tokens(reference, tokens, variables)
-    np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
-    np.testing.assert_array_equal(gen, ref_gen)
-    np.testing.assert_allclose(logprobs, ref_logprobs, atol=1e-5)
-
-
-def test_with_the_kernels_the_model_gives_the_reference_logits():
-    if not kernels.available():
+@pytest.mark.parametrize("built", [False, True], ids=["no_compiler", "kernels_built"])
+def test_the_model_gives_the_reference_logits_with_or_without_the_kernels(built, request):
+    """The CPU wing's forms (native kernels where they build, the wing's XLA forms where no
+    compiler exists) give the reference forms' logits, greedy tokens and logprobs."""
+    if not built:
+        request.getfixturevalue("no_compiler")
+        assert not kernels.available()
+    elif not kernels.available():
         pytest.skip(reason="no C++ compiler: the CPU wing's native kernels cannot build here")
     cfg, tokens, variables = _tiny()
     logits, gen, logprobs = _logits_and_tokens(cfg, tokens, variables)
