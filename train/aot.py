@@ -197,6 +197,9 @@ class Compiled:
 
         compiled = self.compiled_bytes / GiB
         plan = self.plan.total / GiB
+        # A refused program's figure is XLA's requirement as it gave up, not a compiled
+        # peak: no ratio is drawn against it.
+        refused = next((p.refused for p in self.programs if p.refused), "")
         return {"topology": self.topology, "device_kind": self.device_kind, "chips": self.chips,
                 "mesh": self.plan.mesh, "stage": self.stage,
                 "params_b": round(param_counts(self.cfg.model)["total"] / 1e9, 3),
@@ -204,7 +207,8 @@ class Compiled:
                 "dtype": self.cfg.model.dtype, "remat_policy": self.cfg.model.remat_policy,
                 "moe_impl": self.cfg.model.moe_impl, "attn_kernel": self.cfg.model.attn_kernel,
                 "hbm_gib": self.hbm_gib, "plan_gib": round(plan, 3), "compiled_gib": round(compiled, 3),
-                "plan_vs_compiled": round(plan / compiled, 3) if compiled else None, "fits": self.fits,
+                "plan_vs_compiled": round(plan / compiled, 3) if compiled and not refused else None,
+                "fits": self.fits, **({"refused": refused} if refused else {}),
                 "compile_s": round(sum(p.seconds for p in self.programs), 1),
                 "programs": {p.name: p.figures() for p in self.programs}}
 
