@@ -75,6 +75,7 @@ def test_tiny_grpo_update_and_rollout_compile_for_a_v5p(capsys):
                                  "--set", "grpo.group_size=2", "--set", "grpo.max_new_tokens=16")
     assert status == 0, err
     assert KEYS <= set(line) and line["stage"] == "grpo"
+    assert line["batch_size"] == 4 * 2  # an update's rows: prompts x group
     update, rollout = line["programs"]["grpo_update"], line["programs"]["rollout"]
     for program in (update, rollout):
         assert not _cpu_calls(program), program["custom_calls"]

@@ -168,6 +168,7 @@ class Compiled:
     Attributes:
       topology / device_kind / chips / hbm_gib: the slice.
       stage: the stage's name.
+      batch: (rows, tokens per row) of a training step's batch (GRPO: of an update).
       cfg: the run config with the model resolved for 'tpu'.
       plan: train/plan.py's MemoryPlan of the same layout (GRPO: of its update step).
       programs: the compiled programs.
@@ -178,6 +179,7 @@ class Compiled:
     chips: int
     hbm_gib: float
     stage: str
+    batch: tuple[int, int]
     cfg: Any
     plan: MemoryPlan
     programs: list[Program]
@@ -203,7 +205,7 @@ class Compiled:
         return {"topology": self.topology, "device_kind": self.device_kind, "chips": self.chips,
                 "mesh": self.plan.mesh, "stage": self.stage,
                 "params_b": round(param_counts(self.cfg.model)["total"] / 1e9, 3),
-                "batch_size": self.cfg.train.batch_size, "seq_len": self.cfg.train.seq_len,
+                "batch_size": self.batch[0], "seq_len": self.batch[1],
                 "dtype": self.cfg.model.dtype, "remat_policy": self.cfg.model.remat_policy,
                 "moe_impl": self.cfg.model.moe_impl, "attn_kernel": self.cfg.model.attn_kernel,
                 "hbm_gib": self.hbm_gib, "plan_gib": round(plan, 3), "compiled_gib": round(compiled, 3),
@@ -256,10 +258,11 @@ def compile_for_topology(cfg, stage_spec, topology: str, hbm: float | None = Non
         with jax.set_mesh(mesh):
             programs = _grpo_programs(run, stage, abstract_state)
     else:
+        rows, seq_len = tcfg.batch_size, tcfg.seq_len
         plan = memory_plan(cfg, len(devices), hbm, "tpu")  # ValueError for a batch the mesh cannot split
         with jax.set_mesh(mesh):
             programs = _supervised_programs(run, stage_spec.name, stage_cls, abstract_state)
-    return Compiled(topology, kind, len(devices), hbm, stage_spec.name, cfg, plan, programs)
+    return Compiled(topology, kind, len(devices), hbm, stage_spec.name, (rows, seq_len), cfg, plan, programs)
 
 
 def _supervised_programs(run, name: str, stage_cls, abstract_state) -> list[Program]:
