@@ -12,6 +12,7 @@ import yaml
 
 import dsjax
 from dsjax.config import ConfigError, RopeScaling, config_from_dict, param_counts
+from dsjax.impl import IMPL_FIELDS
 from dsjax.hf import abstract_variables
 from train.config import build_config
 from train.stages import all_stages
@@ -36,7 +37,8 @@ def test_every_yaml_under_configs_parses():
 def test_hf_round_trip_of_config():
     for name in dsjax.preset_names():
         cfg = dsjax.load_model_config(name)
-        again = dsjax.ModelConfig.from_hf(cfg.to_hf(), dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        impl_choices = {field: getattr(cfg, field) for field in IMPL_FIELDS}  # not HF keys: carried over
+        again = dsjax.ModelConfig.from_hf(cfg.to_hf(), **impl_choices)
         assert again == cfg, name
         hash(cfg)  # usable as a static jit argument
 
