@@ -32,6 +32,8 @@ LAYOUTS = (
                                        "model.dtype=bfloat16", "model.remat_policy=full")),
     ("deepseek-v2-lite", "v5e:2x4", ("mesh.fsdp=8", "train.batch_size=8", "train.seq_len=4096",
                                      "model.dtype=bfloat16", "model.remat_policy=full")),
+    ("deepseek-v2-lite", "v5e:8x8", ("mesh.fsdp=64", "train.batch_size=64", "train.seq_len=4096",
+                                     "model.dtype=bfloat16", "model.remat_policy=full")),
     ("deepseek-v3-671b", "v5p:8x8x8", ("mesh.fsdp=64", "mesh.expert=8", "train.batch_size=512",
                                        "train.seq_len=4096", "model.dtype=bfloat16")),
 )
