@@ -334,12 +334,10 @@ def fused_attention(q, k, v, mask, scale: float, implementation: str | None = "c
     return o[..., :V]
 
 
-def cudnn_or_blockwise(q, k, v, mask, scale: float, fallback: bool, causal: bool = False) -> jnp.ndarray:
-    """`fused_attention` on cuDNN; where cuDNN refuses the shapes or the machine (it says so
-    while tracing), `blockwise_attention` (with `causal`) when `fallback`, else its error."""
+def cudnn_or_blockwise(q, k, v, mask, scale: float, causal: bool = False) -> jnp.ndarray:
+    """`fused_attention` on cuDNN; where cuDNN refuses the shapes or the machine (it raises
+    one of these while tracing), `blockwise_attention` (with `causal`)."""
     try:
         return fused_attention(q, k, v, mask, scale, implementation="cudnn")
     except (NotImplementedError, RuntimeError, ValueError):
-        if not fallback:
-            raise
         return blockwise_attention(q, k, v, mask, scale, causal=causal)

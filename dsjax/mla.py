@@ -148,7 +148,7 @@ class MLA(nn.Module):
                 o = jnp.einsum("bhts,bshv->bthv", probs, v)
         elif kernel == "cudnn":
             with jax.named_scope("cudnn_attention"):
-                o = cudnn_or_blockwise(q, k, v, mask, scale, fallback=True, causal=causal).astype(dt)
+                o = cudnn_or_blockwise(q, k, v, mask, scale, causal=causal).astype(dt)
         elif kernel == "splash":
             with jax.named_scope("splash_attention"):
                 o = splash_or_blockwise(q, k, v, mask, scale, causal=causal).astype(dt)

@@ -93,8 +93,9 @@ def device_hbm_gib(name: str) -> float:
 def topology_mesh(cfg: MeshConfig, name: str) -> Mesh:
     """A Mesh with the axes `AXES` over the chips of the TPU slice `name`, sized by `cfg`
     (one axis may be -1), laid out on the slice's physical torus by
-    `jax.experimental.mesh_utils` where it can, else in the chips' order. ValueError when
-    the sizes do not fit the slice."""
+    `jax.experimental.mesh_utils` where it can (it raises ValueError, NotImplementedError or
+    AssertionError for a shape it cannot lay on the torus), else in the chips' order.
+    ValueError when the sizes do not fit the slice."""
     from jax.experimental import mesh_utils
 
     devices = list(topology_devices(name))
