@@ -29,11 +29,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsjax import impl
 from dsjax.model import unbox
-from sharding.rules import activation_rules, tree_shardings
+from sharding.rules import tree_shardings
 from sharding.topology import device_hbm_gib, topology_devices, topology_mesh
-from train.optim import make_optimizer
 from train.plan import GiB, MemoryPlan, memory_plan
-from train.steps import TrainState, state_shardings
+from train.steps import TrainState
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
                "collective-permute", "collective-broadcast")
@@ -228,26 +227,18 @@ def compile_for_topology(cfg, stage_spec, topology: str, hbm: float | None = Non
       Compiled. Raises sharding.topology.TopologyUnavailable without libtpu, ValueError for
       a topology, layout or batch that cannot be (its message names it).
     """
-    from train.loop import Run
+    from train.loop import build_run
 
     devices = topology_devices(topology)
     kind = str(devices[0].device_kind)
     hbm = device_hbm_gib(topology) if hbm is None else hbm
     mesh = topology_mesh(cfg.mesh, topology)
-    # As train.loop.run_stage: the model resolved for the mesh's platform, float32 masters.
-    cfg = cfg.replace_section("model", impl.resolve(cfg.model, "tpu").replace(param_dtype="float32"))
-    stage_cls, tcfg = stage_spec.stage, cfg.train
-    model = stage_cls.build_model(cfg.model)
-    boxed = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, tcfg.seq_len), jnp.int32))
-    tx, lr_schedule = make_optimizer(tcfg, boxed["params"])
+    stage_cls = stage_spec.stage
+    run, boxed = build_run(cfg, mesh, "tpu", stage_cls)
+    cfg, tcfg, tx, state_sh = run.cfg, run.cfg.train, run.tx, run.state_sh
     reference = stage_cls.needs_reference(cfg)
-    state_sh = state_shardings(boxed, tx, mesh, cfg.mesh.rules, reference=reference)
-    batch_sh = NamedSharding(mesh, P(("data", "fsdp", "expert")))
     abstract_state = jax.eval_shape(lambda v: TrainState.start(v, tx, reference), unbox(boxed))
     abstract_state = _abstract(abstract_state, state_sh)
-    run = Run(cfg=cfg, workdir="", lead=True, mesh=mesh, rules=activation_rules(cfg.mesh.rules), model=model,
-              tokenizer=None, tx=tx, lr_schedule=lr_schedule, state_sh=state_sh, batch_sh=batch_sh,
-              local_batch=tcfg.batch_size, process_index=0, process_count=1)
     # Plans and stages are built outside the mesh: what they compute runs on this host, and
     # the slice's compile-only chips can hold no array.
     if stage_spec.name == "grpo":

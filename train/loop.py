@@ -247,6 +247,27 @@ def _initial_variables(run: Run, abstract_state: TrainState, heads: tuple[str, .
     return {"params": variables["params"], "moe_bias": variables.get("moe_bias", {})}
 
 
+def build_run(cfg, mesh, platform: str, stage_cls: type[Stage], *, workdir: str = "", tokenizer=None,
+              lead: bool = True, process_index: int = 0, process_count: int = 1):
+    """The `Run` of `stage_cls` on `mesh` (what `run_stage` trains and `train.aot` compiles):
+    the model built from `cfg.model` resolved for `platform` with float32 master weights,
+    the optimizer, and the state and batch shardings. Returns (run, the model's boxed
+    abstract variables). ValueError for parameters the mesh cannot split."""
+    model_cfg = impl.resolve(cfg.model, platform).replace(param_dtype="float32")
+    cfg = cfg.replace_section("model", model_cfg)
+    tcfg = cfg.train
+    model = stage_cls.build_model(cfg.model)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, tcfg.seq_len), jnp.int32))
+    tx, lr_schedule = make_optimizer(tcfg, boxed["params"])
+    state_sh = state_shardings(boxed, tx, mesh, cfg.mesh.rules, reference=stage_cls.needs_reference(cfg))
+    run = Run(cfg=cfg, workdir=workdir, lead=lead, mesh=mesh, rules=activation_rules(cfg.mesh.rules), model=model,
+              tokenizer=tokenizer, tx=tx, lr_schedule=lr_schedule, state_sh=state_sh,
+              batch_sh=NamedSharding(mesh, P(("data", "fsdp", "expert"))),
+              local_batch=tcfg.batch_size // process_count, process_index=process_index,
+              process_count=process_count)
+    return run, boxed
+
+
 def run_stage(cfg, workdir: str, stage_cls: type[Stage]) -> int:
     """Runs `stage_cls` under `cfg` in `workdir`, resuming it if it holds a checkpoint
     (jax.distributed, when the run has several processes, is started by the caller).
@@ -268,27 +289,19 @@ def run_stage(cfg, workdir: str, stage_cls: type[Stage]) -> int:
         mesh = make_mesh(cfg.mesh)
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
-    cfg = cfg.replace_section("model", impl.resolve(cfg.model, impl.platform_of(mesh)))
     n_proc, proc = jax.process_count(), jax.process_index()
     if tcfg.batch_size % n_proc:
         raise ConfigError(f"train.batch_size={tcfg.batch_size} does not divide over {n_proc} processes")
-    if cfg.model.param_dtype != "float32":
-        if lead:
-            print(f"training keeps float32 master weights (model.param_dtype={cfg.model.param_dtype} "
-                  "is used for checkpoints exported to Hugging Face)")
-        cfg = cfg.replace_section("model", cfg.model.replace(param_dtype="float32"))
-    model = stage_cls.build_model(cfg.model)
-    boxed = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, tcfg.seq_len), jnp.int32))
-    tx, lr_schedule = make_optimizer(tcfg, boxed["params"])
-    reference = stage_cls.needs_reference(cfg)
+    if cfg.model.param_dtype != "float32" and lead:
+        print(f"training keeps float32 master weights (model.param_dtype={cfg.model.param_dtype} "
+              "is used for checkpoints exported to Hugging Face)")
     try:
-        state_sh = state_shardings(boxed, tx, mesh, cfg.mesh.rules, reference=reference)
+        run, _ = build_run(cfg, mesh, impl.platform_of(mesh), stage_cls, workdir=workdir, tokenizer=tokenizer,
+                           lead=lead, process_index=proc, process_count=n_proc)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    run = Run(cfg=cfg, workdir=workdir, lead=lead, mesh=mesh, rules=activation_rules(cfg.mesh.rules), model=model,
-              tokenizer=tokenizer, tx=tx, lr_schedule=lr_schedule, state_sh=state_sh,
-              batch_sh=NamedSharding(mesh, P(("data", "fsdp", "expert"))), local_batch=tcfg.batch_size // n_proc,
-              process_index=proc, process_count=n_proc)
+    cfg, model, tx, state_sh = run.cfg, run.model, run.tx, run.state_sh
+    reference = stage_cls.needs_reference(cfg)
 
     def init_state(rng):
         return TrainState.start(unbox(model.init(rng, jnp.zeros((1, tcfg.seq_len), jnp.int32))), tx, reference)
