@@ -148,6 +148,12 @@ class Stage(abc.ABC):
         """Whether the state carries frozen reference parameters (GRPO with beta > 0)."""
         return False
 
+    @classmethod
+    def updates_per_step(cls, cfg) -> int:
+        """Optimizer updates one step makes (GRPO: mu x minibatches); the learning-rate and
+        bias schedules count steps, not updates."""
+        return 1
+
     def __init__(self, run: Run):
         self.run = run
         self.tokens_per_step = run.cfg.train.batch_size * run.cfg.train.seq_len
@@ -258,7 +264,7 @@ def build_run(cfg, mesh, platform: str, stage_cls: type[Stage], *, workdir: str 
     tcfg = cfg.train
     model = stage_cls.build_model(cfg.model)
     boxed = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, tcfg.seq_len), jnp.int32))
-    tx, lr_schedule = make_optimizer(tcfg, boxed["params"])
+    tx, lr_schedule = make_optimizer(tcfg, boxed["params"], stage_cls.updates_per_step(cfg))
     state_sh = state_shardings(boxed, tx, mesh, cfg.mesh.rules, reference=stage_cls.needs_reference(cfg))
     run = Run(cfg=cfg, workdir=workdir, lead=lead, mesh=mesh, rules=activation_rules(cfg.mesh.rules), model=model,
               tokenizer=tokenizer, tx=tx, lr_schedule=lr_schedule, state_sh=state_sh,

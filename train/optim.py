@@ -36,9 +36,24 @@ def decay_mask(boxed_params):
     return jax.tree.map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
-def make_optimizer(tcfg, boxed_params) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with clipping; float32 moments whatever the parameter dtype."""
-    schedule = lr_schedule(tcfg)
+def make_optimizer(tcfg, boxed_params, updates_per_step: int = 1) -> tuple[optax.GradientTransformation,
+                                                                            optax.Schedule]:
+    """AdamW with clipping; float32 moments whatever the parameter dtype.
+
+    Args:
+      tcfg: the TrainConfig (lr, schedule, steps, AdamW and clipping settings).
+      boxed_params: the model's boxed abstract parameters (for the weight-decay mask).
+      updates_per_step: optimizer updates per training step (GRPO: mu x minibatches);
+        the schedule is counted in training steps, so update u uses the schedule at
+        step u // updates_per_step.
+
+    Returns:
+      (the optimizer, the schedule as a function of the update count).
+    """
+    if updates_per_step < 1:
+        raise ValueError(f"updates_per_step={updates_per_step} must be at least 1")
+    base = lr_schedule(tcfg)
+    schedule = base if updates_per_step == 1 else (lambda count: base(count // updates_per_step))
     tx = optax.chain(
         optax.clip_by_global_norm(tcfg.grad_clip),
         optax.adamw(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=tcfg.weight_decay,

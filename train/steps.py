@@ -68,20 +68,26 @@ def update_moe_bias(moe_bias: dict, out: ModelOutput, gamma) -> dict:
     return new
 
 
-def schedules(tcfg):
-    """(mtp lambda, bias gamma) as functions of the step, for use inside jit. A switch at
-    1.0 (never) leaves train.steps out of the program, so runs that differ only in their
-    length compile the same step (and share the compilation cache)."""
+def schedules(tcfg, updates_per_step: int = 1):
+    """(mtp lambda, bias gamma) as functions of the update count, for use inside jit. A
+    switch at 1.0 (never) leaves train.steps out of the program, so runs that differ only
+    in their length compile the same step (and share the compilation cache).
+
+    `updates_per_step` optimizer updates make one training step (GRPO: mu x minibatches);
+    the switches fall on training steps, so update u counts as step u // updates_per_step.
+    """
+    if updates_per_step < 1:
+        raise ValueError(f"updates_per_step={updates_per_step} must be at least 1")
     switch = int(tcfg.mtp_lambda_switch * tcfg.steps) if tcfg.mtp_lambda_switch < 1 else None
     stop = int(tcfg.bias_update_stop * tcfg.steps) if tcfg.bias_update_stop < 1 else None
 
-    def mtp_lambda(step):
+    def mtp_lambda(update):
         return jnp.asarray(tcfg.mtp_lambda) if switch is None else jnp.where(
-            step < switch, tcfg.mtp_lambda, tcfg.mtp_lambda_final)
+            update // updates_per_step < switch, tcfg.mtp_lambda, tcfg.mtp_lambda_final)
 
-    def gamma(step):
+    def gamma(update):
         return jnp.asarray(tcfg.bias_update_speed) if stop is None else jnp.where(
-            step < stop, tcfg.bias_update_speed, 0.0)
+            update // updates_per_step < stop, tcfg.bias_update_speed, 0.0)
 
     return mtp_lambda, gamma
 

@@ -45,7 +45,7 @@ def make_grpo_step(model, tx, g: GRPOConfig, tcfg, lr_schedule, max_tokens: int,
     [B, T] with `use_old` (several updates per rollout), otherwise the policy's own
     log-probs without gradient (the on-policy ratio is 1 with the right gradient).
     """
-    _, gamma = schedules(tcfg)
+    _, gamma = schedules(tcfg, g.mu * g.minibatches)
 
     def loss_fn(params, moe_bias, batch):
         out = apply_model(model, params, moe_bias, batch["inputs"], mtp=False, rules=rules)
@@ -95,6 +95,10 @@ class GRPOStage(Stage):
     @classmethod
     def needs_reference(cls, cfg) -> bool:
         return cfg.grpo.beta > 0
+
+    @classmethod
+    def updates_per_step(cls, cfg) -> int:
+        return cfg.grpo.mu * cfg.grpo.minibatches
 
     def __init__(self, run: Run):
         super().__init__(run)
