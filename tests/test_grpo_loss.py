@@ -132,3 +132,28 @@ def test_equal_rewards_give_zero_policy_gradient():
     grad = jax.grad(lambda lp: policy_loss(lp, jnp.asarray(old[:6]), None, adv, jnp.asarray(mask[:6]))[0])(
         jnp.asarray(logp[:6]))
     assert np.all(np.asarray(grad) == 0)
+
+
+@pytest.mark.parametrize("importance", ["token", "sequence"])
+def test_garbage_outside_the_mask_changes_nothing(importance):
+    """Log-probs of +-1e4 and +-inf outside the mask (exp overflows there): the loss,
+    metrics and gradient equal those with plain values there, all finite."""
+    logp, old, ref, adv, mask = _batch(4)
+    garbage = np.where(np.arange(logp.shape[1]) % 2 == 0, 1e4, -1e4).astype(np.float32)[None]
+    garbage = np.broadcast_to(garbage, logp.shape).copy()
+    garbage[5, :2] = [np.inf, -np.inf]
+    mask[5, :2] = False
+
+    def run(old, ref):
+        def loss(lp):
+            return policy_loss(lp, jnp.asarray(old), jnp.asarray(ref), jnp.asarray(adv), jnp.asarray(mask),
+                               epsilon=0.2, epsilon_high=0.28, beta=0.04, importance=importance)
+        (value, metrics), grad = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(logp))
+        return value, metrics, grad
+
+    clean = run(old, ref)
+    for bad_old, bad_ref in ((np.where(mask, old, garbage), ref), (old, np.where(mask, ref, -garbage)),
+                             (np.where(mask, old, -garbage), np.where(mask, ref, garbage))):
+        got = run(bad_old, bad_ref)
+        assert np.isfinite(float(got[0])) and np.all(np.isfinite(np.asarray(got[2])))
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, clean)

@@ -37,15 +37,17 @@ def group_advantages(rewards: jnp.ndarray, scale: str = "group", eps: float = 1e
 
 
 def aggregate(per_token: jnp.ndarray, mask: jnp.ndarray, how: str, max_tokens: int) -> jnp.ndarray:
-    """per_token: [B, T]; mask: bool [B, T] -> scalar, aggregated as `how`."""
+    """per_token: [B, T]; mask: bool [B, T] -> scalar, aggregated as `how`. Positions
+    outside the mask are selected away, not multiplied by 0 (0 x inf would be NaN)."""
     m = mask.astype(jnp.float32)
+    kept = jnp.where(mask, per_token, 0.0)
     if how == "seq-mean-token-mean":
-        per_seq = jnp.sum(per_token * m, axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
+        per_seq = jnp.sum(kept, axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
         return jnp.mean(per_seq)
     if how == "token-mean":
-        return jnp.sum(per_token * m) / jnp.maximum(m.sum(), 1.0)
+        return jnp.sum(kept) / jnp.maximum(m.sum(), 1.0)
     if how == "dr_grpo":
-        return jnp.sum(per_token * m) / (per_token.shape[0] * max_tokens)
+        return jnp.sum(kept) / (per_token.shape[0] * max_tokens)
     raise ValueError(f"loss_agg={how!r} is not one of {list(AGGREGATIONS)}")
 
 
@@ -62,13 +64,17 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, epsilon: float = 
       advantages: [B]; mask: bool [B, T], the completion tokens.
     Returns:
       (loss scalar, metrics dict: pg_loss, kl, clip_frac_low, clip_frac_high, ratio_mean).
+
+    Positions outside `mask` (prompt, padding) may hold any log-probs, even huge or
+    infinite ones: they are replaced by 0 before `exp` (not multiplied by 0 after it),
+    so neither the loss nor its gradient sees exp(89) = inf or 0 x inf = NaN.
     """
     if importance not in IMPORTANCE:
         raise ValueError(f"importance={importance!r} is not one of {list(IMPORTANCE)}")
     m = mask.astype(jnp.float32)
-    log_ratio = logp - old_logp
+    log_ratio = jnp.where(mask, logp - old_logp, 0.0)
     if importance == "sequence":
-        seq = jnp.sum(log_ratio * m, axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
+        seq = jnp.sum(log_ratio, axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
         log_ratio = jnp.broadcast_to(seq[:, None], logp.shape)
     ratio = jnp.exp(log_ratio)
     adv = advantages[:, None].astype(jnp.float32)
@@ -77,16 +83,16 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, epsilon: float = 
     per_token = pg
     kl = jnp.zeros_like(pg)
     if beta:
-        delta = ref_logp - logp
+        delta = jnp.where(mask, ref_logp - logp, 0.0)
         kl = jnp.exp(delta) - delta - 1.0
         per_token = pg + beta * kl
     loss = aggregate(per_token, mask, loss_agg, max_tokens)
     tokens = jnp.maximum(m.sum(), 1.0)
     metrics = {
         "pg_loss": aggregate(pg, mask, loss_agg, max_tokens),
-        "kl": jnp.sum(kl * m) / tokens,
-        "clip_frac_low": jnp.sum(((ratio < 1.0 - epsilon) & (adv < 0)) * m) / tokens,
-        "clip_frac_high": jnp.sum(((ratio > 1.0 + epsilon_high) & (adv > 0)) * m) / tokens,
-        "ratio_mean": jnp.sum(ratio * m) / tokens,
+        "kl": jnp.sum(jnp.where(mask, kl, 0.0)) / tokens,
+        "clip_frac_low": jnp.sum((ratio < 1.0 - epsilon) & (adv < 0) & mask) / tokens,
+        "clip_frac_high": jnp.sum((ratio > 1.0 + epsilon_high) & (adv > 0) & mask) / tokens,
+        "ratio_mean": jnp.sum(jnp.where(mask, ratio, 0.0)) / tokens,
     }
     return loss, metrics
