@@ -32,6 +32,10 @@ _REWARDS: dict[str, Reward] = {}
 _BATCH: dict[str, BatchReward] = {}
 _MAX_ANSWER = 64  # characters of an integer answer that are compared at all
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+# The names a reward call passes besides a problem's own fields: its two arguments and what
+# the trainer knows about the sample. A problem (a prompt-file line) may not hold a field
+# of one of these names: it would collide with them in `reward(prompt, completion, **fields)`.
+RESERVED_FIELDS = ("prompt", "completion", "completion_tokens", "max_tokens", "overlong_buffer", "reward_seed")
 
 
 def register(name: str) -> Callable[[Reward], Reward]:
@@ -142,8 +146,9 @@ def accuracy(prompt: str, completion: str, **fields: Any) -> float:
 
 @register("format")
 def format_reward(prompt: str, completion: str, **fields: Any) -> float:
-    """1 for `<think>...</think> <answer>...</answer>` with each tag once, else 0."""
-    return float(parse_tags(completion) is not None)
+    """1 for `<think>...</think> <answer>...</answer>` with each tag once and a non-empty
+    answer (an empty chain of thought is allowed), else 0."""
+    return float(bool(answer_of(completion)))
 
 
 @register("integer_answer")

@@ -80,6 +80,9 @@ def test_arithmetic_solutions_show_the_work():
     ("<think>x</think><answer>8/(3-3)+8*8</answer>", {"numbers": [8, 3, 3, 8, 8], "target": 64}, 0, 1),
     ("<think>x</think><answer>__import__('os')</answer>", {"numbers": [1], "target": 1}, 0, 1),
     ("<think>x</think><answer>2**5</answer>", {"numbers": [2, 5], "target": 32}, 0, 1),
+    ("<think></think><answer></answer>", {"answer": "7"}, 0, 0),                   # no answer: no format reward
+    ("<think>x</think><answer> \n </answer>", {"answer": "7"}, 0, 0),
+    ("<think>x</think><answer></answer>", {"numbers": [19, 35, 44], "target": 28}, 0, 0),
 ])
 def test_rewards_on_hand_picked_completions(completion, fields, acc, fmt):
     assert rewards.accuracy("p", completion, **fields) == acc

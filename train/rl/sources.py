@@ -50,7 +50,8 @@ class Mixture:
 def read_prompts(path: str, language: str = "") -> list[Problem]:
     """The general prompts of a JSONL file as problems: {"prompt": ..., other fields} per
     line (the other fields reach the rewards; `language`, when given, is the default of
-    the `language` field). Raises ConfigError naming the file and line."""
+    the `language` field). Raises ConfigError naming the file and line, also for a field
+    named like an argument of the reward call (eval.rewards.RESERVED_FIELDS)."""
     if not os.path.isfile(path):
         raise ConfigError(f"prompt file {path} does not exist")
     try:
@@ -62,6 +63,11 @@ def read_prompts(path: str, language: str = "") -> list[Problem]:
         if not isinstance(row.get("prompt"), str) or not row["prompt"]:
             raise ConfigError(f"{path}:{n}: expected an object with a non-empty 'prompt' string")
         fields = {k: v for k, v in row.items() if k != "prompt"}
+        clash = [k for k in fields if k in rewards.RESERVED_FIELDS]
+        if clash:
+            raise ConfigError(f"{path}:{n}: field '{clash[0]}' is a name the reward call "
+                              f"reward(prompt, completion, **fields) passes itself (reserved: "
+                              f"{', '.join(rewards.RESERVED_FIELDS[1:])}); rename it")
         if language:
             fields.setdefault("language", language)
         problems.append(Problem(prompt=row["prompt"], question=row["prompt"], fields=fields, work="",
