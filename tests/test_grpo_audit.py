@@ -6,6 +6,7 @@ answer earns no format reward."""
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -105,3 +106,27 @@ def test_an_empty_answer_earns_no_format_reward_in_the_stage_scores():
     np.testing.assert_array_equal(scores.format, [0, 0, 1])
     np.testing.assert_array_equal(scores.parts["format"], [0, 0, 1])
     np.testing.assert_allclose(scores.reward, [0, 0, 1.1], rtol=1e-6)
+
+
+def test_updates_per_step_divides_the_update_count_in_every_schedule():
+    """make_optimizer's schedule and train.steps.schedules' gamma at update u are the step
+    schedules at u // updates_per_step; fewer than one update a step is refused."""
+    import dsjax
+    from train.optim import make_optimizer
+    from train.steps import schedules
+
+    cfg = build_config("grpo", ["train.steps=10", "train.warmup_steps=2", "train.schedule=cosine",
+                                "train.bias_update_stop=0.5", "train.bias_update_speed=0.01"], all_stages())
+    model = dsjax.Transformer(cfg.model)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    step_lr, (_, step_gamma) = lr_schedule(cfg.train), schedules(cfg.train)
+    _, lr = make_optimizer(cfg.train, boxed["params"], updates_per_step=3)
+    _, gamma = schedules(cfg.train, updates_per_step=3)
+    for u in range(30):
+        assert float(lr(u)) == float(step_lr(u // 3)), u
+        assert float(gamma(u)) == float(step_gamma(u // 3)), u
+    assert float(gamma(14)) == pytest.approx(0.01) and float(gamma(15)) == 0.0  # stops at step 5 = update 15
+    with pytest.raises(ValueError, match="updates_per_step=0 must be at least 1"):
+        make_optimizer(cfg.train, boxed["params"], updates_per_step=0)
+    with pytest.raises(ValueError, match="updates_per_step=0 must be at least 1"):
+        schedules(cfg.train, updates_per_step=0)
