@@ -19,7 +19,9 @@ device or the host), the prompts are split over the `batch` mesh axes of the
 logical-axis rules where the batch divides them (replicated over the others), the cache
 is created sharded by its logical axes, and the model's own sharding constraints and its
 expert-parallel MoE apply as in training. The outputs are replicated, small [B, N]
-arrays every process can read.
+arrays every process can read; with `gather=False` they stay split over the batch axes as
+the prompts are (each process reads the rows its devices hold: GRPO's rollouts on many
+hosts).
 """
 
 from __future__ import annotations
@@ -175,6 +177,16 @@ def _replicated(tree):
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, PartitionSpec()), tree)
 
 
+def _split_rows(out: GenerateOutput) -> GenerateOutput:
+    """tokens, logprobs and lengths split over the `batch` axes of the active rules (as
+    the prompts are), the counters replicated."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return out
+    rows = lambda x: nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))  # noqa: E731
+    return out.replace(tokens=rows(out.tokens), logprobs=rows(out.logprobs), lengths=rows(out.lengths),
+                       **_replicated({"forwards": out.forwards, "drafted": out.drafted, "accepted": out.accepted}))
+
+
 def _in_place(model: Transformer, variables, rows: int = 1):
     """`model` (its config resolved for the platform, `impl.resolved`) and `variables` in
     the weight layout that decoding reads in place: where the layers run unrolled,
@@ -207,16 +219,18 @@ def _prefill(decoder, variables, cache, prompts):
     return out, mutated["cache"], positions
 
 
-_STATIC = ("model", "max_new_tokens", "greedy", "top_k", "top_p", "stop_tokens", "rules")
+_STATIC = ("model", "max_new_tokens", "greedy", "top_k", "top_p", "stop_tokens", "rules", "gather")
 
 
 def _jit_under_rules(body):
     """`body` jitted, run under its static logical-axis `rules` (part of the jit cache key:
-    the rules are read while tracing), with its output replicated."""
+    the rules are read while tracing), with its output replicated (`gather`) or split by
+    rows."""
 
-    def run(model, variables, prompts, lengths, rng, temperature, *, rules, **static):
+    def run(model, variables, prompts, lengths, rng, temperature, *, rules, gather=True, **static):
         with nn.logical_axis_rules(rules):
-            return _replicated(body(model, variables, prompts, lengths, rng, temperature, **static))
+            out = body(model, variables, prompts, lengths, rng, temperature, **static)
+            return _replicated(out) if gather else _split_rows(out)
 
     return jax.jit(run, static_argnames=_STATIC)
 
@@ -328,7 +342,8 @@ _generate_speculative = _jit_under_rules(_speculative)
 
 def generate(model: Transformer, variables, prompts, prompt_lengths, max_new_tokens: int = 32,
              temperature: float = 0.0, rng=None, speculative: bool = False, *, top_k: int = 0,
-             top_p: float = 1.0, stop_tokens=(), prompt_bucket: int = 64, mesh=None, rules=None) -> GenerateOutput:
+             top_p: float = 1.0, stop_tokens=(), prompt_bucket: int = 64, mesh=None, rules=None,
+             gather: bool = True) -> GenerateOutput:
     """Generates continuations of a batch of prompts.
 
     Args:
@@ -347,9 +362,11 @@ def generate(model: Transformer, variables, prompts, prompt_lengths, max_new_tok
       rules: the logical-axis rules of the run, e.g. `sharding.activation_rules("fsdp")`
         (default: those of an enclosing `nn.logical_axis_rules`). Their `batch` axes split
         the rows where B divides them.
+      gather: the outputs replicated over the mesh; False: tokens, logprobs and lengths
+        stay split by rows as the prompts are (a process reads the rows its devices hold;
+        `eval.completions.ProcessRows`), the counters replicated.
     Returns:
-      GenerateOutput with tokens [B, N], logprobs [B, N], lengths [B] and counters
-      (replicated over the mesh).
+      GenerateOutput with tokens [B, N], logprobs [B, N], lengths [B] and counters.
     """
     cfg = model.cfg
     prompts = np.asarray(prompts, np.int32)
@@ -385,7 +402,7 @@ def generate(model: Transformer, variables, prompts, prompt_lengths, max_new_tok
     with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
         return fn(model, variables, padded, lengths, rng, jnp.float32(max(temperature, 1e-6)),
                   max_new_tokens=max_new_tokens, greedy=temperature == 0, top_k=int(top_k), top_p=float(top_p),
-                  stop_tokens=tuple(int(t) for t in stop_tokens), rules=rules)
+                  stop_tokens=tuple(int(t) for t in stop_tokens), rules=rules, gather=bool(gather))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_len", "rules"))

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from eval import rewards as rewards_lib
-from eval.completions import complete, prompt_width
+from eval.completions import ProcessRows, complete, generate_rows, prompt_width, read_rows
 from eval.tasks import Problem
 
 
@@ -129,6 +129,10 @@ def evaluate(model, variables, tokenizer, problems: Sequence[Problem], *, max_ne
              rules=None) -> dict[str, float]:
     """Greedy accuracy, format rate and mean completion length over `problems`.
 
+    Each process scores the completions its devices decoded (the rows split over the mesh's
+    batch axes) and the per-row figures are put together, so every process returns the
+    same figures, those of one process.
+
     Args:
       model / variables / tokenizer: as `eval.completions.complete`.
       problems: problems with checkable answers (a task's split).
@@ -147,12 +151,21 @@ def evaluate(model, variables, tokenizer, problems: Sequence[Problem], *, max_ne
     for start in range(0, len(prompts), batch_size):
         chunk = list(problems[start:start + batch_size])
         padded = chunk + [chunk[0]] * (batch_size - len(chunk))
-        comp = complete(model, variables, tokenizer, [p.prompt for p in padded], width,
-                        max_new_tokens=max_new_tokens, stop_token=stop_token, mesh=mesh, rules=rules)
-        texts = comp.texts[:len(chunk)]
-        acc += [rewards_lib.accuracy(p.prompt, t, **p.fields) for p, t in zip(chunk, texts)]
-        fmt += [rewards_lib.format_reward(p.prompt, t) for p, t in zip(chunk, texts)]
-        lens += list(comp.lengths[:len(chunk)])
+        out = generate_rows(model, variables, tokenizer, [p.prompt for p in padded], width,
+                            max_new_tokens=max_new_tokens, stop_token=stop_token, mesh=mesh, rules=rules)
+        share = ProcessRows.of(out.tokens)
+        own = share.own
+        comp = read_rows(out, tokenizer, own, stop_token)
+        mine = [padded[i] for i in own]
+        every = share.gather({
+            "accuracy": np.asarray([rewards_lib.accuracy(p.prompt, t, **p.fields) for p, t in zip(mine, comp.texts)],
+                                   np.float32),
+            "format": np.asarray([rewards_lib.format_reward(p.prompt, t) for p, t in zip(mine, comp.texts)],
+                                 np.float32),
+            "length": comp.lengths})
+        acc += list(every["accuracy"][:len(chunk)])
+        fmt += list(every["format"][:len(chunk)])
+        lens += list(every["length"][:len(chunk)])
     return {"accuracy": float(np.mean(np.asarray(acc, np.float32))),
             "format_rate": float(np.mean(np.asarray(fmt, np.float32))), "completion_len": float(np.mean(lens))}
 
