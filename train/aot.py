@@ -293,7 +293,8 @@ def _grpo_stage(run, stage_cls):
 def _grpo_programs(run, stage, abstract_state) -> list[Program]:
     """GRPO's update step (as `GRPOStage.compile` jits it) and its rollout: the
     `dsjax.generate` program its GroupSampler calls, all prompts of a round at once,
-    padded to the prompt width of the run's prompt sources."""
+    padded to the prompt width of the run's prompt sources, split by rows over the batch
+    axes (prompts, cache and completions: each host decodes its rows)."""
     from dsjax.decoding import _generate_plain, _generate_speculative, _placement
 
     stage.compile()
@@ -330,6 +331,7 @@ def _grpo_programs(run, stage, abstract_state) -> list[Program]:
     stop = (stage.stop,)
     programs.append(_analyse("rollout", lambda: fn.lower(
         model, variables, prompts, lengths, rng, temperature, max_new_tokens=g.max_new_tokens,
-        greedy=g.temperature == 0, top_k=int(g.top_k), top_p=float(g.top_p), stop_tokens=stop, rules=rules),
+        greedy=g.temperature == 0, top_k=int(g.top_k), top_p=float(g.top_p), stop_tokens=stop, rules=rules,
+        gather=False),
         resident=resident, arguments=(variables, prompts, lengths)))
     return programs

@@ -39,12 +39,12 @@ def rollout_metrics(ro: Rollout, labels: Sequence[str], speculative: bool = Fals
       lengths, truncated_frac, rollout_s, rollout_tokens_per_s, sampling_rounds, and the
       per-source figures of `source_metrics`.
     """
-    comp, s = ro.completions, ro.scores
-    generated = float(comp.lengths.sum())
+    s, lengths = ro.scores, ro.lengths
+    generated = float(lengths.sum())
     out = {"reward_mean": float(s.reward.mean()), "reward_std": float(s.reward.std()),
            "format_rate": float(s.format.mean()),
-           "frac_reward_zero_std": ro.first_round_zero_std, "completion_len": float(comp.lengths.mean()),
-           "completion_len_max": float(comp.lengths.max()), "truncated_frac": float(comp.truncated.mean()),
+           "frac_reward_zero_std": ro.first_round_zero_std, "completion_len": float(lengths.mean()),
+           "completion_len_max": float(lengths.max()), "truncated_frac": float(ro.truncated.mean()),
            "rollout_s": ro.seconds, "rollout_tokens_per_s": generated * ro.rounds / max(ro.seconds, 1e-9),
            "sampling_rounds": float(ro.rounds)}
     if s.checked.any():
@@ -59,11 +59,11 @@ def rollout_metrics(ro: Rollout, labels: Sequence[str], speculative: bool = Fals
             rows = s.source == i
             out[f"{label}/share"] = float(rows.mean())
             if rows.any():
-                out.update(source_metrics(label, s, rows, comp.lengths))
+                out.update(source_metrics(label, s, rows, lengths))
     elif s.rm_scored.any():
-        out.update(source_metrics(labels[0], s, np.ones(len(s), bool), comp.lengths))
+        out.update(source_metrics(labels[0], s, np.ones(len(s), bool), lengths))
     if speculative:
-        out.update(spec_acceptance=comp.acceptance_rate, spec_tokens_per_forward=comp.tokens_per_forward)
+        out.update(spec_acceptance=ro.acceptance_rate, spec_tokens_per_forward=ro.tokens_per_forward)
     return out
 
 

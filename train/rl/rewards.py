@@ -16,7 +16,7 @@ import numpy as np
 
 from dsjax.config import ConfigError
 from eval import rewards
-from eval.completions import Completions
+from eval.completions import Completions, ProcessRows
 from eval.tasks import Problem
 from train.rl.config import GRPOConfig, PromptSource, parse_reward_models, uses_reward_model
 
@@ -119,6 +119,18 @@ class Scores:
         out["scored"] = {n: np.concatenate([p.scored.get(n, np.zeros(len(p), bool)) for p in parts]) for n in names}
         return cls(**out)
 
+    def gather(self, share: ProcessRows) -> Scores:
+        """Every row's scores on every process, from each process's own rows (these scores
+        are `share.own`'s; every process has the same reward names)."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("parts", "scored")}
+        flat.update({f"parts/{k}": v for k, v in self.parts.items()})
+        flat.update({f"scored/{k}": v for k, v in self.scored.items()})
+        every = share.gather(flat)
+        out = {k: v for k, v in every.items() if "/" not in k}
+        out["parts"] = {k: every[f"parts/{k}"] for k in self.parts}
+        out["scored"] = {k: every[f"scored/{k}"] for k in self.scored}
+        return Scores(**out)
+
 
 class RewardSet:
     """The reward functions of one run, each source with its own.
@@ -129,6 +141,8 @@ class RewardSet:
       uses_rm: bool per source: scored by a reward model (it joins at grpo.rm_from_step
         and the reward-hacking guard watches it).
       rm_names: the reward models (and registered batch rewards) any source uses, sorted.
+      names: every reward any source uses, sorted (the `parts` of every Scores, so the
+        scores of any rows have the same names, on every process).
       hack_rule: the combined grpo.hack_rule.
     """
 
@@ -137,8 +151,8 @@ class RewardSet:
         known = tuple(models)
         self.per_source = [rewards.combine(src.rewards, models) for src in sources]
         self.uses_rm = [uses_reward_model(src, known) for src in sources]
-        self.rm_names = sorted({name for src in sources for name, _ in rewards.parse_spec(src.rewards, known=known)
-                                if name in models or rewards.is_batch(name)})
+        self.names = sorted({name for src in sources for name, _ in rewards.parse_spec(src.rewards, known=known)})
+        self.rm_names = [name for name in self.names if name in models or rewards.is_batch(name)]
         self.hack_rule = rewards.combine(g.hack_rule)
         self.fields = {"max_tokens": g.max_new_tokens, "overlong_buffer": g.overlong_buffer,
                        "reward_seed": g.reward_seed}
@@ -160,8 +174,10 @@ class RewardSet:
         source with its own rewards; reward models score each source's rows in one call."""
         n = len(problems)
         out = Scores(reward=np.zeros(n, np.float32), accuracy=np.zeros(n, np.float32), checked=np.zeros(n, bool),
-                     format=np.zeros(n, np.float32), parts={}, scored={}, rm=np.zeros(n), rm_scored=np.zeros(n, bool),
-                     rule=np.zeros(n, np.float32), guarded=np.zeros(n, bool), source=np.asarray(sources))
+                     format=np.zeros(n, np.float32), parts={name: np.zeros(n, np.float32) for name in self.names},
+                     scored={name: np.zeros(n, bool) for name in self.names}, rm=np.zeros(n),
+                     rm_scored=np.zeros(n, bool), rule=np.zeros(n, np.float32), guarded=np.zeros(n, bool),
+                     source=np.asarray(sources, np.int64).reshape(n))
         for s in np.unique(sources):
             idx = np.flatnonzero(sources == s)
             sub, part = [problems[i] for i in idx], comp.take(idx)
@@ -170,8 +186,8 @@ class RewardSet:
             fields = [dict(p.fields, completion_tokens=int(part.lengths[i]), **self.fields) for i, p in enumerate(sub)]
             out.reward[idx], values = self.per_source[s].batch(prompts, texts, fields)
             for name, v in values.items():
-                out.parts.setdefault(name, np.zeros(n, np.float32))[idx] = v
-                out.scored.setdefault(name, np.zeros(n, bool))[idx] = True
+                out.parts[name][idx] = v
+                out.scored[name][idx] = True
             out.checked[idx] = [p.checkable for p in sub]
             out.accuracy[idx] = [rewards.accuracy(p.prompt, t, **p.fields) if p.checkable else 0.0
                                  for p, t in zip(sub, texts)]
@@ -180,7 +196,7 @@ class RewardSet:
                 bare = [dict(p.fields, completion_tokens=int(part.lengths[i])) for i, p in enumerate(sub)]
                 out.rule[idx] = self.hack_rule.batch(prompts, texts, bare)[0]
                 out.guarded[idx] = True
-        names = [name for name in self.rm_names if name in out.parts]
+        names = self.rm_names
         if names:
             seen = np.stack([out.scored[name] for name in names])
             total = np.where(seen, np.stack([out.parts[name] for name in names]), 0).sum(0)

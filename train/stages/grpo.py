@@ -8,6 +8,12 @@ advantages, then run `mu` passes of `minibatches` updates of the clipped objecti
 code as pretraining). The learner recomputes the rollout policy's log-probabilities and
 logs how far they are from the sampler's (`rollout_logprob_diff`); train.rl.metrics adds
 the rollout figures and the reward-hacking guard.
+
+On many hosts (`--coordinator ...`, one process each) every process draws the same
+prompts, decodes the rows its devices hold, scores the rows it answers for, and shares the
+per-row scores, so advantages and metrics come from the global groups and are the same on
+every process; each update's rows are the ones each device decoded (`minibatch_rows`), so
+no completion crosses between hosts unless dynamic sampling moves a kept group.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Sharding
 
 from dsjax.config import ConfigError
 from dsjax.losses import apply_model, masked_mean, model_variables, token_entropy, token_logprobs
@@ -85,6 +92,32 @@ def make_score(model, temperature: float, rules=()):
     return score
 
 
+def minibatch_rows(rollout: Sharding, batch: Sharding, rows: int, minibatches: int) -> list[np.ndarray]:
+    """Which rollout rows each update trains on: update i takes the i-th slice of the rows
+    each device holds (as it decoded them), so the rows stay where they are.
+
+    Args:
+      rollout: how the rollout's `rows` are split over the devices.
+      batch: how an update's rows / minibatches rows are split (the training batch's).
+      rows / minibatches: the rollout's rows and the updates they are split into.
+    Returns:
+      `minibatches` int arrays [rows / minibatches]: the rollout row at each position.
+    Raises:
+      ValueError when a device's share of an update is not a slice of its rollout rows.
+    """
+    size = rows // minibatches
+    held = rollout.devices_indices_map((rows,))
+    out = [np.full(size, -1) for _ in range(minibatches)]
+    for device, index in batch.devices_indices_map((size,)).items():
+        mine, at = np.arange(rows)[held[device][0]], np.arange(size)[index[0]]
+        if len(mine) != minibatches * len(at):
+            raise ValueError(f"a device holds {len(mine)} rollout rows but {len(at)} rows of each of "
+                             f"{minibatches} updates")
+        for i in range(minibatches):
+            out[i][at] = mine[i * len(at):(i + 1) * len(at)]
+    return out
+
+
 class GRPOStage(Stage):
     """R1-style RL on prompt sources with rule-based rewards and reward models (R1-Zero:
     one task source scored by rules)."""
@@ -103,8 +136,12 @@ class GRPOStage(Stage):
     def __init__(self, run: Run):
         super().__init__(run)
         cfg, g = run.cfg, run.cfg.grpo
-        if run.process_count > 1:
-            raise ConfigError("grpo runs in one process (any number of local devices) for now")
+        shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"] * run.mesh.shape["expert"]
+        update_rows = g.prompts_per_step * g.group_size // g.minibatches
+        if update_rows % shards:
+            raise ConfigError(f"an update's {update_rows} completions (grpo.prompts_per_step x grpo.group_size / "
+                              f"grpo.minibatches) do not divide over the {shards} devices of the mesh's batch axes "
+                              f"(data x fsdp x expert)")
         self.stop = g.stop_token if g.stop_token is not None else run.tokenizer.eos_id
         if self.stop is None:
             raise ConfigError("grpo needs a stop token: the tokenizer has no end-of-sequence token; "
@@ -163,20 +200,34 @@ class GRPOStage(Stage):
         return self.sampler(model_variables(state.params, state.moe_bias), lambda: self.prompts.draw(step),
                             self.rewards.score, rng)
 
-    def batch(self, ro: Rollout) -> dict[str, np.ndarray]:
-        """Training rows of the rollout with each completion's group-normalized advantage."""
-        g = self.run.cfg.grpo
+    def batch(self, ro: Rollout) -> list[dict[str, jax.Array]]:
+        """The updates' batches: the rollout's training rows with each completion's
+        group-normalized advantage (from every row's rewards), as global arrays split over
+        the batch axes; each process fills them with the rows its devices hold."""
+        g, run = self.run.cfg.grpo, self.run
         adv = group_advantages(jnp.asarray(ro.scores.reward.reshape(-1, g.group_size)), g.scale_rewards)
-        return ro.batch(self.run.tokenizer, self.width, self.seq, np.asarray(adv).reshape(-1))
+        local = ro.batch(run.tokenizer, self.width, self.seq, np.asarray(adv).reshape(-1))
+        at = np.full(self.rows, -1)
+        at[ro.held] = np.arange(len(ro.held))
+        size = self.rows // g.minibatches
 
-    def learn(self, state, batch: dict[str, np.ndarray]):
+        def rows_of(values, picked):
+            def fill(index):
+                where = at[picked[index[0]]]
+                if (where < 0).any():
+                    raise ValueError("an update's rows are not on the devices that decoded them")
+                return values[where][(slice(None),) + tuple(index[1:])]
+
+            return jax.make_array_from_callback((size,) + values.shape[1:], run.batch_sh, fill)
+
+        return [{k: rows_of(v, picked) for k, v in local.items()}
+                for picked in minibatch_rows(ro.sharding, run.batch_sh, self.rows, g.minibatches)]
+
+    def learn(self, state, minibatches: list[dict[str, jax.Array]]):
         """`mu` passes of `minibatches` updates on the rollout's rows; (state, the updates'
         metrics). The reference's log-probs (beta > 0) and the rollout policy's (several
         updates) are computed once, before the first update."""
-        g, run = self.run.cfg.grpo, self.run
-        size = self.rows // g.minibatches
-        minibatches = [run.to_global({k: v[i * size:(i + 1) * size] for k, v in batch.items()})
-                       for i in range(g.minibatches)]
+        g = self.run.cfg.grpo
         for mb in minibatches:
             if g.beta:
                 mb["ref_logp"] = self.logprobs(state.ref_params, state.moe_bias, mb)
