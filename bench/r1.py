@@ -76,7 +76,8 @@ def train(stage: str, config: str, workdir: str, *sets: str, init: str | None = 
 
 
 def held_out_accuracy(workdir: str, grpo_cfg: dict, n: int) -> dict:
-    """Greedy accuracy and format rate of the workdir's latest checkpoint on n test problems."""
+    """Greedy accuracy, format rate and completion length of the workdir's latest checkpoint
+    on n test problems, in the template of `grpo_cfg`."""
     import dataclasses
 
     from dsjax.checkpoint import load_trained
@@ -91,44 +92,128 @@ def held_out_accuracy(workdir: str, grpo_cfg: dict, n: int) -> dict:
                               max_new_tokens=grpo_cfg["max_new_tokens"], batch_size=250)
 
 
+def default_workdir(seed: int) -> str:
+    """bench_r1 for seed 0, bench_r1_seed<S> for another seed."""
+    return "bench_r1" if seed == 0 else f"bench_r1_seed{seed}"
+
+
+def claim_workdir(workdir: str, seed: int) -> None:
+    """Records the seed in WORKDIR/seed; exits with a message when the workdir holds the
+    runs of another seed (its finished stages would otherwise be reused)."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "seed")
+    if os.path.exists(path):
+        with open(path) as f:
+            have = int(f.read())
+        if have != seed:
+            sys.exit(f"error: {workdir} holds the runs of --seed {have}, not {seed}; pass another --workdir")
+        return
+    with open(path, "w") as f:
+        f.write(f"{seed}\n")
+
+
+def load_config(name: str) -> dict:
+    with open(os.path.join(ROOT, "configs", f"{name}.yaml")) as f:
+        return yaml.safe_load(f)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_docs(path: str, seeds: list[int]) -> str:
+    """Draws R1-Zero's runs (`grpo_zero`) beside the cold-start R1 runs (`grpo`) of each
+    seed's default workdir: held-out greedy accuracy and format rate at the eval steps,
+    the rollouts' format rate and mean completion length at every step. Returns `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(f"R1-Zero, seed {s}", os.path.join(default_workdir(s), "grpo_zero"), "C0", style)
+            for s, style in zip(seeds, ("-", "--", ":", "-."))]
+    runs += [(f"R1 (cold start), seed {s}", os.path.join(default_workdir(s), "grpo"), "C1", style)
+             for s, style in zip(seeds, ("-", "--", ":", "-."))]
+    for _, workdir, _, _ in runs:
+        if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+            sys.exit(f"error: {workdir} has no metrics.jsonl: run python -m bench.r1 (--zero) for its seed first")
+    panels = [("held-out accuracy (greedy, 200 problems)", "test_accuracy", "o"),
+              ("held-out format rate (greedy)", "test_format_rate", "o"),
+              ("rollout format rate", "format_rate", None),
+              ("rollout completion length (tokens)", "completion_len", None)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
+    for ax, (title, key, marker) in zip(axes, panels):
+        for label, workdir, color, style in runs:
+            points = [(r["step"], r[key]) for r in read_metrics(workdir) if key in r]
+            ax.plot(*zip(*points), linestyle=style, marker=marker, color=color, label=label)
+        ax.set_xlabel("GRPO step")
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", default="bench_r1", help="where the stages' workdirs and data go")
+    p.add_argument("--workdir", help="where the stages' workdirs and data go (default: bench_r1 for seed 0, "
+                   "bench_r1_seed<S> for another)")
+    p.add_argument("--zero", action="store_true",
+                   help="R1-Zero: GRPO straight from the pretrained model (configs/r1_zero.yaml), no SFT")
     p.add_argument("--control", action="store_true",
                    help="replace the accuracy reward by a random one (same schedule): the gain must vanish")
     p.add_argument("--held-out", type=int, default=500, help="test problems for start/end accuracy")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the data seed and every stage's train.seed")
     p.add_argument("--set", dest="grpo_sets", action="append", default=[], metavar="KEY=VALUE",
                    help="extra --set for the GRPO stage")
+    p.add_argument("--plot-docs", metavar="PNG", help="draw the R1-Zero and R1 GRPO curves of --plot-seeds "
+                   "(their default workdirs) into PNG and exit")
+    p.add_argument("--plot-seeds", default="1,2,3", help="comma-separated seeds for --plot-docs")
     args = p.parse_args()
+    if args.plot_docs:
+        print(plot_docs(args.plot_docs, [int(s) for s in args.plot_seeds.split(",")]))
+        return 0
     start = time.time()
-    with open(os.path.join(ROOT, "configs", "r1.yaml")) as f:
-        r1 = yaml.safe_load(f)
-    grpo_cfg = r1["grpo"]
-    workdir = os.path.abspath(args.workdir)
-    corpus, sft_data = write_data(os.path.join(workdir, "data"), grpo_cfg, CORPUS, SFT_EXAMPLES, args.seed)
-    train("pretrain", "r1_pretrain", os.path.join(workdir, "pretrain"), f"data.source={corpus}")
-    train("sft", "r1_sft", os.path.join(workdir, "sft"), f"data.source={sft_data}",
-          init=os.path.join(workdir, "pretrain"))
-    before = held_out_accuracy(os.path.join(workdir, "sft"), grpo_cfg, args.held_out)
-    print(f"SFT model: held-out greedy accuracy {before['accuracy']:.3f}, format {before['format_rate']:.3f}",
-          file=sys.stderr)
-    grpo_dir = os.path.join(workdir, "grpo_control" if args.control else "grpo")
-    sets = list(args.grpo_sets)
+    grpo_cfg = load_config("r1_zero" if args.zero else "r1")["grpo"]
+    workdir = os.path.abspath(args.workdir or default_workdir(args.seed))
+    claim_workdir(workdir, args.seed)
+    seed = f"train.seed={args.seed}"
+    # The corpus and the cold-start set are R1's (its task, in its short template) either way.
+    corpus, sft_data = write_data(os.path.join(workdir, "data"), load_config("r1")["grpo"], CORPUS,
+                                  SFT_EXAMPLES, args.seed)
+    pretrain = os.path.join(workdir, "pretrain")
+    train("pretrain", "r1_pretrain", pretrain, f"data.source={corpus}", seed)
+    if args.zero:
+        start_dir, grpo_dir = pretrain, os.path.join(workdir, "grpo_zero_control" if args.control else "grpo_zero")
+    else:
+        start_dir, grpo_dir = os.path.join(workdir, "sft"), os.path.join(workdir, "grpo_control" if args.control
+                                                                         else "grpo")
+        train("sft", "r1_sft", start_dir, f"data.source={sft_data}", seed, init=pretrain)
+    before = held_out_accuracy(start_dir, grpo_cfg, args.held_out)
+    print(f"{'pretrained' if args.zero else 'SFT'} model: held-out greedy accuracy {before['accuracy']:.3f}, "
+          f"format {before['format_rate']:.3f}", file=sys.stderr)
+    sets = [seed, *args.grpo_sets]
     if args.control:
         rewards = grpo_cfg["rewards"].replace("accuracy", "random")
         sets.append(f"grpo.rewards={rewards}")
-    grpo_wall = train("grpo", "r1", grpo_dir, *sets, init=os.path.join(workdir, "sft"))
+    grpo_wall = train("grpo", "r1_zero" if args.zero else "r1", grpo_dir, *sets, init=start_dir)
     after = held_out_accuracy(grpo_dir, grpo_cfg, args.held_out)
-    records = [json.loads(line) for line in open(os.path.join(grpo_dir, "metrics.jsonl"))]
+    records = read_metrics(grpo_dir)
     rollout = sum(r.get("rollout_s", 0.0) for r in records)
+    val = [r["val_loss"] for r in read_metrics(pretrain) if "val_loss" in r]
     print(json.dumps({
-        "control": args.control, "task": f"{grpo_cfg['task']}:{grpo_cfg['difficulty']}",
+        "zero": args.zero, "control": args.control, "seed": args.seed,
+        "task": f"{grpo_cfg['task']}:{grpo_cfg['difficulty']}", "template": grpo_cfg.get("template", "short"),
         "held_out": args.held_out, "start_accuracy": round(before["accuracy"], 4),
         "end_accuracy": round(after["accuracy"], 4), "gain": round(after["accuracy"] - before["accuracy"], 4),
         "start_format_rate": round(before["format_rate"], 4), "format_rate": round(after["format_rate"], 4),
-        "steps": max(r["step"] for r in records), "wall_s": round(time.time() - start, 1),
-        "grpo_wall_s": round(grpo_wall, 1), "rollout_share": round(rollout / max(grpo_wall, 1e-9), 3),
+        "completion_len_start": round(before["completion_len"], 1),
+        "completion_len_end": round(after["completion_len"], 1),
+        "pretrain_val_loss": round(val[-1], 4), "steps": max(r["step"] for r in records),
+        "wall_s": round(time.time() - start, 1), "grpo_wall_s": round(grpo_wall, 1),
+        "rollout_share": round(rollout / max(grpo_wall, 1e-9), 3),
         "final_train_reward": round(records[-1]["reward_mean"], 4)}))
     return 0
 

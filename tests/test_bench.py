@@ -277,3 +277,31 @@ ENTRY %main.8 (p: f32[8]) -> f32[8] {
     assert profile_step.part_of("jit(run)/while/body/jit(log_softmax)/reduce_max", decode=True) == "sampling and loop"
     assert profile_step.part_of("jit(run)/while/body/Transformer/Transformer.trunk/moe_layers/layer_0/attention/x",
                                 decode=True) == "attention (MLA)"
+
+
+def test_r1_workdir_keeps_to_one_seed(tmp_path):
+    """bench/r1.py reuses a workdir's finished stages, so a workdir holds one seed's runs:
+    another --seed there is refused, naming both."""
+    from bench import r1
+
+    assert r1.default_workdir(0) == "bench_r1" and r1.default_workdir(3) == "bench_r1_seed3"
+    r1.claim_workdir(str(tmp_path), 1)
+    r1.claim_workdir(str(tmp_path), 1)
+    with pytest.raises(SystemExit, match="holds the runs of --seed 1, not 2"):
+        r1.claim_workdir(str(tmp_path), 2)
+
+
+def test_r1_plot_docs_draws_both_runs_of_each_seed(tmp_path, monkeypatch):
+    from bench import r1
+
+    monkeypatch.chdir(tmp_path)
+    for run in ("grpo", "grpo_zero"):
+        os.makedirs(os.path.join(r1.default_workdir(2), run))
+        with open(os.path.join(r1.default_workdir(2), run, "metrics.jsonl"), "w") as f:
+            for step in range(3):
+                f.write(json.dumps({"step": step, "format_rate": 0.5, "completion_len": 40.0 + step,
+                                    **({"test_accuracy": 0.1, "test_format_rate": 0.2} if step != 1 else {})})
+                        + "\n")
+    assert os.path.getsize(r1.plot_docs(str(tmp_path / "curves.png"), [2])) > 10_000
+    with pytest.raises(SystemExit, match="bench_r1_seed3/grpo_zero has no metrics.jsonl"):
+        r1.plot_docs(str(tmp_path / "curves.png"), [3])
