@@ -25,11 +25,12 @@ def token_entropy(logits: jnp.ndarray) -> jnp.ndarray:
 
 
 def masked_mean(values: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray:
-    """Mean of `values` where `mask` is true (all of them when mask is None)."""
+    """Mean of `values` where `mask` is true (all of them when mask is None); what the
+    other positions hold (a NaN or an infinity included) does not reach the mean."""
     if mask is None:
         return jnp.mean(values)
-    m = mask.astype(jnp.float32)
-    return jnp.sum(values * m) / jnp.maximum(jnp.sum(m), 1.0)
+    total = jnp.sum(jnp.where(mask, values, 0))
+    return total / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
 
 
 def cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:

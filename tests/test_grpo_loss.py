@@ -157,3 +157,17 @@ def test_garbage_outside_the_mask_changes_nothing(importance):
         got = run(bad_old, bad_ref)
         assert np.isfinite(float(got[0])) and np.all(np.isfinite(np.asarray(got[2])))
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, clean)
+
+
+def test_masked_mean_ignores_non_finite_values_outside_the_mask():
+    """The metrics GRPO logs (entropy, rollout_logprob_diff) and the cross-entropy average
+    with dsjax.losses.masked_mean: a NaN or an infinity at a masked-out position neither
+    reaches the mean nor its gradient."""
+    from dsjax.losses import masked_mean
+
+    mask = jnp.array([[True, True, False, False]])
+    clean = jnp.array([[1.0, 3.0, 0.0, 0.0]])
+    dirty = jnp.array([[1.0, 3.0, jnp.nan, jnp.inf]])
+    assert float(masked_mean(dirty, mask)) == float(masked_mean(clean, mask)) == 2.0
+    grad = jax.grad(lambda v: masked_mean(v * 2.0, mask))(dirty)
+    np.testing.assert_array_equal(np.asarray(grad), [[1.0, 1.0, 0.0, 0.0]])
