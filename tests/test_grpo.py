@@ -388,3 +388,45 @@ def test_reward_models_are_passed_in_and_scores_mask_what_a_source_lacks():
     both = Scores.concat([s.take(slice(0, 2)), s.take(slice(2, 4))])
     np.testing.assert_array_equal(both.scored["helpful"], s.scored["helpful"])
     np.testing.assert_array_equal(both.parts["helpful"], s.parts["helpful"])
+
+
+def test_rollout_rows_stay_split_where_they_were_decoded():
+    """generate(gather=False) leaves the completions split over the batch axes (the same
+    tokens as gathered ones); ProcessRows reads them and gathers per-row figures with their
+    dtypes; kept groups are picked on the devices; each update trains on the rows its
+    devices decoded."""
+    from eval.completions import ProcessRows, generate_rows, read_rows
+    from train.rl.rollout import pick_rows
+    from train.stages.grpo import minibatch_rows
+
+    cfg = build_config("grpo", SMALL, all_stages())
+    model = dsjax.Transformer(cfg.model.replace(attn_impl="absorb"))
+    variables = dsjax.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+    prompts = [p.prompt for p in tasks.get("addition", 2).split("train", 16)]
+    tok = ByteTokenizer()
+    width = prompt_width(tok, prompts)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=4))
+    rules = activation_rules("fsdp")
+    kwargs = dict(max_new_tokens=6, temperature=1.0, stop_token=tok.eos_id, mesh=mesh, rules=rules)
+    outs = [generate_rows(model, variables, tok, prompts, width, rng=jax.random.key(k), **kwargs) for k in (1, 2)]
+    whole = complete(model, variables, tok, prompts, width, rng=jax.random.key(1), **kwargs)
+    assert not outs[0].tokens.sharding.is_fully_replicated and len(outs[0].tokens.sharding.device_set) == 8
+    share = ProcessRows.of(outs[0].tokens)
+    np.testing.assert_array_equal(share.held, np.arange(16))
+    np.testing.assert_array_equal(share.own, np.arange(16))
+    comp = read_rows(outs[0], tok, np.array([5, 0, 9]), tok.eos_id)
+    np.testing.assert_array_equal(comp.tokens, whole.tokens[[5, 0, 9]])
+    assert comp.texts == [whole.texts[i] for i in (5, 0, 9)]
+    every = share.gather({"x": np.arange(16, dtype=np.float64) / 3, "ok": np.arange(16) % 3 == 0})
+    assert every["x"].dtype == np.float64 and every["ok"].dtype == bool and every["x"][4] == 4 / 3
+
+    rows = np.concatenate([np.arange(20, 24), np.arange(0, 4), np.arange(28, 32), np.arange(8, 12)])
+    tokens, logprobs, lengths = pick_rows(outs, rows)
+    both = np.concatenate([np.asarray(o.tokens) for o in outs])
+    np.testing.assert_array_equal(np.asarray(tokens), both[rows])
+    assert tokens.sharding == outs[0].tokens.sharding
+
+    batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp", "expert")))
+    first, second = minibatch_rows(outs[0].tokens.sharding, batch_sh, 16, 2)
+    np.testing.assert_array_equal(first, np.arange(0, 16, 2))  # device k decoded rows 2k and 2k + 1
+    np.testing.assert_array_equal(second, np.arange(1, 16, 2))
