@@ -80,6 +80,9 @@ def test_tiny_grpo_update_and_rollout_compile_for_a_v5p(capsys):
     for program in (update, rollout):
         assert not _cpu_calls(program), program["custom_calls"]
     assert any("ragged" in name or "megablox" in name or "gmm" in name for name in update["custom_calls"])
+    # The rows (16 + 16 - 1 tokens) are padded to the splash kernel's block: no blockwise fallback.
+    assert any(name.startswith("tpu_custom_call:splash_mha") for name in update["custom_calls"]), update
+    assert line["seq_len"] % 128 == 0
     # The rollout runs with the optimizer state resident beside the parameters it reads.
     assert rollout["resident_gib"] > 0
     assert line["compiled_gib"] == max(p["peak_gib"] for p in line["programs"].values())

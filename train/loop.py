@@ -395,7 +395,7 @@ def _loop(run: Run, stage: Stage, state: TrainState, start: int, ckpt: Checkpoin
     stage.last_eval = {}
     if start == 0 and stage.eval_at_start and tcfg.eval_every:
         stage.last_eval = stage.evaluate(state)
-        if stage.last_eval:
+        if stage.last_eval and run.lead:
             bar.write("step 0: " + ", ".join(f"{k} {v:.4f}" for k, v in stage.last_eval.items()))
             if run.lead:
                 metrics_log.write({"step": 0, **stage.last_eval})
@@ -420,7 +420,8 @@ def _loop(run: Run, stage: Stage, state: TrainState, start: int, ckpt: Checkpoin
             stage.last_eval = stage.evaluate(state)
             if stage.last_eval:
                 record = {**(record or {"step": done}), **stage.last_eval}
-                bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in stage.last_eval.items()))
+                if run.lead:
+                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in stage.last_eval.items()))
         if record is not None and run.lead:
             metrics_log.write(record)
         saving = done % tcfg.checkpoint_every == 0 or done == tcfg.steps

@@ -29,6 +29,7 @@ from jax.sharding import Sharding
 from dsjax.config import ConfigError
 from dsjax.losses import apply_model, masked_mean, model_variables, token_entropy, token_logprobs
 from dsjax.model import Transformer
+from dsjax.splash_attention import SPLASH_BLOCKS
 from eval.completions import prompt_width
 from eval.reasoning import evaluate
 from train.loop import Run, Stage, StageSpec
@@ -162,6 +163,11 @@ class GRPOStage(Stage):
             raise ConfigError(f"prompts of {self.width} tokens + grpo.max_new_tokens={g.max_new_tokens} exceed "
                               f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
         self.seq = self.width + g.max_new_tokens  # prompt + completion, left-aligned
+        if run.model.cfg.attn_kernel == "splash":
+            # A TPU's attention kernel takes lengths that are a multiple of its block (else
+            # the blockwise form runs): the rows are padded to one, masked like a short completion.
+            block = SPLASH_BLOCKS[-1]
+            self.seq = min(1 + -(-(self.seq - 1) // block) * block, cfg.model.max_position_embeddings + 1)
         self.rows = g.prompts_per_step * g.group_size
         self.tokens_per_step = self.rows * (self.seq - 1)
         self.generator = Transformer(cfg.model.replace(attn_impl=g.rollout_attn_impl))
