@@ -2,14 +2,16 @@
 and `--set section.key=value` override them. Unknown keys and bad values raise
 ConfigError naming the key.
 
-A run config has the base sections (`model`, `train`, `data`, `mesh`, `init`) and one
-section per stage that declares one (train/stages/: `sft`, `grpo`, `distill`, `rm`, ...).
+A run config has the base sections (`model`, `train`, `data`, `mesh`, `init`, `logging`)
+and one section per stage that declares one (train/stages/: `sft`, `grpo`, `distill`, `rm`,
+...).
 The stages are passed in (`train.stages.all_stages()`): this module knows none of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import types
 import typing
@@ -172,8 +174,34 @@ class InitConfig:
     hf: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    """Where the metrics of metrics.jsonl are mirrored (process 0 writes them).
+
+    Attributes:
+      tensorboard: TensorBoard event files in WORKDIR/tensorboard/, every scalar at its step
+        (`tensorboard --logdir WORKDIR/tensorboard`).
+      wandb: mirror the scalars to Weights & Biases (needs `pip install wandb`; the run stops
+        before training with one line where it is missing).
+      wandb_project: the W&B project; wandb_entity: its team or user ('': your default).
+      wandb_name: the W&B run name and group ('': the workdir's basename).
+    """
+
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "dsjax"
+    wandb_entity: str = ""
+    wandb_name: str = ""
+
+    def validate(self) -> None:
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.wandb=true needs the wandb package: pip install wandb")
+        if self.wandb and not self.wandb_project:
+            raise ConfigError("logging.wandb_project must not be empty with logging.wandb=true")
+
+
 BASE_SECTIONS = {"train": TrainConfig, "data": DataConfig, "mesh": MeshConfig, "model": ModelConfig,
-                 "init": InitConfig}
+                 "init": InitConfig, "logging": LoggingConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +211,7 @@ class RunConfig:
     ... read like the base sections).
 
     Attributes:
-      model / train / data / mesh / init: the base sections.
+      model / train / data / mesh / init / logging: the base sections.
       stage_sections: (section name, config) of every declared stage section, in order.
     """
 
@@ -192,6 +220,7 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     stage_sections: tuple[tuple[str, Any], ...] = ()
 
     def __getattr__(self, name: str) -> Any:

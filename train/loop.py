@@ -343,18 +343,20 @@ def run_stage(cfg, workdir: str, stage_cls: type[Stage]) -> int:
             ckpt = Checkpointer(ckpt_dir, keep=tcfg.keep_checkpoints)
         if lead:
             write_config(workdir, cfg, stage.name)
-        metrics_log = MetricsLog(workdir, start if start else None) if lead else None
         if start >= tcfg.steps:
             run.log(f"already trained to step {start} (train.steps={tcfg.steps}); nothing to do")
             ckpt.close()
             return 0
         stage.compile()
+        metrics_log = MetricsLog(workdir, start if start else None, cfg.logging, cfg.as_dict()) if lead else None
         flag: dict = {"signal": None}
         try:
             state, stopped = _with_stop_signals(flag, lambda: _loop(run, stage, state, start, ckpt, metrics_log,
                                                                     flag))
         finally:
             ckpt.close()  # waits for the async save, also when the run stops on an error
+            if metrics_log is not None:
+                metrics_log.close()
         if stopped:
             return 0
         if lead:

@@ -1,17 +1,37 @@
-"""Run outputs: metrics.jsonl (one JSON object per logged step) and plots/ (loss curves)."""
+"""Run outputs: metrics.jsonl (one JSON object per logged step), its scalars mirrored to
+TensorBoard event files (tensorboard/) and optionally Weights & Biases, and plots/ (loss
+curves)."""
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
+
+TENSORBOARD = "tensorboard"
 
 
 class MetricsLog:
     """Appends records to `workdir/metrics.jsonl`; on resume, drops records past the
-    restored step so the file reads as one uninterrupted run."""
+    restored step so the file reads as one uninterrupted run.
 
-    def __init__(self, workdir: str, resume_step: int | None):
+    Every number of a record but `step` is also a scalar at that step, under the same name
+    (`reward/accuracy` is tag `accuracy` in TensorBoard's group `reward`): in TensorBoard
+    event files under `workdir/tensorboard/` (`logging.tensorboard`; a restarted run's
+    file opens with a purge marker at the restored step + 1, so TensorBoard drops the
+    earlier attempt's points from there on) and in a Weights & Biases run
+    (`logging.wandb`; one W&B run per launch, named and grouped by `logging.wandb_name`
+    or the workdir's basename).
+
+    Args:
+      workdir: the run directory.
+      resume_step: the restored checkpoint's step (None: a fresh run, which keeps nothing).
+      logging: a train.config.LoggingConfig (None: metrics.jsonl only).
+      config: the run config as a mapping, recorded with the W&B run.
+    """
+
+    def __init__(self, workdir: str, resume_step: int | None, logging=None, config: dict | None = None):
         self.path = os.path.join(workdir, "metrics.jsonl")
         if os.path.exists(self.path):
             kept = []
@@ -25,10 +45,41 @@ class MetricsLog:
                         kept.append(line if line.endswith("\n") else line + "\n")
             with open(self.path, "w") as f:
                 f.writelines(kept)
+        self._tensorboard = self._wandb = None
+        if logging is not None and logging.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tensorboard = SummaryWriter(os.path.join(workdir, TENSORBOARD),
+                                              purge_step=0 if resume_step is None else resume_step + 1)
+        if logging is not None and logging.wandb:
+            import wandb
+
+            name = logging.wandb_name or os.path.basename(os.path.abspath(workdir))
+            self._wandb = wandb.init(project=logging.wandb_project, entity=logging.wandb_entity or None,
+                                     name=name, group=name, dir=workdir, config=config)
 
     def write(self, record: dict) -> None:
+        """Appends `record` ({'step': int, name: value, ...}) and mirrors its numbers."""
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        step = int(record["step"])
+        scalars = {k: float(v) for k, v in record.items()
+                   if k != "step" and isinstance(v, numbers.Real)}
+        if self._tensorboard is not None:
+            for name, value in scalars.items():
+                self._tensorboard.add_scalar(name, value, step)
+            self._tensorboard.flush()  # a live run's new points show in TensorBoard at once
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        """Flushes and closes the TensorBoard file and finishes the W&B run."""
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def read_metrics(workdir: str) -> list[dict]:
