@@ -85,7 +85,7 @@ def test_messages_records_and_malformed_lines(tmp_path):
     ]) + "\n")
     examples, skipped = read_examples([str(path)], SFTConfig(strict=False))
     assert skipped == 2
-    assert [(p, r) for _, p, r in examples] == [("System: Be brief.\nUser: Hi\nAssistant: ", "Hello."), ("q", "r")]
+    assert [(e.prompt, e.response) for e in examples] == [("System: Be brief.\nUser: Hi\nAssistant: ", "Hello."), ("q", "r")]
     with pytest.raises(ValueError, match=r"chat.jsonl:2: not valid JSON"):
         read_examples([str(path)], SFTConfig())
 

@@ -1,20 +1,34 @@
 """Supervised fine-tuning data (R1's cold start, §2.3.1): prompt/response examples packed
-into windows, the loss on response tokens only.
+into windows, the loss on response (assistant) tokens only.
 
 JSONL records hold `prompt` and `response` (names set by `sft.prompt_field` /
-`sft.response_field`), or `messages` (a list of {role, content}; the last assistant
-message is the response and the turns before it, rendered as `Role: content` lines
-followed by `Assistant: `, the prompt). Each example is tokenized as prompt + response +
-EOS and packed first-fit into windows of seq_len + 1 tokens with a segment id per
+`sft.response_field`), or `messages` (a list of {role, content} ending with the
+assistant's). A prompt/response example is tokenized as prompt + response + EOS, the loss
+on the response and the EOS.
+
+A transcript is rendered by the tokenizer's chat template where it has one (as
+transformers' `apply_chat_template` renders it, DeepSeek-V3's
+`<｜begin▁of▁sentence｜>{system}<｜User｜>...<｜Assistant｜>...<｜end▁of▁sentence｜>`), and the
+loss covers every assistant turn: the text the template adds after the turn's generation
+prompt (the conversation so far with `add_generation_prompt`), its end-of-turn token
+included; system, user and tool text and the generation prompts get none. Each piece is
+tokenized on its own, so a reply's tokens start where generation starts. A template whose
+generation prompt is not how it starts the reply, or that renders a turn differently once
+later turns follow, is refused (ValueError naming the record). Without a template (the
+byte tokenizer) the last assistant message is the response and the turns before it,
+rendered as `Role: content` lines followed by `Assistant: `, the prompt.
+
+Examples are packed first-fit into windows of seq_len + 1 tokens with a segment id per
 example: packed examples never attend to each other (the model's `segment_ids`), and
-positions restart at 0 in every example. The loss mask keeps the targets that are
-response tokens (and the EOS) of the same example. Records are split into train and
-validation by a hash of their text, as pretraining splits documents.
+positions restart at 0 in every example. The loss mask keeps the targets that are trained
+tokens of the same example. Records are split into train and validation by a hash of
+their text, as pretraining splits documents.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import grain
 import numpy as np
@@ -40,14 +54,60 @@ class SFTConfig:
     truncate: bool = False
 
 
-def _record_text(record, cfg: SFTConfig, where: str) -> tuple[str, str]:
+class Example(NamedTuple):
+    """One SFT example.
+
+    Attributes:
+      key: the text the train/validation split hashes.
+      prompt / response: the text before the first trained token and the rest.
+      pieces: ((text, trained), ...), the whole example in order for a chat-template
+        transcript (no EOS is added: the template ends each turn); () for prompt +
+        response + EOS.
+    """
+
+    key: str
+    prompt: str
+    response: str
+    pieces: tuple[tuple[str, bool], ...] = ()
+
+
+def chat_pieces(tokenizer, messages: list[dict]) -> tuple[tuple[str, bool], ...]:
+    """A transcript rendered by the tokenizer's chat template, cut into (text, trained)
+    pieces whose concatenation is the whole rendering; the trained pieces are the
+    assistant turns. Turn i's piece is what rendering messages[:i + 1] adds to
+    messages[:i] rendered with the generation prompt. Raises ValueError where the
+    template's generation prompt is not how it starts that turn, or where it renders an
+    earlier turn differently once later turns follow (the turn's tokens are then not
+    where generation would put them)."""
+    whole = tokenizer.apply_chat_template(messages)
+    pieces, at = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[:i + 1])
+        if not upto.startswith(before) or len(before) < at:
+            raise ValueError(f"the chat template's generation prompt is not how it starts message {i} "
+                             "(the assistant's), so the reply's tokens are not where generation puts them")
+        if not whole.startswith(upto):
+            raise ValueError(f"the chat template renders message {i} (the assistant's) differently once later "
+                             "turns follow, so its tokens cannot be found in the transcript")
+        if len(before) < len(upto):
+            pieces += [(whole[at:len(before)], False), (whole[len(before):len(upto)], True)]
+            at = len(upto)
+    pieces.append((whole[at:], False))
+    return tuple((text, trained) for text, trained in pieces if text)
+
+
+def _record_example(record, cfg: SFTConfig, where: str, tokenizer=None) -> Example:
     if not isinstance(record, dict):
         raise ValueError(f"{where}: a record must be a JSON object")
     if cfg.prompt_field in record or cfg.response_field in record:
         if cfg.prompt_field not in record or cfg.response_field not in record:
             missing = cfg.prompt_field if cfg.prompt_field not in record else cfg.response_field
             raise ValueError(f"{where}: record has no field {missing!r} (sft.{'prompt' if missing == cfg.prompt_field else 'response'}_field)")
-        return str(record[cfg.prompt_field]), str(record[cfg.response_field])
+        prompt, response = str(record[cfg.prompt_field]), str(record[cfg.response_field])
+        return Example(f"{prompt}\0{response}", prompt, response)
     messages = record.get(cfg.messages_field)
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: record has neither {cfg.prompt_field!r}/{cfg.response_field!r} "
@@ -56,26 +116,37 @@ def _record_text(record, cfg: SFTConfig, where: str) -> tuple[str, str]:
         raise ValueError(f"{where}: every message needs 'role' and 'content'")
     if messages[-1]["role"] != "assistant":
         raise ValueError(f"{where}: the last message must be the assistant's response")
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            pieces = chat_pieces(tokenizer, messages)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        first = next(i for i, (_, trained) in enumerate(pieces) if trained)
+        prompt = "".join(text for text, _ in pieces[:first])
+        response = "".join(text for text, _ in pieces[first:])
+        return Example(f"{prompt}\0{response}", prompt, response, pieces)
     prompt = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages[:-1]) + "Assistant: "
-    return prompt, str(messages[-1]["content"])
+    response = str(messages[-1]["content"])
+    return Example(f"{prompt}\0{response}", prompt, response)
 
 
-def read_examples(paths: list[str], cfg: SFTConfig) -> tuple[list[tuple[str, str, str]], int]:
-    """(key, prompt, response) of every record of the JSONL files, and the count of
-    skipped malformed lines (always 0 when `cfg.strict`: the first one raises ValueError
-    naming its file and line)."""
+def read_examples(paths: list[str], cfg: SFTConfig, tokenizer=None) -> tuple[list[Example], int]:
+    """Every record of the JSONL files as an Example, and the count of skipped malformed
+    lines (always 0 when `cfg.strict`: the first one raises ValueError naming its file
+    and line). `messages` records are rendered with `tokenizer`'s chat template where it
+    has one (else as `Role: content` lines)."""
     examples, skipped = [], 0
     for path in paths:
         errors = None if cfg.strict else []
         for n, record in read_jsonl(path, numbered=True, errors=errors):
             try:
-                prompt, response = _record_text(record, cfg, f"{path}:{n}")
+                example = _record_example(record, cfg, f"{path}:{n}", tokenizer)
             except ValueError:
                 if cfg.strict:
                     raise
                 skipped += 1
                 continue
-            examples.append((f"{prompt}\0{response}", prompt, response))
+            examples.append(example)
         skipped += len(errors or ())
     return examples, skipped
 
@@ -83,7 +154,7 @@ def read_examples(paths: list[str], cfg: SFTConfig) -> tuple[list[tuple[str, str
 @dataclasses.dataclass
 class Packed:
     """Windows of seq_len + 1 tokens: tokens, segment ids (0 is padding) and the loss
-    mask over tokens (response tokens), each int32/bool [W, seq_len + 1]."""
+    mask over tokens (trained tokens), each int32/bool [W, seq_len + 1]."""
 
     tokens: np.ndarray
     segments: np.ndarray
@@ -98,20 +169,29 @@ class Packed:
         return window_batch(self.tokens[i:i + 1], self.segments[i:i + 1], self.loss[i:i + 1], squeeze=True)
 
 
-def pack(examples: list[tuple[str, str, str]], tokenizer, seq_len: int, truncate: bool = False) -> Packed:
-    """Packs tokenized examples first-fit (in order) into windows of seq_len + 1 tokens."""
+def encode_example(example, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [N], trained bool [N]) of an Example or a (key, prompt, response)
+    tuple: its pieces, or prompt + response + EOS with the response and EOS trained."""
+    pieces = example[3] if len(example) > 3 else ()
+    if not pieces:
+        eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+        p = np.asarray(tokenizer.encode(example[1]), np.int32)
+        r = np.concatenate([np.asarray(tokenizer.encode(example[2]), np.int32), np.asarray(eos, np.int32)])
+        return np.concatenate([p, r]), np.concatenate([np.zeros(len(p), bool), np.ones(len(r), bool)])
+    ids = [np.asarray(tokenizer.encode(text), np.int32) for text, _ in pieces]
+    return (np.concatenate(ids).astype(np.int32),
+            np.concatenate([np.full(len(i), trained, bool) for i, (_, trained) in zip(ids, pieces)]))
+
+
+def pack(examples, tokenizer, seq_len: int, truncate: bool = False) -> Packed:
+    """Packs tokenized examples (Examples or (key, prompt, response) tuples) first-fit (in
+    order) into windows of seq_len + 1 tokens."""
     width = seq_len + 1
-    eos = tokenizer.eos_id
     windows: list[list[tuple[np.ndarray, np.ndarray]]] = []
     room: list[int] = []
     truncated = 0
-    for _, prompt, response in examples:
-        p = np.asarray(tokenizer.encode(prompt), np.int32)
-        r = np.asarray(tokenizer.encode(response), np.int32)
-        if eos is not None:
-            r = np.concatenate([r, np.asarray([eos], np.int32)])
-        toks = np.concatenate([p, r])
-        loss = np.concatenate([np.zeros(len(p), bool), np.ones(len(r), bool)])
+    for example in examples:
+        toks, loss = encode_example(example, tokenizer)
         if len(toks) > width:
             if not truncate:
                 raise ValueError(f"an example of {len(toks)} tokens does not fit train.seq_len={seq_len} + 1 "
@@ -159,7 +239,7 @@ def load_sft(paths: list[str], cfg: SFTConfig, tokenizer, seq_len: int, val_frac
     """(train Packed, validation Packed or None, skipped lines, the first validation or
     training prompt) from JSONL files; ConfigError with a one-line message on bad input."""
     try:
-        examples, skipped = read_examples(paths, cfg)
+        examples, skipped = read_examples(paths, cfg, tokenizer)
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"data.source: {e}") from None
     except ValueError as e:
