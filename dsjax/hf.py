@@ -26,6 +26,7 @@ from dsjax.config import ModelConfig
 from dsjax.fp8 import quantize_blocks
 from dsjax.model import Transformer, unbox
 from dsjax.safetensors_io import SafetensorsReader, write_sharded
+from dsjax.tokenizer import load_tokenizer, save_tokenizer
 
 # HF tensor -> dsjax slot. `n` is the number of heads where a reshape needs it.
 _TO_DSJAX: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
@@ -376,8 +377,10 @@ def _hf_tensors(cfg: ModelConfig, variables: dict, dtype) -> Iterator[tuple[str,
 
 
 def save_pretrained(model: Transformer, variables: dict, out_dir: str, *, dtype=None,
-                    max_shard_size: int = 5 * 2**30, fp8: bool = False) -> None:
-    """Writes `config.json` and safetensors shards in the Hugging Face DeepSeek layout.
+                    max_shard_size: int = 5 * 2**30, fp8: bool = False, tokenizer: Any = None) -> None:
+    """Writes `config.json` and safetensors shards in the Hugging Face DeepSeek layout, and
+    the tokenizer when given: transformers' AutoModelForCausalLM and AutoTokenizer load the
+    folder.
 
     Args:
       model: the Transformer (its config is written as config.json).
@@ -387,13 +390,25 @@ def save_pretrained(model: Transformer, variables: dict, out_dir: str, *, dtype=
       max_shard_size: bytes per shard; more than one shard writes an index file.
       fp8: write the linear layers in DeepSeek's FP8 layout (float8_e4m3fn with 128x128
         `weight_scale_inv` blocks and a `quantization_config`).
+      tokenizer: 'bytes', a tokenizer.json (or its folder) or a dsjax.tokenizer tokenizer,
+        written as tokenizer.json + tokenizer_config.json (with its chat template; same ids
+        as its `encode`, dsjax.tokenizer.save_tokenizer); config.json then names its BOS
+        and EOS ids.
     """
     cfg = model.cfg
     variables = unbox(variables)
     np_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+                         f"vocab_size={cfg.vocab_size}")
     os.makedirs(out_dir, exist_ok=True)
     hf = cfg.to_hf()
     hf["torch_dtype"] = jnp.dtype(np_dtype).name
+    if tokenizer is not None:
+        hf.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+        save_tokenizer(tokenizer, out_dir)
     tensors = _hf_tensors(cfg, variables, np_dtype)
     if fp8:
         hf["quantization_config"] = dict(FP8_QUANTIZATION_CONFIG)

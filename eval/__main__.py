@@ -14,6 +14,17 @@ format rate, lengths and tokens/s; one JSON line per task and a table.
 sampling: it keeps the correct, well-formed samples as `python -m train sft` JSONL and
 reports the acceptance rate per task.
 
+`python -m eval generate ... --chat --prompt TEXT` sends the prompt as a user message,
+rendered by the tokenizer's chat template (else as dsjax's plain SFT format
+`User: TEXT\nAssistant: `), and prints the reply.
+
+`python -m eval export --checkpoint DIR --out HF_DIR [--overwrite]` writes the run's
+latest checkpoint as a Hugging Face folder (weights, config.json, the run's tokenizer and
+chat template; a reward model's head beside them) that transformers' AutoModelForCausalLM
+and AutoTokenizer load (eval/export.py).
+
+Bad input exits 2 with one `error:` line.
+
 `--set model.KEY=VALUE` changes how the model computes (precision, dtype, attn_impl,
 moe_impl, remat_policy, param_dtype), never what it is.
 """
@@ -24,7 +35,7 @@ import argparse
 import os
 import sys
 
-TASKS = ("generate", "loss", "tasks", "reject")
+TASKS = ("generate", "loss", "tasks", "reject", "export")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="a python -m train workdir (latest checkpoint)")
     src.add_argument("--hf", help="a Hugging Face DeepSeek-V2/V3 directory")
     p.add_argument("--prompt", help="generate: text to continue")
+    p.add_argument("--chat", action="store_true",
+                   help="generate: the prompt is a user message, rendered by the tokenizer's chat template")
     p.add_argument("--tokenizer", default=None,
                    help="'bytes' or a tokenizer.json (default: the run's, or the HF directory's)")
     p.add_argument("--max-new-tokens", type=int, default=None,
@@ -54,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="tasks/reject: completions per generate call (default: 256)")
     p.add_argument("--speculative", action="store_true", help="tasks/reject: draft with the MTP module")
     p.add_argument("--out", default=None,
-                   help="tasks: JSONL of every completion with its rewards; reject: the SFT JSONL to write")
+                   help="tasks: JSONL of every completion with its rewards; reject: the SFT JSONL to write; "
+                        "export: the Hugging Face folder to write")
+    p.add_argument("--overwrite", action="store_true", help="export: replace an export in a non-empty --out")
     p.add_argument("--shortest", action="store_true", help="reject: keep only the shortest passing sample per problem")
     p.add_argument("--no-dedup", action="store_true", help="reject: keep repeated (prompt, completion) pairs")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
@@ -82,6 +97,30 @@ def sampling_defaults(run: dict, task: str | None = None, template: str | None =
     return spec, template or grpo.get("template", "r1"), int(max_new_tokens or grpo.get("max_new_tokens", 256))
 
 
+def error(e: BaseException) -> int:
+    """Prints `e` as one `error:` line and returns the exit status 2. An OSError shows its
+    message and file name (its args start with the errno)."""
+    if isinstance(e, OSError) and e.strerror:
+        message = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    else:
+        message = e.args[0] if e.args else (str(e) or type(e).__name__)
+    print("error: " + " ".join(str(message).splitlines()), file=sys.stderr)
+    return 2
+
+
+def check_hf_folder(path: str) -> None:
+    """Refuses (FileNotFoundError) a --hf that is not a Hugging Face folder, with the hint
+    to pass a run directory as --checkpoint."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return
+    if os.path.isfile(os.path.join(path, "config.yaml")):
+        raise FileNotFoundError(f"--hf expects a Hugging Face folder (config.json and *.safetensors); {path} is "
+                                f"a python -m train run directory: use --checkpoint {path}")
+    what = "has no config.json" if os.path.isdir(path) else "does not exist"
+    raise FileNotFoundError(f"--hf expects a Hugging Face folder (config.json and *.safetensors): {path} {what} "
+                            "(for a python -m train run directory use --checkpoint WORKDIR)")
+
+
 def _load(args):
     import dataclasses
 
@@ -92,6 +131,7 @@ def _load(args):
         model, variables, run = load_trained(args.checkpoint)
         tokenizer = args.tokenizer or run.get("data", {}).get("tokenizer", "bytes")
     else:
+        check_hf_folder(args.hf)
         model, variables = dsjax.from_pretrained(args.hf)
         tokenizer = args.tokenizer or os.path.join(args.hf, "tokenizer.json")
     from eval.loss import with_implementation
@@ -110,9 +150,8 @@ def _loss(args) -> int:
         return 2
     try:
         out = checkpoint_loss(args.checkpoint, args.batches, args.overrides, progress=True)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+    except (OSError, KeyError, ValueError) as e:
+        return error(e)
     print(json.dumps({"checkpoint": args.checkpoint, **out}))
     return 0
 
@@ -151,9 +190,8 @@ def reasoning(args) -> int:
         from dsjax.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_spec)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+    except (OSError, KeyError, ValueError) as e:
+        return error(e)
     split = args.split or ("train" if rejecting else "test")
     rows, kept_all, records = {}, [], []
     for name, task in chosen:
@@ -220,10 +258,41 @@ def show_stream(tokens, decode, stop: tuple[int, ...], write) -> int:
     return len(rest) - len(rest.rstrip())
 
 
+def _export(args) -> int:
+    import json
+
+    from eval.export import export_run
+
+    if not args.checkpoint:
+        print("error: export needs --checkpoint WORKDIR (a python -m train run directory); "
+              "a --hf folder is already in the Hugging Face format", file=sys.stderr)
+        return 2
+    if not args.out:
+        print("error: export needs --out DIR (the Hugging Face folder to write)", file=sys.stderr)
+        return 2
+    try:
+        out = export_run(args.checkpoint, args.out, overwrite=args.overwrite)
+    except (OSError, KeyError, ValueError) as e:
+        return error(e)
+    print(json.dumps(out))
+    return 0
+
+
+def chat_prompt(tokenizer, text: str) -> str:
+    """`text` as a user message followed by what opens the assistant's reply: the
+    tokenizer's chat template with its generation prompt, else dsjax's plain SFT format."""
+    message = [{"role": "user", "content": text}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(message, add_generation_prompt=True)
+    return f"User: {text}\nAssistant: "
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.task_name == "loss":
         return _loss(args)
+    if args.task_name == "export":
+        return _export(args)
     if args.task_name in ("tasks", "reject"):
         return reasoning(args)
     args.max_new_tokens = args.max_new_tokens or 128
@@ -243,10 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, variables, tokenizer_spec = _load(args)
         tokenizer = load_tokenizer(tokenizer_spec)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
-    prompt = tokenizer.encode(args.prompt)
+        text = chat_prompt(tokenizer, args.prompt) if args.chat else args.prompt
+    except (OSError, KeyError, ValueError) as e:
+        return error(e)
+    prompt = tokenizer.encode(text)
     if len(prompt) == 0:
         print("error: the prompt encodes to no tokens", file=sys.stderr)
         return 2
@@ -257,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
+    if not args.chat:  # a chat shows the reply only
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
     hidden = show_stream(tokens, tokenizer.decode, stop, _write)
     if hidden:
         print(f"[{hidden} trailing whitespace characters not shown]", file=sys.stderr)
