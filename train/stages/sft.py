@@ -121,7 +121,9 @@ def _record_example(record, cfg: SFTConfig, where: str, tokenizer=None) -> Examp
             pieces = chat_pieces(tokenizer, messages)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        first = next(i for i, (_, trained) in enumerate(pieces) if trained)
+        first = next((i for i, (_, trained) in enumerate(pieces) if trained), None)
+        if first is None:
+            raise ValueError(f"{where}: the chat template renders no text for the assistant's messages")
         prompt = "".join(text for text, _ in pieces[:first])
         response = "".join(text for text, _ in pieces[first:])
         return Example(f"{prompt}\0{response}", prompt, response, pieces)
