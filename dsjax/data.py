@@ -53,14 +53,28 @@ def _stdlib_files() -> list[str]:
     return files
 
 
-def source_files(cfg: DataConfig) -> list[str]:
+def source_files(cfg: DataConfig, pattern_key: str = "data.file_pattern") -> list[str]:
+    """The files of `cfg.source`: 'stdlib', or files, folders (their files matching
+    `cfg.file_pattern`, recursively) and globs, comma-separated.
+
+    Args:
+      pattern_key: the setting the file pattern comes from, named when a folder holds no
+        matching file ('': the caller fixed it).
+    Raises:
+      FileNotFoundError naming the part of the source that gives no file (and, for a
+      folder, the pattern and what the folder holds instead).
+    """
     if cfg.source == "stdlib":
         return _stdlib_files()
     files = []
     for part in cfg.source.split(","):
         part = part.strip()
         if os.path.isdir(part):
-            files += sorted(glob.glob(os.path.join(part, "**", cfg.file_pattern), recursive=True))
+            found = sorted(f for f in glob.glob(os.path.join(part, "**", cfg.file_pattern), recursive=True)
+                           if os.path.isfile(f))
+            if not found:
+                raise FileNotFoundError(_no_match(part, cfg.file_pattern, pattern_key))
+            files += found
         elif os.path.isfile(part):
             files.append(part)
         else:
@@ -71,6 +85,23 @@ def source_files(cfg: DataConfig) -> list[str]:
     if not files:
         raise FileNotFoundError(f"data.source={cfg.source!r} holds no files matching {cfg.file_pattern!r}")
     return files
+
+
+def _no_match(folder: str, pattern: str, pattern_key: str) -> str:
+    """Why a folder of data.source gives no file: the pattern, its key and the kinds of
+    files the folder does hold."""
+    kinds: dict[str, int] = {}
+    for _, _, names in os.walk(folder):
+        for name in names:
+            ext = os.path.splitext(name)[1]
+            kinds[f"*{ext}" if ext else name] = kinds.get(f"*{ext}" if ext else name, 0) + 1
+    common = sorted(kinds.items(), key=lambda kv: -kv[1])
+    where = f" ({pattern_key})" if pattern_key else ""
+    if not common:
+        return f"data.source: the folder {folder} holds no files matching {pattern!r}{where}; it is empty"
+    held = ", ".join(f"{n} {k}" for k, n in common[:4]) + (", ..." if len(common) > 4 else "")
+    hint = f"; --set {pattern_key}='{common[0][0]}' takes the {common[0][0]} files" if pattern_key else ""
+    return f"data.source: the folder {folder} holds no files matching {pattern!r}{where}; it holds {held}{hint}"
 
 
 class JSONLError(ValueError):

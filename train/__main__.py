@@ -145,6 +145,20 @@ def topology_dry_run(cfg, args, stage) -> int:
     return 0
 
 
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError: the file(s) it names and the system's reason ('workdir:
+    Permission denied'), never a bare errno ('2')."""
+    import os
+
+    reason = e.strerror
+    if not reason and len(e.args) == 1 and isinstance(e.args[0], int):
+        reason = os.strerror(e.args[0])
+    if not reason:
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    names = [n for n in (e.filename, e.filename2) if n is not None]
+    return ": ".join([" -> ".join(str(n) for n in names), reason] if names else [reason])
+
+
 # Words of the errors a process sees when a peer of its run has died (gloo's transport,
 # the coordination service), whatever exception type carries them.
 _PEER_GONE = ("Gloo", "Connection reset by peer", "Connection closed by peer", "heartbeat", "UNAVAILABLE")
@@ -168,8 +182,11 @@ def main(argv: list[str] | None = None, keep_buffers: bool = False) -> int:
 
         overrides = list(args.overrides) + ([f"init.workdir={args.init}"] if args.init else [])
         cfg = build_config(args.config or spec.default_config, overrides, stages)
-    except (ConfigError, FileNotFoundError) as e:
+    except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a --config that cannot be read
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
         return 2
     if args.show_config:
         from train.workdir import config_yaml
@@ -204,6 +221,9 @@ def main(argv: list[str] | None = None, keep_buffers: bool = False) -> int:
         import jax
 
         if jax.process_count() < 2:
+            if isinstance(e, OSError):  # a file the run reads or writes: its name and the reason
+                print(f"error: {os_error_message(e)}", file=sys.stderr)
+                return 1
             raise
         # Several processes: leave at once either way, since jax.distributed's shutdown
         # barrier at exit would wait for a peer that has died (or will never get there).
@@ -211,7 +231,9 @@ def main(argv: list[str] | None = None, keep_buffers: bool = False) -> int:
 
         text = str(e).strip()
         first = text.splitlines()[0] if text else type(e).__name__
-        if isinstance(e, jax.errors.JaxRuntimeError) or any(s in text for s in _PEER_GONE):
+        if isinstance(e, OSError):
+            print(f"error: process {jax.process_index()}: {os_error_message(e)}", file=sys.stderr)
+        elif isinstance(e, jax.errors.JaxRuntimeError) or any(s in text for s in _PEER_GONE):
             # A collective or the coordination service failed: another process died.
             print(f"error: process {jax.process_index()}: another process of this run stopped ({first[:200]}); "
                   f"exiting. Start every process again to resume from the last checkpoint", file=sys.stderr)

@@ -11,6 +11,7 @@ The stages are passed in (`train.stages.all_stages()`): this module knows none o
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import os
 import types
@@ -25,6 +26,36 @@ from sharding.mesh import MeshConfig
 from train.workdir import check_same_model, init_source
 
 SCHEDULES = ("cosine", "constant", "step")
+
+
+def did_you_mean(name: str, known, prefix: str = "") -> str:
+    """'; did you mean PREFIX.KEY?' for the known name nearest a mistyped `name` (difflib),
+    else ''."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
+def model_context(model: ModelConfig) -> tuple[int, str]:
+    """(the longest sequence the model's positions cover, how that follows from the config):
+    max_position_embeddings, or with YaRN rope scaling the scaled context,
+    rope_scaling.factor x original_max_position_embeddings, where that is longer."""
+    context, why = model.max_position_embeddings, "model.max_position_embeddings"
+    rs = model.rope_scaling
+    if rs is not None and int(rs.factor * rs.original_max_position_embeddings) > context:
+        context = int(rs.factor * rs.original_max_position_embeddings)
+        why = (f"YaRN: model.rope_scaling factor {rs.factor:g} x original_max_position_embeddings "
+               f"{rs.original_max_position_embeddings}")
+    return context, why
+
+
+def check_seq_len(cfg) -> None:
+    """ConfigError where the run's sequences (train.seq_len) are longer than the model's
+    context (`model_context`)."""
+    context, why = model_context(cfg.model)
+    if cfg.train.seq_len > context:
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} is longer than the model's context of {context} "
+                          f"tokens ({why}); set train.seq_len <= {context}, or give the model a longer "
+                          f"context (model.max_position_embeddings, model.rope_scaling)")
 
 
 def coerce(key: str, value: Any, hint: Any) -> Any:
@@ -64,7 +95,9 @@ def apply_updates(section: str, base: Any, updates: dict[str, Any]) -> Any:
     kw = {}
     for k, v in updates.items():
         if k not in fields:
-            raise ConfigError(f"unknown config key {section}.{k}")
+            raise ConfigError(f"unknown config key {section}.{k}"
+                              + (did_you_mean(k, fields | ({"preset"} if section == "model" else set()), f"{section}.")
+                                 or " (python -m train --help lists every key)"))
         kw[k] = coerce(f"{section}.{k}", v, hints[k])
     try:
         return dataclasses.replace(base, **kw)
@@ -109,6 +142,11 @@ class TrainConfig:
       max_bad_steps: a step whose loss or gradients are not finite is skipped (parameters,
         optimizer state and router bias unchanged; `skipped` in the metrics); this many in
         a row stop the run at the next log or checkpoint step.
+      allow_schedule_change: resuming a run with other values of the keys its schedules
+        follow (steps, warmup_steps, schedule, lr, min_lr_ratio, step_decay_*, mtp_lambda*,
+        bias_update_*; train/workdir.py SCHEDULE_KEYS) where that changes the learning rate,
+        MTP weight or router-bias speed of a step still to run is refused unless this is
+        true; then the run logs what changed (old -> new) and goes on with the new schedule.
     """
 
     steps: int = 500
@@ -141,6 +179,7 @@ class TrainConfig:
     sample_prompt: str = "def "
     peak_tflops: float = 0.0
     max_bad_steps: int = 5
+    allow_schedule_change: bool = False
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every",
@@ -267,7 +306,9 @@ def parse_set(item: str, sections: Mapping[str, type] = BASE_SECTIONS) -> tuple[
         raise ConfigError(f"--set {key}: expected section.key (sections: {sorted(sections)})")
     section, field = key.split(".", 1)
     if section not in sections:
-        raise ConfigError(f"unknown config section {section!r} in --set {key}")
+        close = difflib.get_close_matches(section, list(sections), n=1, cutoff=0.6)
+        raise ConfigError(f"unknown config section {section!r} in --set {key}"
+                          + (f"; did you mean {close[0]}.{field}?" if close else f" (sections: {sorted(sections)})"))
     return section, field, parse_value(text)
 
 
@@ -304,9 +345,15 @@ def build_config(config: str | None, overrides: list[str], stages: Mapping[str, 
     sections: dict[str, dict[str, Any]] = {}
     for section, values in raw.items():
         if section not in classes:
-            raise ConfigError(f"unknown config section {section!r}; sections: {sorted(classes)}")
+            raise ConfigError(f"{config}: unknown config section {section!r}"
+                              + (did_you_mean(section, classes) or f"; sections: {sorted(classes)}"))
         if not isinstance(values, dict):
-            raise ConfigError(f"config section {section!r} must be a mapping")
+            raise ConfigError(f"{config}: config section {section!r} must be a mapping")
+        known = {f.name for f in dataclasses.fields(classes[section])} | ({"preset"} if section == "model" else set())
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"{config}: unknown config key {section}.{key}"
+                                  + did_you_mean(str(key), known, f"{section}."))
         sections[section] = dict(values)
     for item in overrides:
         section, field, value = parse_set(item, classes)
@@ -340,6 +387,7 @@ def build_config(config: str | None, overrides: list[str], stages: Mapping[str, 
     for value in cfg.sections().values():
         if hasattr(value, "validate") and not isinstance(value, ModelConfig):
             value.validate()
+    check_seq_len(cfg)
     return cfg
 
 
@@ -351,7 +399,7 @@ def describe_options(config: str = "pretrain", stages: Mapping[str, Any] = {}) -
     try:
         run = build_config(config, [], stages)
         head = f"options for --set, as the run config {config!r} sets them [default where it differs]:"
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, OSError) as e:
         run = defaults
         head = f"options for --set with their defaults (run config {config!r} not read: {e}):"
     lines = [head]

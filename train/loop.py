@@ -32,10 +32,10 @@ from dsjax.model import Transformer, unbox
 from dsjax.tokenizer import load_tokenizer
 from sharding.mesh import make_mesh
 from sharding.rules import activation_rules
-from train.optim import make_optimizer
+from train.optim import lr_schedule, make_optimizer
 from train.report import MetricsLog, plot_curves
-from train.steps import TrainState, flops_per_token, make_train_step, state_shardings
-from train.workdir import CHECKPOINTS, check_workdir, write_config
+from train.steps import TrainState, flops_per_token, make_train_step, schedules, state_shardings
+from train.workdir import CHECKPOINTS, check_workdir, describe_changes, schedule_changes, write_config
 
 _PEAK_TFLOPS = (("v6", 918.0), ("v5p", 459.0), ("v5 lite", 197.0), ("v5e", 197.0), ("v4", 275.0),
                 ("h200", 989.0), ("h100", 989.0), ("a100", 312.0))
@@ -316,11 +316,21 @@ def run_stage(cfg, workdir: str, stage_cls: type[Stage]) -> int:
         return TrainState.start(variables, tx, reference)
 
     with jax.set_mesh(mesh):
-        stage = stage_cls(run)
         ckpt_dir = os.path.join(workdir, CHECKPOINTS)
         # Created only once the initial state exists, so a bad init source writes nothing.
         ckpt = Checkpointer(ckpt_dir, keep=tcfg.keep_checkpoints) if os.path.isdir(ckpt_dir) else None
         start = ckpt.latest_step() if ckpt else None
+        if start is not None and start >= tcfg.steps:
+            run.log(f"already trained to step {start} (train.steps={tcfg.steps}); nothing to do")
+            ckpt.close()
+            return 0
+        if start is not None:
+            try:
+                _check_schedule(run, start)
+            except ConfigError:
+                ckpt.close()
+                raise
+        stage = stage_cls(run)
         abstract_state = jax.eval_shape(init_state, jax.random.key(tcfg.seed))
         abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       abstract_state, state_sh)
@@ -343,13 +353,11 @@ def run_stage(cfg, workdir: str, stage_cls: type[Stage]) -> int:
             ckpt = Checkpointer(ckpt_dir, keep=tcfg.keep_checkpoints)
         if lead:
             write_config(workdir, cfg, stage.name)
-        if start >= tcfg.steps:
-            run.log(f"already trained to step {start} (train.steps={tcfg.steps}); nothing to do")
-            ckpt.close()
-            return 0
         stage.compile()
         metrics_log = MetricsLog(workdir, start if start else None, cfg.logging, cfg.as_dict()) if lead else None
         flag: dict = {"signal": None}
+        run.log(f"compiling the {stage.name} step for {mesh.size} {impl.platform_of(mesh)} device(s): the first "
+                f"step includes XLA's compilation, so its time and the first time estimate run long")
         try:
             state, stopped = _with_stop_signals(flag, lambda: _loop(run, stage, state, start, ckpt, metrics_log,
                                                                     flag))
@@ -366,6 +374,43 @@ def run_stage(cfg, workdir: str, stage_cls: type[Stage]) -> int:
         if tcfg.sample_tokens and stage.prints_sample:
             _print_sample(run, stage, state)
     return 0
+
+
+def _check_schedule(run: Run, start: int) -> None:
+    """Resuming at `start` with other values of the keys the schedules follow (train/workdir.py
+    SCHEDULE_KEYS): where that changes the learning rate, the MTP weight or the router-bias
+    speed of a step from `start` on, ConfigError unless train.allow_schedule_change; where
+    it is allowed, or changes none of them, one line says what changed."""
+    tcfg = run.cfg.train
+    changes = schedule_changes(run.workdir, tcfg)
+    if not changes:
+        return
+    try:
+        old = dataclasses.replace(tcfg, **{k: v for k, (v, _) in changes.items()})
+        moved = _schedule_moves(old, tcfg, start)
+    except (TypeError, ValueError) as e:  # a config.yaml value of another type
+        raise ConfigError(f"{os.path.join(run.workdir, 'config.yaml')}: train: {e}") from None
+    if moved and not tcfg.allow_schedule_change:
+        raise ConfigError(f"--workdir {run.workdir} holds a run at step {start}: {describe_changes(changes)} "
+                          f"changes its schedule ({moved}); add --set train.allow_schedule_change=true to go on "
+                          f"with the new schedule, or use another workdir")
+    run.log(f"resuming at step {start} with {describe_changes(changes)}: "
+            + (f"the schedule changes ({moved})" if moved else f"the schedule from step {start} on is unchanged"))
+
+
+def _schedule_moves(old, new, start: int) -> str:
+    """The first quantity whose schedule differs between TrainConfigs `old` and `new` at a
+    step from `start` on ('learning rate at step 500: 0.0003 -> 0.00046'), or ''."""
+    steps = jnp.arange(start, max(old.steps, new.steps, start + 1))
+    (old_mtp, old_gamma), (new_mtp, new_gamma) = schedules(old), schedules(new)
+    for name, a, b in (("learning rate", lr_schedule(old), lr_schedule(new)), ("MTP loss weight", old_mtp, new_mtp),
+                       ("router-bias speed", old_gamma, new_gamma)):
+        x, y = (np.broadcast_to(np.asarray(f(steps), np.float64), steps.shape) for f in (a, b))
+        differ = np.flatnonzero(~np.isclose(x, y, rtol=1e-6, atol=0.0))
+        if differ.size:
+            i = int(differ[0])
+            return f"{name} at step {start + i}: {x[i]:.3g} -> {y[i]:.3g}"
+    return ""
 
 
 class RunStopped(Exception):

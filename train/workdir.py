@@ -44,6 +44,12 @@ def check_same_model(have: ModelConfig, asked: ModelConfig, where: str) -> None:
         raise ConfigError(f"{where} holds a different model: {shown}")
 
 
+def is_hf_directory(path: str) -> bool:
+    """Whether `path` is a Hugging Face model directory (config.json and *.safetensors)."""
+    return (os.path.isfile(os.path.join(path, "config.json"))
+            and any(f.endswith(".safetensors") for f in os.listdir(path)))
+
+
 def init_source(workdir: str, hf: str, names: tuple[str, str] = ("init.workdir", "init.hf")
                 ) -> tuple[ModelConfig | None, dict[str, Any]]:
     """The model config of a run directory `workdir` or a Hugging Face directory `hf` (at
@@ -56,6 +62,10 @@ def init_source(workdir: str, hf: str, names: tuple[str, str] = ("init.workdir",
             run = read_run_config(workdir)
             model = run_model_config(workdir, run)
         except FileNotFoundError:
+            if is_hf_directory(workdir):
+                raise ConfigError(f"{names[0]}: {workdir} is a Hugging Face directory (config.json and "
+                                  f"*.safetensors), not a training workdir: start from it with "
+                                  f"--set {names[1]}={workdir}") from None
             raise ConfigError(f"{names[0]}: {workdir} is not a training workdir (no config.yaml)") from None
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{names[0]}: {workdir}/{CONFIG} is not a valid run config: {e}") from None
@@ -93,10 +103,17 @@ def _plain(value):
 
 
 def check_workdir(workdir: str, model: ModelConfig, stage: str) -> None:
-    """Refuses a workdir that is a file or holds another stage's or another model's run
-    (ConfigError); an empty or new one passes."""
+    """Refuses a workdir that is a file, cannot be created or written, or holds another
+    stage's or another model's run (ConfigError); an empty or new one passes. Creates nothing."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir} is a file, not a directory")
+    parent = workdir
+    while not os.path.exists(parent):  # the nearest part of the path that exists
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--workdir {workdir} cannot be created: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir {workdir}: {parent} is not writable")
     if not os.path.exists(os.path.join(workdir, CONFIG)):
         return
     saved = read_run_config(workdir)
@@ -108,3 +125,26 @@ def check_workdir(workdir: str, model: ModelConfig, stage: str) -> None:
     except (ConfigError, TypeError) as e:
         raise ConfigError(f"{os.path.join(workdir, CONFIG)} is not a valid run config: {e}") from None
     check_same_model(have, model, f"--workdir {workdir}")
+
+
+# The TrainConfig keys the learning-rate, MTP-weight and router-bias schedules are
+# computed from (train/optim.py lr_schedule, train/steps.py): a run resumed with another
+# value of one of them changes the schedule of the steps it already trained.
+SCHEDULE_KEYS = ("steps", "warmup_steps", "schedule", "lr", "min_lr_ratio", "step_decay_every",
+                 "step_decay_factor", "mtp_lambda", "mtp_lambda_final", "mtp_lambda_switch",
+                 "bias_update_speed", "bias_update_stop")
+
+
+def schedule_changes(workdir: str, train) -> dict[str, tuple[Any, Any]]:
+    """{key: (value in the workdir's config.yaml, value in `train`)} for each SCHEDULE_KEYS
+    key on which a run config's train section (a TrainConfig) differs from the run in
+    `workdir`; {} for a new workdir."""
+    if not os.path.exists(os.path.join(workdir, CONFIG)):
+        return {}
+    saved = read_run_config(workdir).get("train") or {}
+    return {k: (saved[k], getattr(train, k)) for k in SCHEDULE_KEYS if k in saved and saved[k] != getattr(train, k)}
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """'train.steps 500 -> 1000, train.lr 0.003 -> 0.001'."""
+    return ", ".join(f"train.{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
