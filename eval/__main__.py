@@ -18,10 +18,10 @@ reports the acceptance rate per task.
 rendered by the tokenizer's chat template (else as dsjax's plain SFT format
 `User: TEXT\nAssistant: `), and prints the reply.
 
-`python -m eval export --checkpoint DIR --out HF_DIR [--overwrite]` writes the run's
-latest checkpoint as a Hugging Face folder (weights, config.json, the run's tokenizer and
-chat template; a reward model's head beside them) that transformers' AutoModelForCausalLM
-and AutoTokenizer load (eval/export.py).
+`python -m eval export --checkpoint DIR --out HF_DIR [--overwrite] [--tokenizer T]`
+writes the run's latest checkpoint as a Hugging Face folder (weights, config.json, the
+run's tokenizer and chat template; a reward model's head beside them) that transformers'
+AutoModelForCausalLM and AutoTokenizer load (eval/export.py).
 
 Bad input exits 2 with one `error:` line.
 
@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true",
                    help="generate: the prompt is a user message, rendered by the tokenizer's chat template")
     p.add_argument("--tokenizer", default=None,
-                   help="'bytes' or a tokenizer.json (default: the run's, or the HF directory's)")
+                   help="'bytes' or a tokenizer.json (default: the run's, or the HF directory's); "
+                        "export: the one to write")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens to sample per completion (default: generate 128; tasks/reject the "
                         "run's grpo.max_new_tokens, else 256)")
@@ -271,7 +272,7 @@ def _export(args) -> int:
         print("error: export needs --out DIR (the Hugging Face folder to write)", file=sys.stderr)
         return 2
     try:
-        out = export_run(args.checkpoint, args.out, overwrite=args.overwrite)
+        out = export_run(args.checkpoint, args.out, overwrite=args.overwrite, tokenizer=args.tokenizer)
     except (OSError, KeyError, ValueError) as e:
         return error(e)
     print(json.dumps(out))

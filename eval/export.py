@@ -60,7 +60,8 @@ def _clear(out: str) -> None:
             os.remove(path)
 
 
-def export_run(workdir: str, out: str, *, overwrite: bool = False, step: int | None = None) -> dict:
+def export_run(workdir: str, out: str, *, overwrite: bool = False, step: int | None = None,
+               tokenizer: str | None = None) -> dict:
     """Writes the run's latest (or given) checkpoint to `out` as a Hugging Face folder.
 
     Args:
@@ -68,6 +69,8 @@ def export_run(workdir: str, out: str, *, overwrite: bool = False, step: int | N
       out: the folder to write (created; a non-empty one only with `overwrite`, which
         replaces an earlier export's files there and leaves other files alone).
       step: the checkpoint (default: the latest).
+      tokenizer: 'bytes' or a tokenizer.json (or its folder) to write instead of the
+        run's `data.tokenizer` (one with the same ids, e.g. where the run's has moved).
     Returns:
       {'checkpoint', 'step', 'stage', 'out', 'files'}. Raises FileNotFoundError or
       ValueError with a one-line message (no run, no checkpoint, --out not empty, ...).
@@ -78,7 +81,7 @@ def export_run(workdir: str, out: str, *, overwrite: bool = False, step: int | N
 
     run = read_run_config(workdir)
     check_out(out, overwrite)
-    tokenizer = load_tokenizer((run.get("data") or {}).get("tokenizer", "bytes"))
+    tokenizer = load_tokenizer(tokenizer or (run.get("data") or {}).get("tokenizer", "bytes"))
     reward = run.get("stage") == "rm"
     if reward:
         from dsjax.reward_model import load_reward_model
