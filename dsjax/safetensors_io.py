@@ -164,8 +164,12 @@ def write_sharded(tensors, directory: str, max_shard_bytes: int = 5 * 2**30, met
     n = len(tmp_names)
     final = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     rename = dict(zip(tmp_names, final))
+    umask = os.umask(0)
+    os.umask(umask)
     for tmp, fin in rename.items():
         os.replace(os.path.join(directory, tmp), os.path.join(directory, fin))
+        # safetensors writes owner-only files; a checkpoint folder is meant to be shared.
+        os.chmod(os.path.join(directory, fin), 0o666 & ~umask)
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {k: rename[v] for k, v in weight_map.items()}}
         with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:

@@ -324,3 +324,20 @@ def test_bfloat16_load_matches_transformers_in_bfloat16(hf_dirs, tmp_path):
     assert err.mean() < 0.75 * noise.mean(), (err.mean(), noise.mean())  # 0.67 when written
     assert err.mean() < 0.03 * size, err.mean() / size  # 0.020 when written
     assert (err.max(-1) > 0.12 * size).sum() <= 2, np.sort(err.max(-1).ravel())[-4:] / size  # 1, 0.09 next
+
+
+def test_written_shards_take_the_umask_not_owner_only(tmp_path):
+    """A checkpoint folder is meant to be shared: write_sharded's files get the usual
+    0666 & ~umask (safetensors itself writes 0600)."""
+    from dsjax.safetensors_io import write_sharded
+
+    umask = os.umask(0o022)
+    try:
+        names = write_sharded(iter([("a", np.zeros(4, np.float32)), ("b", np.ones(4, np.float32))]), str(tmp_path),
+                              max_shard_bytes=16)
+    finally:
+        os.umask(umask)
+    assert len(names) >= 2
+    for name in names:
+        if name.endswith(".safetensors"):
+            assert os.stat(tmp_path / name).st_mode & 0o777 == 0o644, name
