@@ -3,6 +3,7 @@ model's context, errors as errnos, key typos, a Hugging Face folder given to --i
 folder with no file matching the pattern, and a resumed run whose schedule changes under it.
 Each is refused (or explained) before any training starts."""
 
+import dataclasses
 import json
 import os
 
@@ -13,7 +14,8 @@ from dsjax.config import ConfigError
 from dsjax.data import DataConfig, source_files
 from tests.test_train import SMALL
 from train.__main__ import main, os_error_message
-from train.config import build_config, model_context
+from train.config import TrainConfig, build_config, model_context
+from train.loop import _schedule_moves
 from train.stages import all_stages
 
 FAST = SMALL + ["model.moe_impl=dense", "train.batch_size=8", "train.eval_every=100", "train.sample_tokens=0", "train.warmup_steps=1",
@@ -120,6 +122,19 @@ def test_a_data_folder_without_matching_files_names_the_pattern(capsys, tmp_path
 
 
 # --------------------------------------------------------------------- resuming
+def test_which_schedule_a_change_moves():
+    cosine = TrainConfig(steps=500, lr=3e-3, warmup_steps=50)
+    longer = dataclasses.replace(cosine, steps=1000)
+    assert _schedule_moves(cosine, longer, 500) == "learning rate at step 500: 0.0003 -> 0.00176"
+    flat = TrainConfig(steps=3, schedule="constant", warmup_steps=1)
+    longer = dataclasses.replace(flat, steps=400)
+    assert _schedule_moves(flat, longer, 3) == "MTP loss weight at step 3: 0.1 -> 0.3"  # switch at 0.7 x steps
+    assert _schedule_moves(flat, longer, 3, followed=("lr", "bias")) == "router-bias speed at step 3: 0 -> 0.001"
+    assert _schedule_moves(flat, longer, 3, followed=("lr",)) == ""  # a stage that follows the rate only
+    assert _schedule_moves(flat, dataclasses.replace(flat, lr=1e-3), 3, followed=("lr",)).startswith(
+        "learning rate at step 3: 0.003 -> 0.001")
+
+
 def _lrs(workdir):
     return {r["step"]: r["lr"] for r in map(json.loads, open(workdir / "metrics.jsonl")) if "lr" in r}
 

@@ -131,12 +131,15 @@ class Stage(abc.ABC):
         (fresh when the run starts from init.workdir / init.hf).
       prints_sample: the run ends by printing text the model generates
         (train.sample_tokens of it, after `sample_prompt()`).
+      schedules: the schedules its step follows, of 'lr', 'mtp' (the MTP loss weight) and
+        'bias' (the router-bias speed); a resumed run may not change them unasked.
     """
 
     name = "stage"
     eval_at_start = False
     head_params: tuple[str, ...] = ()
     prints_sample = True
+    schedules: tuple[str, ...] = ("lr", "mtp", "bias")
 
     @classmethod
     def build_model(cls, model_cfg):
@@ -326,7 +329,7 @@ def run_stage(cfg, workdir: str, stage_cls: type[Stage]) -> int:
             return 0
         if start is not None:
             try:
-                _check_schedule(run, start)
+                _check_schedule(run, stage_cls, start)
             except ConfigError:
                 ckpt.close()
                 raise
@@ -376,18 +379,24 @@ def run_stage(cfg, workdir: str, stage_cls: type[Stage]) -> int:
     return 0
 
 
-def _check_schedule(run: Run, start: int) -> None:
+def _check_schedule(run: Run, stage_cls: type[Stage], start: int) -> None:
     """Resuming at `start` with other values of the keys the schedules follow (train/workdir.py
     SCHEDULE_KEYS): where that changes the learning rate, the MTP weight or the router-bias
-    speed of a step from `start` on, ConfigError unless train.allow_schedule_change; where
-    it is allowed, or changes none of them, one line says what changed."""
+    speed of a step from `start` on (those of `stage_cls.schedules` the model has),
+    ConfigError unless train.allow_schedule_change; where it is allowed, or changes none of
+    them, one line says what changed."""
     tcfg = run.cfg.train
     changes = schedule_changes(run.workdir, tcfg)
     if not changes:
         return
+    followed = set(stage_cls.schedules)
+    if not run.cfg.model.num_nextn_predict_layers:
+        followed.discard("mtp")
+    if not run.cfg.model.n_routed_experts:
+        followed.discard("bias")
     try:
         old = dataclasses.replace(tcfg, **{k: v for k, (v, _) in changes.items()})
-        moved = _schedule_moves(old, tcfg, start)
+        moved = _schedule_moves(old, tcfg, start, followed)
     except (TypeError, ValueError) as e:  # a config.yaml value of another type
         raise ConfigError(f"{os.path.join(run.workdir, 'config.yaml')}: train: {e}") from None
     if moved and not tcfg.allow_schedule_change:
@@ -398,13 +407,17 @@ def _check_schedule(run: Run, start: int) -> None:
             + (f"the schedule changes ({moved})" if moved else f"the schedule from step {start} on is unchanged"))
 
 
-def _schedule_moves(old, new, start: int) -> str:
-    """The first quantity whose schedule differs between TrainConfigs `old` and `new` at a
-    step from `start` on ('learning rate at step 500: 0.0003 -> 0.00046'), or ''."""
+def _schedule_moves(old, new, start: int, followed=("lr", "mtp", "bias")) -> str:
+    """The first quantity of `followed` ('lr', 'mtp', 'bias') whose schedule differs between
+    TrainConfigs `old` and `new` at a step from `start` on ('learning rate at step 500:
+    0.0003 -> 0.00046'), or ''."""
     steps = jnp.arange(start, max(old.steps, new.steps, start + 1))
     (old_mtp, old_gamma), (new_mtp, new_gamma) = schedules(old), schedules(new)
-    for name, a, b in (("learning rate", lr_schedule(old), lr_schedule(new)), ("MTP loss weight", old_mtp, new_mtp),
-                       ("router-bias speed", old_gamma, new_gamma)):
+    for key, name, a, b in (("lr", "learning rate", lr_schedule(old), lr_schedule(new)),
+                            ("mtp", "MTP loss weight", old_mtp, new_mtp),
+                            ("bias", "router-bias speed", old_gamma, new_gamma)):
+        if key not in followed:
+            continue
         x, y = (np.broadcast_to(np.asarray(f(steps), np.float64), steps.shape) for f in (a, b))
         differ = np.flatnonzero(~np.isclose(x, y, rtol=1e-6, atol=0.0))
         if differ.size:
