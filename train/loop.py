@@ -131,15 +131,12 @@ class Stage(abc.ABC):
         (fresh when the run starts from init.workdir / init.hf).
       prints_sample: the run ends by printing text the model generates
         (train.sample_tokens of it, after `sample_prompt()`).
-      schedules: the schedules its step follows, of 'lr', 'mtp' (the MTP loss weight) and
-        'bias' (the router-bias speed); a resumed run may not change them unasked.
     """
 
     name = "stage"
     eval_at_start = False
     head_params: tuple[str, ...] = ()
     prints_sample = True
-    schedules: tuple[str, ...] = ("lr", "mtp", "bias")
 
     @classmethod
     def build_model(cls, model_cfg):
@@ -150,6 +147,12 @@ class Stage(abc.ABC):
     def needs_reference(cls, cfg) -> bool:
         """Whether the state carries frozen reference parameters (GRPO with beta > 0)."""
         return False
+
+    @classmethod
+    def schedules(cls, cfg) -> tuple[str, ...]:
+        """The schedules its step follows under `cfg`, of 'lr', 'mtp' (the MTP loss weight)
+        and 'bias' (the router-bias speed): a resumed run may not change them unasked."""
+        return ("lr", "mtp", "bias")
 
     @classmethod
     def updates_per_step(cls, cfg) -> int:
@@ -389,7 +392,7 @@ def _check_schedule(run: Run, stage_cls: type[Stage], start: int) -> None:
     changes = schedule_changes(run.workdir, tcfg)
     if not changes:
         return
-    followed = set(stage_cls.schedules)
+    followed = set(stage_cls.schedules(run.cfg))
     if not run.cfg.model.num_nextn_predict_layers:
         followed.discard("mtp")
     if not run.cfg.model.n_routed_experts:
