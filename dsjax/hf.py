@@ -324,8 +324,8 @@ def from_pretrained(path: str, dtype=jnp.float32, *, mtp: str = "auto", sharding
     if extra:
         raise ValueError(f"checkpoint has {len(extra)} unexpected tensor(s) for this config, e.g. {extra[0]}")
     if init_mtp:
-        fresh = model.init(rng if rng is not None else jax.random.key(0),
-                           jnp.zeros((1, 1), jnp.int32))
+        fresh = jax.jit(model.init)(rng if rng is not None else jax.random.key(0),
+                                    jnp.zeros((1, 1), jnp.int32))
         fresh = unbox(fresh)
         for coll in fresh:
             for key, value in fresh[coll].items():

@@ -266,7 +266,8 @@ def test_sigint_during_grpo_saves_the_step_and_resumes(tmp_path):
     assert proc.returncode == 0 and time.time() - sent < 60, out[-2000:]
     saved = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
     assert 2 <= saved < 40 and f"SIGINT: saved step {saved}" in out
-    resumed = subprocess.run(cmd(saved + 1), cwd=ROOT, env=env,
+    # One step past the save: a new schedule length, which the resumed run must be allowed.
+    resumed = subprocess.run(cmd(saved + 1) + ["--set", "train.allow_schedule_change=true"], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"at step {saved}" in resumed.stdout

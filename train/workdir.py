@@ -5,7 +5,7 @@
                        implementation choices resolved for the run's devices
       checkpoints/     orbax step folders (TrainState + the data position)
       metrics.jsonl    one JSON object per logged step
-      events.*         TensorBoard event files
+      tensorboard/     TensorBoard event files (logging.tensorboard)
       plots/           loss curves (PNG)
 
 The library reads a run directory through `dsjax.checkpoint.read_run_config` (parameters

@@ -32,6 +32,7 @@ from dsjax.model import Transformer
 from dsjax.splash_attention import SPLASH_BLOCKS
 from eval.completions import prompt_width
 from eval.reasoning import evaluate
+from train.config import model_context
 from train.loop import Run, Stage, StageSpec
 from train.report import plot_grpo
 from train.rl.config import GRPOConfig
@@ -131,6 +132,12 @@ class GRPOStage(Stage):
         return cfg.grpo.beta > 0
 
     @classmethod
+    def schedules(cls, cfg) -> tuple[str, ...]:
+        """The learning rate, and the router-bias speed where RL updates the bias (the
+        GRPO step trains no MTP loss)."""
+        return ("lr", "bias") if cfg.grpo.moe_bias == "update" else ("lr",)
+
+    @classmethod
     def updates_per_step(cls, cfg) -> int:
         return cfg.grpo.mu * cfg.grpo.minibatches
 
@@ -159,15 +166,16 @@ class GRPOStage(Stage):
         self.test = self.prompts.test
         self.width = prompt_width(run.tokenizer, [p.prompt for pool in self.prompts.pools for p in pool] +
                                   [p.prompt for p in self.test])
-        if self.width + g.max_new_tokens > cfg.model.max_position_embeddings:
+        context, why = model_context(cfg.model)
+        if self.width + g.max_new_tokens > context:
             raise ConfigError(f"prompts of {self.width} tokens + grpo.max_new_tokens={g.max_new_tokens} exceed "
-                              f"model.max_position_embeddings={cfg.model.max_position_embeddings}")
+                              f"the model's context of {context} tokens ({why})")
         self.seq = self.width + g.max_new_tokens  # prompt + completion, left-aligned
         if run.model.cfg.attn_kernel == "splash":
             # A TPU's attention kernel takes lengths that are a multiple of its block (else
             # the blockwise form runs): the rows are padded to one, masked like a short completion.
             block = SPLASH_BLOCKS[-1]
-            self.seq = min(1 + -(-(self.seq - 1) // block) * block, cfg.model.max_position_embeddings + 1)
+            self.seq = min(1 + -(-(self.seq - 1) // block) * block, context + 1)
         self.rows = g.prompts_per_step * g.group_size
         self.tokens_per_step = self.rows * (self.seq - 1)
         self.generator = Transformer(cfg.model.replace(attn_impl=g.rollout_attn_impl))

@@ -129,7 +129,7 @@ class RMStage(SupervisedStage):
         super().__init__(run)  # checks the batch against the mesh
         cfg, tcfg = run.cfg, run.cfg.train
         try:
-            paths = source_files(dataclasses.replace(cfg.data, file_pattern="*.jsonl"))
+            paths = source_files(dataclasses.replace(cfg.data, file_pattern="*.jsonl"), pattern_key="")
             pairs, skipped = read_pairs(paths, cfg.rm)
         except (FileNotFoundError, OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"data.source: {e}") from None

@@ -312,7 +312,7 @@ class SFTStage(SupervisedStage):
     def sources(self) -> list[str]:
         """The JSONL files to read (data.source)."""
         try:
-            return source_files(dataclasses.replace(self.run.cfg.data, file_pattern="*.jsonl"))
+            return source_files(dataclasses.replace(self.run.cfg.data, file_pattern="*.jsonl"), pattern_key="")
         except FileNotFoundError as e:
             raise ConfigError(str(e)) from None
 
