@@ -26,9 +26,7 @@ import random
 from fractions import Fraction
 from typing import Any, Callable
 
-# R1-Zero's template (DeepSeek-R1, Table 1); a short one for byte-level toy models; and
-# `zero`, Table 1 in miniature: it states the format in a line a byte-level model pays
-# for at every rollout and update (R1's spends 406 bytes before the question).
+# R1-Zero's template (DeepSeek-R1, Table 1), and a short one for byte-level toy models.
 TEMPLATES = {
     "r1": ("A conversation between User and Assistant. The user asks a question, and the Assistant "
            "solves it. The assistant first thinks about the reasoning process in the mind and then "
@@ -36,7 +34,6 @@ TEMPLATES = {
            "<think> </think> and <answer> </answer> tags, respectively, i.e., <think> reasoning process "
            "here </think> <answer> answer here </answer>. User: {question} Assistant:"),
     "short": "Q: {question} A: ",
-    "zero": "Think in <think> </think>, then answer in <answer> </answer>. Q: {question} A: ",
 }
 SPLITS = ("train", "test")
 
