@@ -1,15 +1,21 @@
 """A toy DeepSeek-R1 on a 2-core CPU, in one command: pretraining on generated arithmetic,
-cold-start SFT on a few hundred formatted examples, then GRPO with rule-based rewards.
+cold-start SFT on a few hundred formatted examples, then GRPO with rule-based rewards;
+or R1-Zero in miniature: the same GRPO straight from the pretrained model.
 
-    python -m bench r1                 # about 12 minutes on 2 cores; prints one JSON line
-    python -m bench.r1 --control       # the same GRPO schedule with a random accuracy reward
+    python -m bench r1                      # seed 0 in bench_r1/; prints one JSON line
+    python -m bench.r1 --seed 1             # data seed and every stage's train.seed; bench_r1_seed1/
+    python -m bench.r1 --seed 1 --zero      # R1-Zero: GRPO from bench_r1_seed1/pretrain, no SFT
+    python -m bench.r1 --control            # the same GRPO schedule with a random accuracy reward
+    python -m bench.r1 --plot-docs docs/r1_zero.png   # R1-Zero beside R1, seeds 1-3 (no training)
 
-Each stage is `python -m train` with a run config from configs/ (r1_pretrain, r1_sft, r1),
-in its own workdir under --workdir, so a second invocation (e.g. --control) reuses the
-finished pretraining and SFT runs. The greedy accuracy on held-out problems is measured
-on the SFT model (`start_accuracy`) and after GRPO (`end_accuracy`), with the format
-rate, the GRPO steps, the wall time and `rollout_share` (the fraction of the GRPO run
-spent generating rollouts).
+docs/r1.md has the measured figures and wall times. Each stage is `python -m train` with
+a run config from configs/ (r1_pretrain, r1_sft, r1, r1_zero), in its own workdir under
+--workdir, so a second invocation (e.g. --control or --zero) reuses the finished
+pretraining and SFT runs; a workdir holds one seed's runs. The greedy accuracy on
+held-out problems is measured on the starting model (`start_accuracy`: the SFT model, or
+the pretrained one with --zero) and after GRPO (`end_accuracy`), with the format rates,
+the greedy completion lengths, the GRPO steps, the wall time and `rollout_share` (the
+fraction of the GRPO run spent generating rollouts).
 """
 
 import argparse
