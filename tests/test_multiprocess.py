@@ -72,6 +72,27 @@ def _logged_steps(workdir):
         return 0
 
 
+def _kill_one_after(procs, workdir, step) -> str:
+    """Waits until the two processes have logged `step`, kills the second, and checks the
+    first stops with one line and status 1 (within 120 s); returns its output."""
+    deadline = time.time() + 400
+    while time.time() < deadline and procs[0].poll() is None and _logged_steps(workdir) < step:
+        time.sleep(0.1)
+    if _logged_steps(workdir) < step:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"the two-process run did not reach step {step}: " + procs[0].communicate()[0][-3000:])
+    procs[1].kill()
+    killed = time.time()
+    out = procs[0].communicate(timeout=240)[0]
+    procs[1].wait()
+    said = "\n".join(line for line in out.splitlines() if not re.match(r"^([EFWI]\d{4} |\s+@ )", line))
+    assert procs[0].returncode == 1 and time.time() - killed < 120, (procs[0].returncode, said[-3000:])
+    last = out.strip().splitlines()[-1]
+    assert "another process of this run stopped" in last and "Traceback" not in out, out[-3000:]
+    return out
+
+
 def test_two_processes_match_one_checkpoints_cross_over_and_a_dead_peer_stops_the_other(tmp_path):
     # One process to step 8 is the reference. Two processes run steps 1-4 and hand over to
     # one process; one process's steps 1-4 hand over to two. Every loss and both
@@ -102,21 +123,7 @@ def test_two_processes_match_one_checkpoints_cross_over_and_a_dead_peer_stops_th
                                                     "--process-id", str(i)],
                               cwd=ROOT, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
-    deadline = time.time() + 400
-    while time.time() < deadline and procs[0].poll() is None and _logged_steps(workdir) <= 9:
-        time.sleep(0.1)
-    if _logged_steps(workdir) <= 9:
-        for p in procs:
-            p.kill()
-        pytest.fail("the two-process run did not reach step 10: " + procs[0].communicate()[0][-3000:])
-    procs[1].kill()
-    killed = time.time()
-    out = procs[0].communicate(timeout=240)[0]
-    procs[1].wait()
-    said = "\n".join(line for line in out.splitlines() if not re.match(r"^([EFWI]\d{4} |\s+@ )", line))
-    assert procs[0].returncode == 1 and time.time() - killed < 120, (procs[0].returncode, said[-3000:])
-    last = out.strip().splitlines()[-1]
-    assert "another process of this run stopped" in last and "Traceback" not in out, out[-3000:]
+    out = _kill_one_after(procs, workdir, 10)
     assert "resumed from" in out and "at step 4" in out
     curve, val = _curve(workdir)
     np.testing.assert_allclose(curve[:8], one, rtol=1e-5, atol=1e-5)
@@ -190,20 +197,6 @@ def test_grpo_on_two_processes_matches_one_resumes_and_a_dead_peer_stops_the_oth
     # The two processes resume their step-3 checkpoint (steps 4 and 5 as the reference's)
     # and run on until one of them is killed: the other stops with one line.
     procs = _grpo_two(workdir, 400, "train.checkpoint_every=1000", "train.eval_every=1000")
-    deadline = time.time() + 400
-    while time.time() < deadline and procs[0].poll() is None and _logged_steps(workdir) < 6:
-        time.sleep(0.1)
-    if _logged_steps(workdir) < 6:
-        for p in procs:
-            p.kill()
-        pytest.fail("the two-process GRPO run did not reach step 6: " + procs[0].communicate()[0][-3000:])
-    procs[1].kill()
-    killed = time.time()
-    out = procs[0].communicate(timeout=240)[0]
-    procs[1].wait()
-    said = "\n".join(line for line in out.splitlines() if not re.match(r"^([EFWI]\d{4} |\s+@ )", line))
-    assert procs[0].returncode == 1 and time.time() - killed < 120, (procs[0].returncode, said[-3000:])
-    last = out.strip().splitlines()[-1]
-    assert "another process of this run stopped" in last and "Traceback" not in out, out[-3000:]
+    out = _kill_one_after(procs, workdir, 6)
     assert "resumed from" in out and "at step 3" in out
     _grpo_close(_grpo_records(workdir), one, steps={4, 5}, keys=GRPO_KEYS)

@@ -112,6 +112,11 @@ class Run:
     process_index: int
     process_count: int
 
+    @property
+    def batch_devices(self) -> int:
+        """Devices a batch's rows are split over: data x fsdp x expert."""
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"] * self.mesh.shape["expert"]
+
     def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This host's rows of a batch -> global arrays sharded over the batch axes."""
         return {k: jax.make_array_from_process_local_data(self.batch_sh, v) for k, v in batch.items()}
@@ -205,7 +210,7 @@ class SupervisedStage(Stage):
 
     def __init__(self, run: Run):
         super().__init__(run)
-        shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"] * run.mesh.shape["expert"]
+        shards = run.batch_devices
         if run.cfg.train.batch_size % shards:
             raise ConfigError(f"train.batch_size={run.cfg.train.batch_size} does not divide over the {shards} "
                               f"devices of the mesh's batch axes (data x fsdp x expert)")

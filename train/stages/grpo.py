@@ -144,7 +144,7 @@ class GRPOStage(Stage):
     def __init__(self, run: Run):
         super().__init__(run)
         cfg, g = run.cfg, run.cfg.grpo
-        shards = run.mesh.shape["data"] * run.mesh.shape["fsdp"] * run.mesh.shape["expert"]
+        shards = run.batch_devices
         update_rows = g.prompts_per_step * g.group_size // g.minibatches
         if update_rows % shards:
             raise ConfigError(f"an update's {update_rows} completions (grpo.prompts_per_step x grpo.group_size / "
