@@ -215,6 +215,8 @@ def test_grpo_run_logs_plots_and_resumes_exactly(tmp_path, capsys, monkeypatch):
     (["grpo.task=chess"], "unknown task 'chess'"),
     (["grpo.loss_agg=sum"], "grpo.loss_agg='sum' is not one of"),
     (["grpo.minibatches=3"], "grpo.minibatches=3 does not divide the 128 completions"),
+    (["grpo.minibatches=32"], "an update's 4 completions (grpo.prompts_per_step x grpo.group_size / "
+                              "grpo.minibatches) do not divide over the 8 devices"),
     (["grpo.speculative=true", "model.num_nextn_predict_layers=0"], "grpo.speculative needs an MTP module"),
     (["grpo.sources=[{task: addition, prompts: p.jsonl}]"], "give exactly one of task= and prompts="),
     (["grpo.sources=[{task: addition, colour: red}]"], "grpo.sources[0]: unknown key 'colour'"),
