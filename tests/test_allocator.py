@@ -53,27 +53,34 @@ def test_reexec_starts_the_same_command_again_with_the_tunable():
 def test_keep_buffers_runs_steps_without_faulting_their_buffers_in_again():
     """`keep_buffers` (what `python -m train` calls): synchronous CPU dispatch and an
     untrimmed heap, so a computation with a large temporary block stops faulting its
-    pages in on every call; DSJAX_KEEP_BUFFERS=0 leaves the process as it was."""
+    pages in on every call; DSJAX_KEEP_BUFFERS=0 leaves the process as it was.
+
+    XLA:CPU sometimes frees a call's temporary only after the next call has allocated
+    its own, so the heap grows by one block a few times before every call finds a free
+    one (seen on a loaded host: up to 3 of 10 calls). The test counts the calls that
+    fault their block in: fewer than half with `keep_buffers`, every one without."""
     code = """
 import resource, jax, jax.numpy as jnp
 from dsjax.cpu.allocator import keep_buffers
 kept = keep_buffers()
-f = jax.jit(lambda x: (jnp.exp(x[:, None] * x[None, :] * 1e-9) @ x).sum())  # a 128 MiB temporary
+f = jax.jit(lambda x: (jnp.exp(x[:, None] * x[None, :] * 1e-9) @ x).sum())  # a 256 MiB temporary
 x = jnp.arange(4096 * 2, dtype=jnp.float32)
 value = float(f(x)); float(f(x))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+faulting = 0
+for _ in range(10):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     assert float(f(x)) == value
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
-print(kept is not None, jax.config.values["jax_cpu_enable_async_dispatch"], faults > 10_000)
+    faulting += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before > 10_000  # of 65,536 pages
+print(kept is not None, jax.config.values["jax_cpu_enable_async_dispatch"], faulting)
 """
     env = {k: v for k, v in os.environ.items() if k not in (allocator.KEEP_OPT_OUT, "XLA_FLAGS")}  # default XLA
     env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["True", "False", "False"], out.stderr[-2000:]
+    kept, dispatch, faulting = out.stdout.split()
+    assert (kept, dispatch) == ("True", "False") and int(faulting) < 5, (out.stdout, out.stderr[-2000:])
     env[allocator.KEEP_OPT_OUT] = "0"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "True", "True"], out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True", "10"], (out.stdout, out.stderr[-2000:])
 
 
 def test_the_platform_is_decided_before_jax_starts(monkeypatch, tmp_path):
