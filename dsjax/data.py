@@ -31,7 +31,8 @@ class DataConfig:
       source: 'stdlib', or comma-separated files / folders / globs (.txt, .py, .md, .jsonl ...).
       text_field: the field holding the text in JSONL records.
       tokenizer: 'bytes' (byte-level) or a path to a Hugging Face tokenizer.json.
-      val_fraction: share of files held out for validation.
+      val_fraction: share of documents held out for validation (JSONL records, or whole
+        files), chosen by a hash of their text, so a corpus splits the same wherever it lies.
       max_bytes: stop reading documents after this many bytes (0: no limit).
       file_pattern: which files to take from folders.
     """
@@ -144,14 +145,15 @@ def read_jsonl(path: str, numbered: bool = False, errors: list[str] | None = Non
 
 
 def _documents(path: str, cfg: DataConfig):
+    """The documents of one source file: each JSONL record's text field, or the whole file."""
     if path.endswith(".jsonl"):
         for n, record in read_jsonl(path, numbered=True):
             if cfg.text_field not in record:
                 raise KeyError(f"{path}:{n}: record has no field {cfg.text_field!r} (data.text_field)")
-            yield f"{path}:{n}", str(record[cfg.text_field])
+            yield str(record[cfg.text_field])
     else:
         with open(path, encoding="utf-8", errors="replace") as f:
-            yield path, f.read()
+            yield f.read()
 
 
 def is_validation(key: str, fraction: float) -> bool:
@@ -188,8 +190,8 @@ def load_corpus(cfg: DataConfig, tokenizer) -> Corpus:
     used = 0
     for i in order:
         path = files[i]
-        for key, doc in _documents(path, cfg):
-            split = "val" if is_validation(key, cfg.val_fraction) else "train"
+        for doc in _documents(path, cfg):  # keyed on the text: the split does not move with the files
+            split = "val" if is_validation(doc, cfg.val_fraction) else "train"
             if not doc.strip() or (cfg.max_bytes and sizes[split] >= quota[split]):
                 continue
             splits[split].extend([tokenizer.encode(doc), eos])

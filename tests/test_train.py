@@ -150,6 +150,18 @@ def test_jsonl_source_and_hf_tokenizer(tmp_path):
     assert hf.decode(hf.encode("the lazy dog")) == "the lazy dog"
     corpus = data_lib.load_corpus(data_lib.DataConfig(source=str(path), val_fraction=0.2), hf)
     assert corpus.train.max() < hf.vocab_size and (corpus.train == hf.eos_id).sum() >= 1
+    # The split follows each record's text: the same records elsewhere, in another order,
+    # split the same way (keyed on path:line, a moved corpus changed its pretraining).
+    moved = tmp_path / "elsewhere" / "moved.jsonl"
+    moved.parent.mkdir()
+    moved.write_text("\n".join(json.dumps(r) for r in reversed(rows)))
+    again = data_lib.load_corpus(data_lib.DataConfig(source=str(moved), val_fraction=0.2), hf)
+    assert 0 < len(corpus.val) < len(corpus.train)
+    def held_out(c):
+        docs = np.split(c.val, np.flatnonzero(c.val == hf.eos_id) + 1)
+        return sorted(hf.decode(d.tolist()) for d in docs if len(d) > 1)
+
+    assert held_out(again) == held_out(corpus)
     path.write_text(json.dumps({"body": "x"}) + "\n")
     with pytest.raises(KeyError, match=r"data.jsonl:1: record has no field 'text'"):
         data_lib.load_corpus(data_lib.DataConfig(source=str(path)), hf)
