@@ -7,6 +7,7 @@ or R1-Zero in miniature: the same GRPO straight from the pretrained model.
     python -m bench.r1 --seed 1 --zero      # R1-Zero: GRPO from bench_r1_seed1/pretrain, no SFT
     python -m bench.r1 --control            # the same GRPO schedule with a random accuracy reward
     python -m bench.r1 --plot-docs docs/r1_zero.png   # R1-Zero beside R1, seeds 1-3 (no training)
+    python -m bench.r1 --seed 1 --probe     # what seed 1's pretrained model brings (no training)
 
 docs/r1.md has the measured figures and wall times. Each stage is `python -m train` with
 a run config from configs/ (r1_pretrain, r1_sft, r1, r1_zero), in its own workdir under
@@ -31,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The generated pretraining corpus: documents about training-split problems, mixing the
 # bare answer, the worked solution in plain text and the tagged solution after the prompt.
-CORPUS = {"problems": 3000, "documents": 60_000, "mix": {"work": 0.65, "answer": 0.25, "solution": 0.10}}
+CORPUS = {"problems": 3000, "documents": 60_000, "mix": {"work": 0.55, "answer": 0.25, "solution": 0.20}}
 SFT_EXAMPLES = 500
 BRIEF_SHARE = 0.55  # cold-start examples that answer after a brief think, without the steps
 
@@ -96,6 +97,34 @@ def held_out_accuracy(workdir: str, grpo_cfg: dict, n: int) -> dict:
     problems = task.split("test", n, seed=0)
     return reasoning.evaluate(model, variables, load_tokenizer(run["data"]["tokenizer"]), problems,
                               max_new_tokens=grpo_cfg["max_new_tokens"], batch_size=250)
+
+
+def probe_pretrained(workdir: str, grpo_cfg: dict, n: int) -> dict:
+    """What the pretrained model (the workdir's latest checkpoint) brings to R1, greedy on
+    n held-out problems: `restates_question`, the share that continue `prompt<think>` with
+    the worked solution's opening (the restated question, '51+44:'), which only the tagged
+    documents teach; `worked_solution`, the share that continue that opening with the
+    whole worked solution, right."""
+    import dataclasses
+
+    from dsjax.checkpoint import load_trained
+    from dsjax.tokenizer import load_tokenizer
+    from eval import tasks
+    from eval.completions import complete, prompt_width
+
+    model, variables, run = load_trained(workdir)
+    model = model.clone(cfg=dataclasses.replace(model.cfg, attn_impl="absorb"))
+    tokenizer = load_tokenizer(run["data"]["tokenizer"])
+    task = tasks.get(grpo_cfg["task"], grpo_cfg["difficulty"], template=grpo_cfg.get("template", "short"))
+    problems = task.split("test", n, seed=0)
+    openings = [p.work.split(":", 1)[0] + ":" for p in problems]
+    prompts = [p.prompt + "<think>" for p in problems]
+    restated = complete(model, variables, tokenizer, prompts, prompt_width(tokenizer, prompts),
+                        max_new_tokens=max(len(tokenizer.encode(o)) for o in openings)).texts
+    worked = complete(model, variables, tokenizer, openings, prompt_width(tokenizer, openings),
+                      max_new_tokens=grpo_cfg["max_new_tokens"]).texts
+    return {"restates_question": sum(t.startswith(o) for t, o in zip(restated, openings)) / n,
+            "worked_solution": sum((o + t).strip() == p.work for p, o, t in zip(problems, openings, worked)) / n}
 
 
 def default_workdir(seed: int) -> str:
@@ -177,9 +206,18 @@ def main() -> int:
     p.add_argument("--plot-docs", metavar="PNG", help="draw the R1-Zero and R1 GRPO curves of --plot-seeds "
                    "(their default workdirs) into PNG and exit")
     p.add_argument("--plot-seeds", default="1,2,3", help="comma-separated seeds for --plot-docs")
+    p.add_argument("--probe", action="store_true", help="probe the seed's pretrained model (no training): does "
+                   "it restate the question and write the worked solution; one JSON line")
     args = p.parse_args()
     if args.plot_docs:
         print(plot_docs(args.plot_docs, [int(s) for s in args.plot_seeds.split(",")]))
+        return 0
+    if args.probe:
+        pretrain = os.path.join(os.path.abspath(args.workdir or default_workdir(args.seed)), "pretrain")
+        if not os.path.exists(os.path.join(pretrain, "metrics.jsonl")):
+            sys.exit(f"error: {pretrain} holds no pretraining run: run python -m bench.r1 --seed {args.seed} first")
+        figures = probe_pretrained(pretrain, load_config("r1")["grpo"], args.held_out)
+        print(json.dumps({"seed": args.seed, "held_out": args.held_out, **figures}))
         return 0
     start = time.time()
     grpo_cfg = load_config("r1_zero" if args.zero else "r1")["grpo"]

@@ -305,3 +305,38 @@ def test_r1_plot_docs_draws_both_runs_of_each_seed(tmp_path, monkeypatch):
     assert os.path.getsize(r1.plot_docs(str(tmp_path / "curves.png"), [2])) > 10_000
     with pytest.raises(SystemExit, match="bench_r1_seed3/grpo_zero has no metrics.jsonl"):
         r1.plot_docs(str(tmp_path / "curves.png"), [3])
+
+
+def test_r1_probe_scores_the_restated_question_and_the_worked_solution(monkeypatch):
+    """`python -m bench.r1 --probe`: the share of held-out prompts continued with the
+    restated question ('51+44:'), and of openings continued with the whole worked
+    solution, right; scored on completions we choose (no model)."""
+    import dataclasses
+    import types
+
+    import dsjax.checkpoint
+    import dsjax.tokenizer
+    import eval.completions
+    from bench import r1
+    from dsjax.tokenizer import ByteTokenizer
+    from eval import tasks
+
+    @dataclasses.dataclass
+    class Cfg:
+        attn_impl: str = "auto"
+
+    problems = tasks.get("addition", 2, template="short").split("test", 4, seed=0)
+    model = types.SimpleNamespace(cfg=Cfg(), clone=lambda cfg: model)
+    monkeypatch.setattr(dsjax.checkpoint, "load_trained", lambda w: (model, {}, {"data": {"tokenizer": "bytes"}}))
+    monkeypatch.setattr(dsjax.tokenizer, "load_tokenizer", lambda name: ByteTokenizer())
+
+    def complete(model, variables, tokenizer, prompts, width, max_new_tokens):
+        if prompts[0].endswith("<think>"):  # restate the first three right, misread the last
+            texts = [p.work[:max_new_tokens] for p in problems[:3]] + ["99+99: 9+9"[:max_new_tokens]]
+        else:  # the worked solution right for the first two only
+            texts = [p.work.split(":", 1)[1] for p in problems[:2]] + [" 1+1+0=2 so 2"] * 2
+        return types.SimpleNamespace(texts=texts)
+
+    monkeypatch.setattr(eval.completions, "complete", complete)
+    assert r1.probe_pretrained("wd", r1.load_config("r1")["grpo"], 4) == {"restates_question": 0.75,
+                                                                         "worked_solution": 0.5}
