@@ -81,6 +81,11 @@ def test_a_non_finite_step_changes_nothing():
     assert int(bad.step) == 1
     moved = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), good.params, state.params)
     assert not all(jax.tree.leaves(moved))  # the good step did update
+    # The step after the skipped one logs the learning rate its update applies: the
+    # optimizer's first (its count stayed 0), not the one of training step 1.
+    _, m_next = step(bad, teacher_in, batch)
+    assert float(schedule(0)) != float(schedule(1))
+    assert float(m_next["lr"]) == float(schedule(0)) and float(m_good["lr"]) == float(schedule(0))
 
 
 def test_a_run_that_keeps_diverging_stops_with_finite_checkpoints(tmp_path, capsys):

@@ -22,6 +22,16 @@ def lr_schedule(tcfg) -> optax.Schedule:
     return optax.join_schedules([warmup, after], [tcfg.warmup_steps])
 
 
+def applied_updates(opt_state) -> jax.Array:
+    """How many updates the optimizer has applied (its schedule's count): a skipped
+    non-finite step advances the training step but not this, so the learning rate the
+    next update uses is `schedule(applied_updates(opt_state))`."""
+    counts = [v for _, v in optax.tree_utils.tree_get_all_with_path(opt_state, "count")]
+    if not counts:
+        raise ValueError("the optimizer state holds no update count")
+    return counts[0]
+
+
 def decay_mask(boxed_params):
     """True for matrices (decayed), False for norms and vectors.
 

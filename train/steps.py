@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dsjax.losses import apply_model, cross_entropy, mtp_cross_entropy
 from dsjax.model import ModelOutput, Transformer, unbox
 from sharding.rules import tree_shardings
+from train.optim import applied_updates
 
 
 @flax.struct.dataclass
@@ -152,7 +153,7 @@ def supervised_update(state: TrainState, tx: optax.GradientTransformation, tcfg,
     and (for MoE models) `max_vio`."""
     _, gamma = schedules(tcfg)
     metrics = {"loss": loss, **metrics, "grad_norm": optax.tree_utils.tree_norm(grads),
-               "lr": lr_schedule(state.step)}
+               "lr": lr_schedule(applied_updates(state.opt_state))}
     if out.expert_loads is not None:
         metrics["max_vio"] = max_violation(out.expert_loads)
     bias = (lambda b: update_moe_bias(b, out, gamma(state.step))) if state.moe_bias else None

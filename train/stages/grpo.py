@@ -34,6 +34,7 @@ from eval.completions import prompt_width
 from eval.reasoning import evaluate
 from train.config import model_context
 from train.loop import Run, Stage, StageSpec
+from train.optim import applied_updates
 from train.report import plot_grpo
 from train.rl.config import GRPOConfig
 from train.rl.loss import group_advantages, policy_loss
@@ -74,7 +75,7 @@ def make_grpo_step(model, tx, g: GRPOConfig, tcfg, lr_schedule, max_tokens: int,
     def grpo_step(state, batch):
         (loss, (out, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.moe_bias,
                                                                                   batch)
-        metrics.update(loss=loss, grad_norm=optax.tree_utils.tree_norm(grads), lr=lr_schedule(state.step))
+        metrics.update(loss=loss, grad_norm=optax.tree_utils.tree_norm(grads), lr=lr_schedule(applied_updates(state.opt_state)))
         if out.expert_loads is not None:
             metrics["max_vio"] = max_violation(out.expert_loads)
         bias = (lambda b: update_moe_bias(b, out, gamma(state.step))) if update_bias and state.moe_bias else None

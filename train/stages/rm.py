@@ -25,6 +25,7 @@ from dsjax.data import is_validation, read_jsonl, source_files
 from dsjax.losses import apply_model
 from dsjax.reward_model import RewardModel, bradley_terry, encode_responses
 from train.loop import StageSpec, SupervisedStage
+from train.optim import applied_updates
 from train.steps import guarded_update
 
 HEAD_PARAMS = ("score", "score_bias")
@@ -102,7 +103,7 @@ def make_rm_step(model: RewardModel, tx, lr_schedule, rules=()):
             state.params, state.moe_bias, batch)
         return guarded_update(state, tx, loss, grads, {"loss": loss, "accuracy": accuracy, "margin": margin,
                                                        "grad_norm": optax.tree_utils.tree_norm(grads),
-                                                       "lr": lr_schedule(state.step)})
+                                                       "lr": lr_schedule(applied_updates(state.opt_state))})
 
     def eval_step(params, moe_bias, batch):
         s = scores(params, moe_bias, batch)
