@@ -23,6 +23,9 @@ import subprocess
 import sys
 import time
 
+if __package__ in (None, ""):  # run as a file, python bench/allocator.py: the repository's packages first
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from bench.common import emit
 from dsjax.cpu.allocator import KEEP_OPT_OUT, OPT_OUT, hugepage_env
 

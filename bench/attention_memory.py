@@ -17,6 +17,9 @@ import contextlib
 import os
 import sys
 
+if __package__ in (None, ""):  # run as a file, python bench/attention_memory.py: the repository's packages first
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import jax
 import jax.numpy as jnp
 

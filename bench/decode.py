@@ -22,6 +22,9 @@ import os
 import sys
 import time
 
+if __package__ in (None, ""):  # run as a file, python bench/decode.py: the repository's packages first
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -20,6 +20,9 @@ import argparse
 import os
 import sys
 
+if __package__ in (None, ""):  # run as a file, python bench/fp8_ablation.py: the repository's packages first
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import jax
 import jax.numpy as jnp
 

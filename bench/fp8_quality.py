@@ -35,6 +35,9 @@ import subprocess
 import sys
 import time
 
+if __package__ in (None, ""):  # run as a file, python bench/fp8_quality.py: the repository's packages first
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from bench.common import emit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

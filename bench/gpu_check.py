@@ -15,9 +15,13 @@ dot_general). `--fp8-gemm auto` is native off the CPU (dsjax.fp8), so on a GPU
 
 import argparse
 import math
+import os
 import re
 import sys
 import time
+
+if __package__ in (None, ""):  # run as a file, python bench/gpu_check.py: the repository's packages first
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 

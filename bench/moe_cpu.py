@@ -22,8 +22,12 @@ Prints one JSON line.
 
 import argparse
 import os
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before JAX starts: the CPU is what this measures
+
+if __package__ in (None, ""):  # run as a file, python bench/moe_cpu.py: the repository's packages first
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -34,6 +34,9 @@ import sys
 import tempfile
 import time
 
+if __package__ in (None, ""):  # run as a file, python bench/profile_step.py: the repository's packages first
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -26,6 +26,9 @@ import subprocess
 import sys
 import time
 
+if __package__ in (None, ""):  # run as a file, python bench/r1.py: the repository's packages first
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -48,6 +48,9 @@ import time
 # waiting, set before torch loads, is the fair setting for both; the line reports it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+if __package__ in (None, ""):  # run as a file, python bench/vs_hf.py: the repository's packages first
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import numpy as np  # noqa: E402
 
 from bench.common import emit, interleaved, median, random_batch, run_config, train_step  # noqa: E402

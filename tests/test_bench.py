@@ -340,3 +340,25 @@ def test_r1_probe_scores_the_restated_question_and_the_worked_solution(monkeypat
     monkeypatch.setattr(eval.completions, "complete", complete)
     assert r1.probe_pretrained("wd", r1.load_config("r1")["grpo"], 4) == {"restates_question": 0.75,
                                                                          "worked_solution": 0.5}
+
+
+def test_bench_scripts_run_as_files_from_anywhere(tmp_path):
+    """`python bench/r1.py --seed 1` (the issue's spelling) and `python bench/gpu_check.py`
+    run as files from any directory, like `python -m bench.r1`: each script puts the
+    repository first on the path before it imports the project's packages."""
+    import glob
+    import re
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for name in ("r1.py", "gpu_check.py"):
+        done = subprocess.run([sys.executable, os.path.join(root, "bench", name), "--help"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0 and "usage:" in done.stdout, (name, done.stderr[-2000:])
+    for path in glob.glob(os.path.join(root, "bench", "*.py")):
+        text = open(path).read()
+        first = re.search(r"^(import|from) (jax|numpy|dsjax|bench|sharding|train|eval|yaml)\b", text, re.M)
+        if '__name__ == "__main__"' in text and first and not path.endswith("__main__.py"):
+            assert "sys.path.insert(0, os.path.dirname(os.path.dirname(" in text[:first.start()], path
