@@ -240,39 +240,35 @@ def test_bad_grpo_configs_exit_2_with_one_line(tmp_path, capsys, overrides, mess
     assert not (tmp_path / "wd" / "config.yaml").exists()
 
 
-def test_sigint_during_grpo_saves_the_step_and_resumes(tmp_path):
-    """Preemption of a GRPO run: a real subprocess and a real SIGINT."""
+def test_sigint_during_grpo_saves_the_step_and_resumes(tmp_path, capsys, monkeypatch):
+    """Preemption of a GRPO run: a real SIGINT to this process once step 2 is logged (the
+    programs of test_grpo_run_logs_plots_and_resumes_exactly, compiled once in this
+    process). The run saves the step it is at, returns 0 with one line, and puts back the
+    SIGINT handler it found; the same command resumes there."""
     import signal
-    import subprocess
-    import sys
-    import time
 
-    from tests.test_train import ROOT
+    import train.report
 
     workdir = tmp_path / "wd"
-    def cmd(steps):  # the programs of test_grpo_run_logs_plots_and_resumes_exactly: from the cache
-        return [sys.executable, "-m", "train"] + _grpo_args(workdir, *RUN, f"train.steps={steps}",
-                                                            "train.checkpoint_every=100", "train.eval_every=100")
+    args = lambda steps, *extra: _grpo_args(workdir, *RUN, f"train.steps={steps}",  # noqa: E731
+                                            "train.checkpoint_every=100", "train.eval_every=100", *extra)
+    write = train.report.MetricsLog.write
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu")  # this process's 8 devices and XLA flags
-    proc = subprocess.Popen(cmd(40), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (workdir / "metrics.jsonl").exists() and max((r["step"] for r in _records(workdir)), default=0) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before the signal"
-    proc.send_signal(signal.SIGINT)
-    sent = time.time()
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and time.time() - sent < 60, out[-2000:]
+    def write_then_interrupt(self, record):
+        write(self, record)
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the run's handler records it; pytest's is back after
+
+    monkeypatch.setattr(train.report.MetricsLog, "write", write_then_interrupt)
+    before = signal.getsignal(signal.SIGINT)
+    assert main(args(40)) == 0
+    assert signal.getsignal(signal.SIGINT) is before
     saved = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
-    assert 2 <= saved < 40 and f"SIGINT: saved step {saved}" in out
+    assert saved == 2 and f"SIGINT: saved step {saved}" in capsys.readouterr().out
+    monkeypatch.setattr(train.report.MetricsLog, "write", write)
     # One step past the save: a new schedule length, which the resumed run must be allowed.
-    resumed = subprocess.run(cmd(saved + 1) + ["--set", "train.allow_schedule_change=true"], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"at step {saved}" in resumed.stdout
+    assert main(args(saved + 1, "train.allow_schedule_change=true")) == 0
+    assert f"at step {saved}" in capsys.readouterr().out
     assert max(r["step"] for r in _records(workdir)) == saved + 1
 
 
