@@ -85,21 +85,29 @@ def train(stage: str, config: str, workdir: str, *sets: str, init: str | None = 
     return time.time() - start
 
 
-def held_out_accuracy(workdir: str, grpo_cfg: dict, n: int) -> dict:
-    """Greedy accuracy, format rate and completion length of the workdir's latest checkpoint
-    on n test problems, in the template of `grpo_cfg`."""
+def _held_out(workdir: str, grpo_cfg: dict, n: int):
+    """The workdir's latest checkpoint (decoding with absorbed MLA), its tokenizer, and n
+    test problems of `grpo_cfg`'s task in its template."""
     import dataclasses
 
     from dsjax.checkpoint import load_trained
     from dsjax.tokenizer import load_tokenizer
-    from eval import reasoning, tasks
+    from eval import tasks
 
     model, variables, run = load_trained(workdir)
     model = model.clone(cfg=dataclasses.replace(model.cfg, attn_impl="absorb"))
     task = tasks.get(grpo_cfg["task"], grpo_cfg["difficulty"], template=grpo_cfg.get("template", "short"))
-    problems = task.split("test", n, seed=0)
-    return reasoning.evaluate(model, variables, load_tokenizer(run["data"]["tokenizer"]), problems,
-                              max_new_tokens=grpo_cfg["max_new_tokens"], batch_size=250)
+    return model, variables, load_tokenizer(run["data"]["tokenizer"]), task.split("test", n, seed=0)
+
+
+def held_out_accuracy(workdir: str, grpo_cfg: dict, n: int) -> dict:
+    """Greedy accuracy, format rate and completion length of the workdir's latest checkpoint
+    on n test problems, in the template of `grpo_cfg`."""
+    from eval import reasoning
+
+    model, variables, tokenizer, problems = _held_out(workdir, grpo_cfg, n)
+    return reasoning.evaluate(model, variables, tokenizer, problems, max_new_tokens=grpo_cfg["max_new_tokens"],
+                              batch_size=250)
 
 
 def probe_pretrained(workdir: str, grpo_cfg: dict, n: int) -> dict:
@@ -108,18 +116,9 @@ def probe_pretrained(workdir: str, grpo_cfg: dict, n: int) -> dict:
     the worked solution's opening (the restated question, '51+44:'), which only the tagged
     documents teach; `worked_solution`, the share that continue that opening with the
     whole worked solution, right."""
-    import dataclasses
-
-    from dsjax.checkpoint import load_trained
-    from dsjax.tokenizer import load_tokenizer
-    from eval import tasks
     from eval.completions import complete, prompt_width
 
-    model, variables, run = load_trained(workdir)
-    model = model.clone(cfg=dataclasses.replace(model.cfg, attn_impl="absorb"))
-    tokenizer = load_tokenizer(run["data"]["tokenizer"])
-    task = tasks.get(grpo_cfg["task"], grpo_cfg["difficulty"], template=grpo_cfg.get("template", "short"))
-    problems = task.split("test", n, seed=0)
+    model, variables, tokenizer, problems = _held_out(workdir, grpo_cfg, n)
     openings = [p.work.split(":", 1)[0] + ":" for p in problems]
     prompts = [p.prompt + "<think>" for p in problems]
     restated = complete(model, variables, tokenizer, prompts, prompt_width(tokenizer, prompts),

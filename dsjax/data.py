@@ -95,7 +95,8 @@ def _no_match(folder: str, pattern: str, pattern_key: str) -> str:
     for _, _, names in os.walk(folder):
         for name in names:
             ext = os.path.splitext(name)[1]
-            kinds[f"*{ext}" if ext else name] = kinds.get(f"*{ext}" if ext else name, 0) + 1
+            kind = f"*{ext}" if ext else name
+            kinds[kind] = kinds.get(kind, 0) + 1
     common = sorted(kinds.items(), key=lambda kv: -kv[1])
     where = f" ({pattern_key})" if pattern_key else ""
     if not common:

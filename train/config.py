@@ -28,11 +28,16 @@ from train.workdir import check_same_model, init_source
 SCHEDULES = ("cosine", "constant", "step")
 
 
-def did_you_mean(name: str, known, prefix: str = "") -> str:
-    """'; did you mean PREFIX.KEY?' for the known name nearest a mistyped `name` (difflib),
-    else ''."""
+def did_you_mean(name: str, known, prefix: str = "", suffix: str = "") -> str:
+    """'; did you mean PREFIX.KEY.SUFFIX?' for the known name nearest a mistyped `name`
+    (difflib), else ''."""
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f"; did you mean {prefix}{close[0]}?" if close else ""
+    return f"; did you mean {prefix}{close[0]}{suffix}?" if close else ""
+
+
+def section_keys(section: str, cls: type) -> set[str]:
+    """The keys a config section takes: its dataclass's fields, and `preset` for the model."""
+    return {f.name for f in dataclasses.fields(cls)} | ({"preset"} if section == "model" else set())
 
 
 def model_context(model: ModelConfig) -> tuple[int, str]:
@@ -96,7 +101,7 @@ def apply_updates(section: str, base: Any, updates: dict[str, Any]) -> Any:
     for k, v in updates.items():
         if k not in fields:
             raise ConfigError(f"unknown config key {section}.{k}"
-                              + (did_you_mean(k, fields | ({"preset"} if section == "model" else set()), f"{section}.")
+                              + (did_you_mean(k, section_keys(section, cls), f"{section}.")
                                  or " (python -m train --help lists every key)"))
         kw[k] = coerce(f"{section}.{k}", v, hints[k])
     try:
@@ -306,9 +311,8 @@ def parse_set(item: str, sections: Mapping[str, type] = BASE_SECTIONS) -> tuple[
         raise ConfigError(f"--set {key}: expected section.key (sections: {sorted(sections)})")
     section, field = key.split(".", 1)
     if section not in sections:
-        close = difflib.get_close_matches(section, list(sections), n=1, cutoff=0.6)
         raise ConfigError(f"unknown config section {section!r} in --set {key}"
-                          + (f"; did you mean {close[0]}.{field}?" if close else f" (sections: {sorted(sections)})"))
+                          + (did_you_mean(section, sections, suffix=f".{field}") or f" (sections: {sorted(sections)})"))
     return section, field, parse_value(text)
 
 
@@ -349,7 +353,7 @@ def build_config(config: str | None, overrides: list[str], stages: Mapping[str, 
                               + (did_you_mean(section, classes) or f"; sections: {sorted(classes)}"))
         if not isinstance(values, dict):
             raise ConfigError(f"{config}: config section {section!r} must be a mapping")
-        known = {f.name for f in dataclasses.fields(classes[section])} | ({"preset"} if section == "model" else set())
+        known = section_keys(section, classes[section])
         for key in values:
             if key not in known:
                 raise ConfigError(f"{config}: unknown config key {section}.{key}"

@@ -75,7 +75,8 @@ def make_grpo_step(model, tx, g: GRPOConfig, tcfg, lr_schedule, max_tokens: int,
     def grpo_step(state, batch):
         (loss, (out, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.moe_bias,
                                                                                   batch)
-        metrics.update(loss=loss, grad_norm=optax.tree_utils.tree_norm(grads), lr=lr_schedule(applied_updates(state.opt_state)))
+        metrics.update(loss=loss, grad_norm=optax.tree_utils.tree_norm(grads),
+                       lr=lr_schedule(applied_updates(state.opt_state)))
         if out.expert_loads is not None:
             metrics["max_vio"] = max_violation(out.expert_loads)
         bias = (lambda b: update_moe_bias(b, out, gamma(state.step))) if update_bias and state.moe_bias else None
