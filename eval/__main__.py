@@ -325,8 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens = generate_stream(model, variables, prompt, args.max_new_tokens, args.temperature,
                                  jax.random.key(args.seed), top_k=args.top_k, top_p=args.top_p, stop_tokens=stop)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error(e)
     if not args.chat:  # a chat shows the reply only
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
